@@ -1,0 +1,235 @@
+//! The seam between the core and policy: the filter chain.
+//!
+//! The core runs a listener's chain at fixed phases of every request. A filter sees and edits
+//! the request head, may answer at once (deny, redirect), and may choose the target cluster and
+//! the upstream timeout through the [`RequestContext`]. The trait is independent of any ABI:
+//! the Wasm host (WIT components, and later proxy-wasm modules) implements [`Filter`]; so can a
+//! native Rust filter in tests. Failure policy is applied here, once, for every kind of filter.
+//!
+//! ```text
+//! request head ──▶ route table ──▶ on-request-headers (chain order) ──▶ upstream
+//!                                        │ respond ──▶ client
+//!                                        │ error ──▶ fail-closed: 500 / fail-open: skip filter
+//! upstream head ──▶ on-response-headers (chain order) ──▶ client
+//! response end ──▶ on-log (every filter, errors only logged)
+//! ```
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{request, response, Response};
+
+use crate::body::Body;
+use crate::error::ProxyError;
+use crate::tls::TlsInfo;
+
+/// The phases of a request, named alike in WIT, the SDK, logs and metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Phase {
+    /// The request head arrived and a route was found.
+    RequestHeaders,
+    /// The upstream's response head arrived.
+    ResponseHeaders,
+    /// The response finished; for logs and metrics only.
+    Log,
+}
+
+impl Phase {
+    /// The phase's one name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::RequestHeaders => "on-request-headers",
+            Phase::ResponseHeaders => "on-response-headers",
+            Phase::Log => "on-log",
+        }
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the core knows about a request besides its head; filters read and steer it.
+#[derive(Debug, Clone)]
+pub struct RequestContext {
+    /// The listener that accepted the connection.
+    pub listener: Arc<str>,
+    /// The route the route table chose.
+    pub route: Option<Arc<str>>,
+    /// The cluster the request goes to: the route's, unless a filter changes it.
+    pub cluster: Option<Arc<str>>,
+    /// Upstream timeout override for this request.
+    pub timeout: Option<Duration>,
+    /// The client's address.
+    pub client_addr: SocketAddr,
+    /// TLS facts of the connection (SNI, ALPN, verified peer identity).
+    pub tls: Option<Arc<TlsInfo>>,
+    /// The request id (`x-request-id`).
+    pub request_id: Arc<str>,
+}
+
+/// What a phase decides.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Action {
+    /// Go on with the next filter, then the upstream.
+    Continue,
+    /// Answer the client with this response now; later filters and the upstream are skipped.
+    Respond(Response<Body>),
+}
+
+/// What a failing filter's request gets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailurePolicy {
+    /// The request is answered 500 (the safe default for auth-like filters).
+    #[default]
+    FailClosed,
+    /// The request goes on as if the filter were absent.
+    FailOpen,
+}
+
+/// A filter failed (trapped, timed out, returned an invalid value).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct FilterError {
+    /// A short label for metrics (`trap`, `timeout`, `memory`, `invalid`).
+    pub kind: &'static str,
+    /// Details for the log.
+    pub message: String,
+}
+
+/// Summary handed to the log phase.
+#[derive(Debug, Clone)]
+pub struct LogSummary {
+    /// Final status sent to the client.
+    pub status: u16,
+    /// Response body bytes sent.
+    pub bytes: u64,
+    /// Time from request head to response end.
+    pub duration: Duration,
+    /// The upstream endpoint, if one was used.
+    pub upstream: Option<SocketAddr>,
+}
+
+/// One filter, of any kind. Every phase has a no-op default.
+pub trait Filter: Send + Sync + 'static {
+    /// The filter's name, used in logs, metrics and errors.
+    fn name(&self) -> &str;
+
+    /// Runs when the request head arrived and the route table chose a route. May edit the
+    /// head, set `ctx.cluster`/`ctx.timeout`, or answer. Default: continue.
+    fn on_request_headers(
+        &self,
+        _req: &mut request::Parts,
+        _ctx: &mut RequestContext,
+    ) -> Result<Action, FilterError> {
+        Ok(Action::Continue)
+    }
+
+    /// Runs when the upstream's response head arrived. May edit it or replace the response.
+    /// Default: continue.
+    fn on_response_headers(
+        &self,
+        _resp: &mut response::Parts,
+        _ctx: &mut RequestContext,
+    ) -> Result<Action, FilterError> {
+        Ok(Action::Continue)
+    }
+
+    /// Runs once when the response ended (or failed). Default: nothing.
+    fn on_log(&self, _ctx: &RequestContext, _summary: &LogSummary) {}
+}
+
+/// A filter in a chain with its failure policy.
+#[derive(Clone)]
+pub struct ChainEntry {
+    /// The filter.
+    pub filter: Arc<dyn Filter>,
+    /// What happens when it fails.
+    pub policy: FailurePolicy,
+}
+
+/// An ordered list of filters.
+#[derive(Clone, Default)]
+pub struct FilterChain {
+    entries: Vec<ChainEntry>,
+}
+
+impl FilterChain {
+    /// A chain of these entries, in order.
+    pub fn new(entries: Vec<ChainEntry>) -> FilterChain {
+        FilterChain { entries }
+    }
+
+    /// Whether the chain has no filter (the core skips all phase work then).
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn settle(
+        &self,
+        e: &ChainEntry,
+        phase: Phase,
+        r: Result<Action, FilterError>,
+    ) -> Result<Option<Response<Body>>, ProxyError> {
+        match r {
+            Ok(Action::Continue) => Ok(None),
+            Ok(Action::Respond(resp)) => Ok(Some(resp)),
+            Err(err) => {
+                let name = e.filter.name();
+                tracing::warn!(filter = name, phase = %phase, error = %err, policy = ?e.policy, "filter failed");
+                match e.policy {
+                    FailurePolicy::FailOpen => Ok(None),
+                    FailurePolicy::FailClosed => Err(ProxyError::Filter {
+                        filter: name.to_string(),
+                        phase: phase.as_str(),
+                        reason: err.to_string(),
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Runs `on-request-headers` through the chain; `Some(response)` means answer now.
+    pub fn on_request_headers(
+        &self,
+        req: &mut request::Parts,
+        ctx: &mut RequestContext,
+    ) -> Result<Option<Response<Body>>, ProxyError> {
+        for e in &self.entries {
+            let r = e.filter.on_request_headers(req, ctx);
+            if let Some(resp) = self.settle(e, Phase::RequestHeaders, r)? {
+                return Ok(Some(resp));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Runs `on-response-headers` through the chain.
+    pub fn on_response_headers(
+        &self,
+        resp: &mut response::Parts,
+        ctx: &mut RequestContext,
+    ) -> Result<Option<Response<Body>>, ProxyError> {
+        for e in &self.entries {
+            let r = e.filter.on_response_headers(resp, ctx);
+            if let Some(replacement) = self.settle(e, Phase::ResponseHeaders, r)? {
+                return Ok(Some(replacement));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Runs `on-log` on every filter.
+    pub fn on_log(&self, ctx: &RequestContext, summary: &LogSummary) {
+        for e in &self.entries {
+            e.filter.on_log(ctx, summary);
+        }
+    }
+}

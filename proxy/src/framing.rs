@@ -1,0 +1,382 @@
+//! A read-side guard on HTTP/1 connections that finds request heads carrying both
+//! `Content-Length` and `Transfer-Encoding`.
+//!
+//! hyper handles such a request safely (chunked wins, keep-alive is turned off) but removes
+//! `Content-Length` before the service sees it, so the service cannot refuse it as nginx does.
+//! The guard follows HTTP/1 message framing on the bytes hyper reads (head, then a sized or
+//! chunked body, then the next head) and records the index of any head with both headers; the
+//! request path answers that request 400 and closes. It never changes a byte, and on anything
+//! it does not understand it stops looking (hyper will refuse such input itself).
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    Size { seen_digit: bool, size: u64 },
+    Ext { size: u64 },
+    SizeLf { size: u64 },
+    Data(u64),
+    DataCr,
+    DataLf,
+    Trailer { empty: bool },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Head,
+    Body(u64),
+    Chunked(Chunk),
+    /// Not HTTP/1 framing we follow (h2c, upgrade, CONNECT, garbage): stop looking.
+    Off,
+}
+
+/// Follows HTTP/1 framing over the bytes read from a connection.
+#[derive(Debug)]
+pub struct Tracker {
+    state: State,
+    head: Vec<u8>,
+    heads: u64,
+    max_head: usize,
+    flag: Arc<AtomicU64>,
+}
+
+impl Tracker {
+    /// `flag` receives the 1-based index of a head with both framing headers.
+    pub fn new(max_head: usize, flag: Arc<AtomicU64>, enabled: bool) -> Tracker {
+        Tracker {
+            state: if enabled { State::Head } else { State::Off },
+            head: Vec::new(),
+            heads: 0,
+            max_head,
+            flag,
+        }
+    }
+
+    /// Feeds bytes just read.
+    pub fn feed(&mut self, data: &[u8]) {
+        let mut rest = self.step(data);
+        while let Some(carry) = rest {
+            rest = self.step(&carry);
+        }
+    }
+
+    /// Consumes bytes until they end or a head completes; returns the bytes after that head.
+    fn step(&mut self, mut data: &[u8]) -> Option<Vec<u8>> {
+        while !data.is_empty() {
+            match self.state {
+                State::Off => return None,
+                State::Head => {
+                    let from = self.head.len().saturating_sub(3);
+                    self.head.extend_from_slice(data);
+                    match find_head_end(&self.head, from) {
+                        Some(end) => {
+                            let carry = self.head.split_off(end);
+                            let head = std::mem::take(&mut self.head);
+                            self.state = self.on_head(&head);
+                            return (!carry.is_empty()).then_some(carry);
+                        }
+                        None => {
+                            if self.head.len() > self.max_head {
+                                self.state = State::Off;
+                                self.head = Vec::new();
+                            }
+                            return None;
+                        }
+                    }
+                }
+                State::Body(n) => {
+                    let k = (n as usize).min(data.len());
+                    data = &data[k..];
+                    let left = n - k as u64;
+                    self.state = if left == 0 {
+                        State::Head
+                    } else {
+                        State::Body(left)
+                    };
+                }
+                State::Chunked(c) => {
+                    if let Chunk::Data(n) = c {
+                        let k = (n as usize).min(data.len());
+                        data = &data[k..];
+                        let left = n - k as u64;
+                        self.state = State::Chunked(if left == 0 {
+                            Chunk::DataCr
+                        } else {
+                            Chunk::Data(left)
+                        });
+                        continue;
+                    }
+                    let b = data[0];
+                    data = &data[1..];
+                    self.state = chunk_step(c, b);
+                }
+            }
+        }
+        None
+    }
+
+    fn on_head(&mut self, head: &[u8]) -> State {
+        let mut headers = [httparse::EMPTY_HEADER; 128];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(head) {
+            Ok(httparse::Status::Complete(_)) => {}
+            _ => return State::Off,
+        }
+        self.heads += 1;
+        if req.method == Some("PRI") || req.method == Some("CONNECT") {
+            return State::Off;
+        }
+        let (mut cl, mut te, mut chunked, mut upgrade) = (None, false, false, false);
+        for h in req.headers.iter() {
+            if h.name.eq_ignore_ascii_case("content-length") {
+                cl = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .or(Some(u64::MAX));
+            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                te = true;
+                chunked = h
+                    .value
+                    .rsplit(|&b| b == b',')
+                    .next()
+                    .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            } else if h.name.eq_ignore_ascii_case("upgrade") {
+                upgrade = true;
+            }
+        }
+        if te && cl.is_some() {
+            self.flag.store(self.heads, Ordering::Relaxed);
+            // hyper closes after this request; nothing further to follow.
+            return State::Off;
+        }
+        if upgrade {
+            return State::Off;
+        }
+        match (te, cl) {
+            (true, _) if chunked => State::Chunked(Chunk::Size {
+                seen_digit: false,
+                size: 0,
+            }),
+            (true, _) => State::Off,
+            (false, Some(u64::MAX)) => State::Off,
+            (false, Some(0)) | (false, None) => State::Head,
+            (false, Some(n)) => State::Body(n),
+        }
+    }
+}
+
+fn chunk_step(c: Chunk, b: u8) -> State {
+    let next = match c {
+        Chunk::Size { seen_digit, size } => match b {
+            b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                let d = (b as char).to_digit(16).unwrap_or(0) as u64;
+                match size.checked_mul(16).and_then(|s| s.checked_add(d)) {
+                    Some(s) => Chunk::Size {
+                        seen_digit: true,
+                        size: s,
+                    },
+                    None => return State::Off,
+                }
+            }
+            b';' | b' ' | b'\t' if seen_digit => Chunk::Ext { size },
+            b'\r' if seen_digit => Chunk::SizeLf { size },
+            b'\n' if seen_digit => return after_size(size),
+            _ => return State::Off,
+        },
+        // Extensions run to the end of the line; their size is covered by hyper's limits.
+        Chunk::Ext { size } => match b {
+            b'\r' => Chunk::SizeLf { size },
+            b'\n' => return after_size(size),
+            _ => Chunk::Ext { size },
+        },
+        Chunk::SizeLf { size } => match b {
+            b'\n' => return after_size(size),
+            _ => return State::Off,
+        },
+        Chunk::Data(_) => unreachable!("handled in bulk"),
+        Chunk::DataCr => match b {
+            b'\r' => Chunk::DataLf,
+            b'\n' => Chunk::Size {
+                seen_digit: false,
+                size: 0,
+            },
+            _ => return State::Off,
+        },
+        Chunk::DataLf => match b {
+            b'\n' => Chunk::Size {
+                seen_digit: false,
+                size: 0,
+            },
+            _ => return State::Off,
+        },
+        Chunk::Trailer { empty } => match b {
+            b'\n' if empty => return State::Head,
+            b'\n' => Chunk::Trailer { empty: true },
+            b'\r' => Chunk::Trailer { empty },
+            _ => Chunk::Trailer { empty: false },
+        },
+    };
+    State::Chunked(next)
+}
+
+fn after_size(size: u64) -> State {
+    if size == 0 {
+        State::Chunked(Chunk::Trailer { empty: true })
+    } else {
+        State::Chunked(Chunk::Data(size))
+    }
+}
+
+/// End of the head (index after the blank line), accepting CRLF or bare LF line ends.
+fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    // Skip leading blank lines before a request line (RFC 9112 §2.2), as hyper does.
+    if from == 0 {
+        while i < buf.len() && (buf[i] == b'\r' || buf[i] == b'\n') {
+            i += 1;
+        }
+    }
+    while i < buf.len() {
+        if buf[i] == b'\n' {
+            match (buf.get(i + 1), buf.get(i + 2)) {
+                (Some(b'\n'), _) => return Some(i + 2),
+                (Some(b'\r'), Some(b'\n')) => return Some(i + 3),
+                _ => {}
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+pin_project_lite::pin_project! {
+    /// An I/O stream whose reads feed a [`Tracker`].
+    pub struct Guarded<S> {
+        #[pin]
+        inner: S,
+        tracker: Tracker,
+    }
+}
+
+impl<S> Guarded<S> {
+    /// Wraps a stream.
+    pub fn new(inner: S, tracker: Tracker) -> Self {
+        Guarded { inner, tracker }
+    }
+}
+
+impl<S: AsyncRead> AsyncRead for Guarded<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let r = this.inner.poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = &r {
+            if this.tracker.state != State::Off {
+                this.tracker.feed(&buf.filled()[before..]);
+            }
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite> AsyncWrite for Guarded<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(chunks: &[&[u8]]) -> (u64, State) {
+        let flag = Arc::new(AtomicU64::new(0));
+        let mut t = Tracker::new(65536, flag.clone(), true);
+        for c in chunks {
+            t.feed(c);
+        }
+        (flag.load(Ordering::Relaxed), t.state)
+    }
+
+    #[test]
+    fn flags_cl_and_te_in_either_order() {
+        let a = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let b = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n";
+        assert_eq!(run(&[a]).0, 1);
+        assert_eq!(run(&[b]).0, 1);
+    }
+
+    #[test]
+    fn bodies_are_skipped_not_parsed() {
+        // The body of request 1 contains what looks like a bad head; request 2 is the bad one.
+        let body = b"\r\nTransfer-Encoding: chunked\r\nContent-Length: 1\r\n\r\n";
+        let first = format!(
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let chunked = b"GET /2 HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5;x\r\nhello\r\n0\r\nT: v\r\n\r\n";
+        let third = b"GET /3 HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n";
+        let (flag, _) = run(&[
+            first.as_bytes(),
+            body,
+            b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n",
+            &chunked[..20],
+            &chunked[20..],
+            third,
+        ]);
+        assert_eq!(flag, 4);
+        let chunked = b"GET /2 HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nT: v\r\n\r\n";
+        let (flag, _) = run(&[
+            first.as_bytes(),
+            body,
+            b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n",
+            &chunked[..33],
+            &chunked[33..],
+            third,
+        ]);
+        assert_eq!(flag, 4);
+    }
+
+    #[test]
+    fn byte_at_a_time_is_the_same() {
+        let input = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nokGET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let chunks: Vec<&[u8]> = input.chunks(1).collect();
+        assert_eq!(run(&chunks).0, 2);
+    }
+
+    #[test]
+    fn h2c_preface_turns_it_off() {
+        let (flag, state) = run(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"]);
+        assert_eq!((flag, state), (0, State::Off));
+    }
+}

@@ -1,0 +1,35 @@
+//! Weir: an HTTP proxy for the edge and the mesh whose policy lives in WebAssembly filters.
+//!
+//! The core in this crate owns connections, TLS, HTTP/1.1 and HTTP/2, upstream pools and load
+//! balancing, and the mechanisms of timeouts; policy plugs in at the [`filter`] seam.
+//!
+//! # Layout
+//! - [`config`]: `weir.toml`, typed and validated; [`limits`]: every default limit.
+//! - [`server`]: the process (bind, serve, drain); [`listener`]: accept, TLS, HTTP serving.
+//! - [`tls`]: rustls configs, SNI, mTLS identities; [`framing`]: HTTP/1 smuggling guard.
+//! - [`proxy`]: the request path; [`route`]: the route table; [`path`]: canonical paths.
+//! - [`cluster`]: endpoints, DNS, ejection, connection pools; [`balance`]: RR and peak-EWMA.
+//! - [`filter`]: the filter chain seam; [`error`]: error causes and their statuses.
+//! - [`admin`]: `/ready`, `/live`, `/metrics`, `/config`; [`metrics`]: Prometheus series.
+//! - [`body`]: body type and wrappers; [`log`]: tracing setup.
+
+pub mod admin;
+pub mod balance;
+pub mod body;
+pub mod cluster;
+pub mod config;
+pub mod error;
+pub mod filter;
+pub mod framing;
+pub mod limits;
+pub mod listener;
+pub mod log;
+pub mod metrics;
+pub mod path;
+pub mod proxy;
+pub mod route;
+pub mod server;
+pub mod tls;
+
+pub use config::Config;
+pub use server::Proxy;

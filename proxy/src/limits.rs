@@ -1,0 +1,80 @@
+//! Every default limit of Weir, in one place, each with the reason for its value.
+//!
+//! Operators override them in `weir.toml`; the config structs take their defaults from here.
+
+use std::time::Duration;
+
+/// Largest HTTP/1 request head (request line + headers) accepted before answering 431.
+/// 64 KiB is the edge profile of nginx/Envoy: enough for big cookies and JWTs, small enough
+/// that a slow client cannot pin much memory per connection.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Most header fields in one request before answering 431. 100 is Envoy's default.
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+
+/// Longest request target before answering 414. 16 KiB covers long query strings.
+pub const DEFAULT_MAX_URI_BYTES: usize = 16 * 1024;
+
+/// Largest request body forwarded; above it the answer is 413. 100 MiB: uploads pass, a
+/// runaway client does not stream forever through a gateway.
+pub const DEFAULT_MAX_REQUEST_BODY: u64 = 100 * 1024 * 1024;
+
+/// Time a client has to send a complete request head (slowloris). Also bounds how long an
+/// idle HTTP/1 keep-alive connection waits for its next request head.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection with no request in flight for this long is closed. 60 s is the edge profile;
+/// a mesh sidecar may raise it to an hour.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Time a client has to finish the TLS handshake; hyper does not bound it.
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Concurrent HTTP/2 streams per downstream connection (the h2 edge profile).
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 100;
+
+/// Largest decoded HTTP/2 header list; HPACK bombs count against it.
+pub const DEFAULT_H2_MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
+
+/// Open downstream connections per listener; above it Weir stops accepting until one closes.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
+/// Time to establish a TCP (and TLS) connection to an upstream endpoint.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Time from sending a request upstream to receiving its response head (Envoy's route
+/// timeout default). Streaming bodies are not cut by it.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// An idle pooled upstream connection is closed after this long: shorter than the usual
+/// upstream keep-alive (nginx 75 s) so Weir closes first and never races a server-side close.
+pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Idle HTTP/1 connections kept per upstream endpoint.
+pub const DEFAULT_MAX_IDLE_PER_ENDPOINT: usize = 128;
+
+/// How often DNS names of upstream endpoints are resolved again.
+pub const DEFAULT_DNS_REFRESH: Duration = Duration::from_secs(30);
+
+/// First ejection of an endpoint that failed to connect; doubles per consecutive failure.
+pub const DEFAULT_EJECTION_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Longest ejection of an endpoint that keeps failing to connect.
+pub const DEFAULT_EJECTION_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Time in-flight requests get to finish after SIGTERM/SIGINT before Weir exits.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Peak-EWMA: round-trip estimate assumed for an endpoint before it has answered (linkerd2's
+/// default), so new endpoints are neither starved nor flooded.
+pub const DEFAULT_EWMA_RTT: Duration = Duration::from_millis(30);
+
+/// Peak-EWMA decay time constant: how fast a latency spike is forgotten (linkerd2's value).
+pub const DEFAULT_EWMA_DECAY: Duration = Duration::from_secs(10);
+
+/// Attempts to find an endpoint that accepts a connection, per request. Only connection
+/// failures are retried here (the request was never sent); other retries are filter policy.
+pub const CONNECT_ATTEMPTS: usize = 3;
+
+/// The default admin address: loopback, Envoy's conventional port.
+pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:9901";

@@ -1,0 +1,230 @@
+//! Downstream listeners: accept (under a connection cap), TLS handshake (under a timeout),
+//! then HTTP/1.1 or HTTP/2 by hyper with Weir's limits, an idle timeout, and graceful drain.
+//!
+//! Plain listeners detect HTTP/2 by its prior-knowledge preface (h2c); TLS listeners follow
+//! ALPN. hyper's HTTP/1 header-read timeout only works with a timer, so every builder gets one.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::{ListenerConfig, ListenerLimits};
+use crate::framing::{Guarded, Tracker};
+use crate::proxy::{handle, ConnInfo, Shared};
+use crate::tls::TlsInfo;
+
+/// A bound listener, ready to serve.
+pub struct BoundListener {
+    /// Its name.
+    pub name: Arc<str>,
+    /// The socket.
+    pub tcp: TcpListener,
+    tls: Option<TlsAcceptor>,
+    limits: ListenerLimits,
+    /// Connection builders: auto-detecting (plain), HTTP/1.1-only and HTTP/2-only (by ALPN).
+    auto: auto::Builder<TokioExecutor>,
+    h1: auto::Builder<TokioExecutor>,
+    h2: auto::Builder<TokioExecutor>,
+}
+
+impl BoundListener {
+    /// Binds a listener's socket and prepares its TLS and HTTP settings.
+    pub async fn bind(
+        cfg: &ListenerConfig,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> std::io::Result<BoundListener> {
+        let socket = if cfg.address.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // Rebinding right after a restart must not fail on TIME_WAIT sockets.
+        socket.set_reuseaddr(true)?;
+        socket.bind(cfg.address)?;
+        let tcp = socket.listen(1024)?;
+        let builder = |limits: &ListenerLimits| {
+            let mut b = auto::Builder::new(TokioExecutor::new());
+            b.http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .max_buf_size(limits.max_header_bytes)
+                .max_headers(limits.max_headers)
+                .keep_alive(true);
+            b.http2()
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(limits.max_concurrent_streams)
+                .max_header_list_size(limits.h2_max_header_list_size)
+                .max_pending_accept_reset_streams(20)
+                .max_local_error_reset_streams(200)
+                .initial_stream_window_size(64 * 1024)
+                .initial_connection_window_size(1024 * 1024)
+                .enable_connect_protocol();
+            b
+        };
+        Ok(BoundListener {
+            name: cfg.name.as_str().into(),
+            tcp,
+            tls: tls.map(TlsAcceptor::from),
+            auto: builder(&cfg.limits),
+            h1: builder(&cfg.limits).http1_only(),
+            h2: builder(&cfg.limits).http2_only(),
+            limits: cfg.limits.clone(),
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.tcp.local_addr().expect("bound socket has an address")
+    }
+}
+
+/// Accepts and serves connections until `drain` turns true; then stops accepting (new
+/// connections are refused) and asks every open connection to finish gracefully. Each
+/// connection task holds a clone of `done`, so the caller knows when all have ended.
+pub async fn serve(
+    listener: BoundListener,
+    shared: Arc<Shared>,
+    mut drain: watch::Receiver<bool>,
+    done: mpsc::Sender<()>,
+) {
+    let listener = Arc::new(listener);
+    let slots = Arc::new(Semaphore::new(listener.limits.max_connections));
+    let (gauge, accepted) = shared.metrics.listener(&listener.name);
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
+            _ = drain.changed() => break,
+        };
+        let (tcp, peer) = tokio::select! {
+            r = listener.tcp.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(listener = %listener.name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = drain.changed() => break,
+        };
+        accepted.inc();
+        let (l, s, d, done, gauge) = (
+            listener.clone(),
+            shared.clone(),
+            drain.clone(),
+            done.clone(),
+            gauge.clone(),
+        );
+        tokio::spawn(async move {
+            gauge.inc();
+            connection(&l, tcp, peer, s, d).await;
+            gauge.dec();
+            drop(permit);
+            drop(done);
+        });
+    }
+    tracing::info!(listener = %listener.name, "stopped accepting");
+    // Dropping the socket here (the last Arc goes with the connection tasks, which only
+    // borrow builders) would be late; close it explicitly so new connections are refused now.
+    drop(listener);
+}
+
+async fn connection(
+    l: &BoundListener,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    drain: watch::Receiver<bool>,
+) {
+    let _ = tcp.set_nodelay(true);
+    let max_head = l.limits.max_header_bytes;
+    match &l.tls {
+        None => {
+            let conn = Arc::new(ConnInfo::new(l.name.clone(), peer, None));
+            let io = Guarded::new(
+                tcp,
+                Tracker::new(max_head, conn.ambiguous_framing_at.clone(), true),
+            );
+            serve_http(io, &l.auto, conn, shared, drain, l.limits.idle_timeout).await;
+        }
+        Some(acceptor) => {
+            let stream = match tokio::time::timeout(
+                l.limits.tls_handshake_timeout,
+                acceptor.accept(tcp),
+            )
+            .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(listener = %l.name, client.addr = %peer, error = %e, "tls handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(listener = %l.name, client.addr = %peer, "tls handshake timed out");
+                    return;
+                }
+            };
+            let info = TlsInfo::from_connection(stream.get_ref().1);
+            let h2 = info.alpn.as_deref() == Some(b"h2");
+            let conn = Arc::new(ConnInfo::new(l.name.clone(), peer, Some(Arc::new(info))));
+            let io = Guarded::new(
+                stream,
+                Tracker::new(max_head, conn.ambiguous_framing_at.clone(), !h2),
+            );
+            let builder = if h2 { &l.h2 } else { &l.h1 };
+            serve_http(io, builder, conn, shared, drain, l.limits.idle_timeout).await;
+        }
+    }
+}
+
+async fn serve_http<I>(
+    io: I,
+    builder: &auto::Builder<TokioExecutor>,
+    conn: Arc<ConnInfo>,
+    shared: Arc<Shared>,
+    mut drain: watch::Receiver<bool>,
+    idle_timeout: Duration,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let info = conn.clone();
+    let svc = service_fn(move |req| handle(req, info.clone(), shared.clone()));
+    let c = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(c);
+    let mut closing = *drain.borrow();
+    if closing {
+        c.as_mut().graceful_shutdown();
+    }
+    let mut tick = tokio::time::interval(
+        (idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5)),
+    );
+    loop {
+        tokio::select! {
+            r = c.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(listener = %conn.listener, client.addr = %conn.client, error = %e, "connection ended with error");
+                }
+                return;
+            }
+            _ = drain.changed(), if !closing => {
+                closing = true;
+                c.as_mut().graceful_shutdown();
+            }
+            _ = tick.tick(), if !closing => {
+                if conn.idle_for().is_some_and(|d| d >= idle_timeout) {
+                    tracing::debug!(listener = %conn.listener, client.addr = %conn.client, "closing idle connection");
+                    closing = true;
+                    c.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+}

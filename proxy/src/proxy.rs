@@ -1,0 +1,828 @@
+//! The request path: from a downstream request to an upstream exchange and back.
+//!
+//! Order of work for each request: framing checks the parser lets through → canonical path →
+//! route → `on-request-headers` → hop-by-hop removal and `X-Forwarded-*` → endpoint choice and
+//! connection (connect failures try another endpoint: the request was never sent) → response
+//! head within the timeout → hop-by-hop removal → `on-response-headers` → body streamed back,
+//! observed for the access log and metrics. Bodies are never buffered.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use crate::body::{self, Body, Limited, Observed, OnComplete};
+use crate::cluster::{Cluster, Conn, Endpoint};
+use crate::config::{Config, ForwardedMode, ListenerLimits};
+use crate::error::ProxyError;
+use crate::filter::{FilterChain, LogSummary, RequestContext};
+use crate::limits;
+use crate::metrics::{Metrics, RouteMetrics};
+use crate::route::{Route, RouteTable};
+use crate::tls::TlsInfo;
+
+/// One configuration generation of the data plane: routes, chains and clusters. Requests load
+/// it once and use the same snapshot for all their phases.
+pub struct Gateway {
+    /// Clusters by name.
+    pub clusters: std::collections::HashMap<Arc<str>, Arc<Cluster>>,
+    /// Listener state by name.
+    pub listeners: std::collections::HashMap<Arc<str>, Arc<ListenerState>>,
+    /// Whether to write access-log lines.
+    pub access_log: bool,
+    /// Process metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Per-listener request-path state.
+pub struct ListenerState {
+    /// The listener's name.
+    pub name: Arc<str>,
+    /// Its routes.
+    pub routes: RouteTable,
+    /// Its filter chain.
+    pub chain: FilterChain,
+    /// Its limits.
+    pub limits: ListenerLimits,
+    /// How `X-Forwarded-*` are written.
+    pub forwarded: ForwardedMode,
+    /// Series for requests that matched no route.
+    pub unrouted: RouteMetrics,
+}
+
+impl Gateway {
+    /// Builds the data plane of a config; clusters start resolving DNS in the background.
+    pub async fn build(
+        config: &Config,
+        metrics: &Arc<Metrics>,
+        chains: &std::collections::HashMap<String, FilterChain>,
+    ) -> anyhow::Result<Gateway> {
+        let mut clusters = std::collections::HashMap::new();
+        for (name, c) in &config.clusters {
+            let cluster = Arc::new(Cluster::new(name, c, config, metrics.clone())?);
+            cluster.refresh_dns().await;
+            tokio::spawn(Cluster::maintain(Arc::downgrade(&cluster)));
+            clusters.insert(Arc::from(name.as_str()), cluster);
+        }
+        let mut listeners = std::collections::HashMap::new();
+        for l in &config.listeners {
+            let state = ListenerState {
+                name: l.name.as_str().into(),
+                routes: RouteTable::build(config, &l.name, metrics),
+                chain: chains.get(&l.name).cloned().unwrap_or_default(),
+                limits: l.limits.clone(),
+                forwarded: l.forwarded_headers,
+                unrouted: metrics.route(&l.name, "", ""),
+            };
+            listeners.insert(Arc::from(l.name.as_str()), Arc::new(state));
+        }
+        Ok(Gateway {
+            clusters,
+            listeners,
+            access_log: config.log.access_log,
+            metrics: metrics.clone(),
+        })
+    }
+}
+
+/// State shared by every connection of the process.
+pub struct Shared {
+    /// The current data-plane generation.
+    pub gateway: ArcSwap<Gateway>,
+    /// Process metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// What a downstream connection knows about itself.
+pub struct ConnInfo {
+    /// The listener's name.
+    pub listener: Arc<str>,
+    /// The client's address.
+    pub client: SocketAddr,
+    /// TLS facts, for TLS listeners.
+    pub tls: Option<Arc<TlsInfo>>,
+    /// Requests in flight on this connection (idle timeout).
+    pub active: AtomicUsize,
+    /// Milliseconds since `opened` at the last request start or end (idle timeout).
+    pub last_activity_ms: AtomicU64,
+    /// When the connection was accepted.
+    pub opened: Instant,
+    /// Requests seen on this connection, in order (h1 framing guard).
+    pub requests: AtomicU64,
+    /// Set by the framing guard: the 1-based index of an HTTP/1 request whose head carried
+    /// both `Content-Length` and `Transfer-Encoding` (hyper silently drops the former).
+    pub ambiguous_framing_at: Arc<AtomicU64>,
+}
+
+impl ConnInfo {
+    /// A new connection's info.
+    pub fn new(listener: Arc<str>, client: SocketAddr, tls: Option<Arc<TlsInfo>>) -> ConnInfo {
+        ConnInfo {
+            listener,
+            client,
+            tls,
+            active: AtomicUsize::new(0),
+            last_activity_ms: AtomicU64::new(0),
+            opened: Instant::now(),
+            requests: AtomicU64::new(0),
+            ambiguous_framing_at: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn touch(&self) {
+        self.last_activity_ms
+            .store(self.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// How long the connection has had no request in flight, if it has none now.
+    pub fn idle_for(&self) -> Option<Duration> {
+        if self.active.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        let last = Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed));
+        Some(self.opened.elapsed().saturating_sub(last))
+    }
+}
+
+/// hyper's entry point: never fails; every error becomes a response.
+pub async fn handle(
+    req: Request<Incoming>,
+    conn: Arc<ConnInfo>,
+    shared: Arc<Shared>,
+) -> Result<Response<Body>, Infallible> {
+    let start = Instant::now();
+    let index = conn.requests.fetch_add(1, Ordering::Relaxed) + 1;
+    conn.active.fetch_add(1, Ordering::Relaxed);
+    conn.touch();
+    let gw = shared.gateway.load_full();
+    let Some(ls) = gw.listeners.get(&conn.listener).cloned() else {
+        // The listener left the config while this connection was open.
+        conn.active.fetch_sub(1, Ordering::Relaxed);
+        return Ok(ProxyError::NoRoute.to_response());
+    };
+    let request_id = request_id(req.headers());
+    let mut ctx = RequestContext {
+        listener: conn.listener.clone(),
+        route: None,
+        cluster: None,
+        timeout: None,
+        client_addr: conn.client,
+        tls: conn.tls.clone(),
+        request_id,
+    };
+    let method = req.method().clone();
+    let path: Arc<str> = req.uri().path().into();
+    let version = req.version();
+    let mut x = Exchange {
+        metrics: ls.unrouted.clone(),
+        upstream: None,
+    };
+
+    let result = forward(req, index, &conn, &gw, &ls, &mut ctx, &mut x).await;
+    let mut resp = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let status = e.status();
+            if status.is_server_error() {
+                tracing::warn!(listener = %conn.listener, route = ctx.route.as_deref(), cluster = ctx.cluster.as_deref(), client.addr = %conn.client, request.id = %ctx.request_id, error = %e, status = status.as_u16(), "request failed");
+            } else {
+                tracing::debug!(listener = %conn.listener, client.addr = %conn.client, error = %e, status = status.as_u16(), "request refused");
+            }
+            e.to_response()
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
+        resp.headers_mut().entry("x-request-id").or_insert(v);
+    }
+    let status = resp.status().as_u16();
+    let done = Completion {
+        conn: conn.clone(),
+        access_log: gw.access_log,
+        chain: ls.chain.clone(),
+        ctx,
+        metrics: x.metrics,
+        method,
+        path,
+        version,
+        status,
+        upstream: x.upstream,
+        start,
+    };
+    Ok(resp.map(|b| Observed::new(b, done).boxed()))
+}
+
+/// What the request path learned that the completion record needs.
+struct Exchange {
+    metrics: RouteMetrics,
+    upstream: Option<SocketAddr>,
+}
+
+/// Runs once when the response body ended: metrics, access log, `on-log`, idle tracking.
+struct Completion {
+    conn: Arc<ConnInfo>,
+    access_log: bool,
+    chain: FilterChain,
+    ctx: RequestContext,
+    metrics: RouteMetrics,
+    method: Method,
+    path: Arc<str>,
+    version: Version,
+    status: u16,
+    upstream: Option<SocketAddr>,
+    start: Instant,
+}
+
+impl OnComplete for Completion {
+    fn on_complete(self, bytes: u64, complete: bool) {
+        let duration = self.start.elapsed();
+        self.metrics.record(self.status, duration);
+        self.conn.active.fetch_sub(1, Ordering::Relaxed);
+        self.conn.touch();
+        if self.access_log {
+            tracing::info!(
+                target: "weir::access",
+                listener = %self.ctx.listener,
+                client.addr = %self.conn.client,
+                method = %self.method,
+                path = %self.path,
+                version = ?self.version,
+                status = self.status,
+                bytes,
+                duration_us = duration.as_micros() as u64,
+                route = self.ctx.route.as_deref().unwrap_or("-"),
+                cluster = self.ctx.cluster.as_deref().unwrap_or("-"),
+                upstream.addr = %self.upstream.map_or_else(|| "-".to_string(), |a| a.to_string()),
+                request.id = %self.ctx.request_id,
+                complete,
+            );
+        }
+        if !self.chain.is_empty() {
+            let summary = LogSummary {
+                status: self.status,
+                bytes,
+                duration,
+                upstream: self.upstream,
+            };
+            self.chain.on_log(&self.ctx, &summary);
+        }
+    }
+}
+
+fn request_id(headers: &HeaderMap) -> Arc<str> {
+    if let Some(v) = headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
+        if !v.is_empty() && v.len() <= 128 {
+            return v.into();
+        }
+    }
+    format!("{:032x}", rand::random::<u128>()).into()
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    req: Request<Incoming>,
+    index: u64,
+    conn: &ConnInfo,
+    gw: &Gateway,
+    ls: &ListenerState,
+    ctx: &mut RequestContext,
+    x: &mut Exchange,
+) -> Result<Response<Body>, ProxyError> {
+    let limits = &ls.limits;
+    check_framing(&req, index, conn)?;
+    if req.uri().path_and_query().map_or(0, |p| p.as_str().len()) > limits.max_uri_bytes {
+        return Err(ProxyError::UriTooLong(limits.max_uri_bytes));
+    }
+    let client_host = client_host(&req)?;
+    let path = crate::path::normalize(req.uri().path())
+        .map_err(|_| ProxyError::BadRequest("invalid path"))?;
+    let route_host = client_host.as_deref().map(strip_port).unwrap_or("");
+    let route = ls
+        .routes
+        .find(route_host, &path)
+        .ok_or(ProxyError::NoRoute)?;
+    x.metrics = route.metrics.clone();
+    ctx.route = Some(route.name.clone());
+    ctx.cluster = Some(route.cluster.clone());
+    ctx.timeout = route.timeout;
+
+    if let Some(len) = content_length(req.headers())? {
+        if len > limits.max_request_body {
+            return Err(ProxyError::BodyTooLarge(limits.max_request_body));
+        }
+    }
+
+    let canonical = match path {
+        std::borrow::Cow::Borrowed(_) => None,
+        std::borrow::Cow::Owned(p) => Some(p),
+    };
+    let (mut parts, body) = req.into_parts();
+    if let Some(p) = canonical {
+        parts.uri = with_path(&parts.uri, &p)?;
+    }
+
+    if let Some(resp) = ls.chain.on_request_headers(&mut parts, ctx)? {
+        return Ok(resp);
+    }
+    let cluster_name = ctx.cluster.clone().ok_or(ProxyError::NoRoute)?;
+    let cluster = gw
+        .clusters
+        .get(&cluster_name)
+        .ok_or_else(|| ProxyError::UnknownCluster(cluster_name.to_string()))?
+        .clone();
+    if ctx.cluster.as_deref() != Some(&*route.cluster) {
+        // A filter chose another cluster: count the request under it.
+        x.metrics = ls_metrics_for(gw, ls, route, &cluster_name);
+    }
+
+    if parts.method == Method::CONNECT {
+        if !route.allow_connect {
+            return Err(ProxyError::ConnectNotAllowed);
+        }
+        return connect_tunnel(parts, cluster, x).await;
+    }
+
+    let upgrade = if parts.version == Version::HTTP_11 {
+        upgrade_protocol(&parts.headers)
+    } else {
+        None
+    };
+    let on_upgrade = upgrade
+        .as_ref()
+        .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
+    strip_hop_by_hop(&mut parts.headers, true);
+    if let Some(proto) = &upgrade {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, proto.clone());
+    }
+    set_forwarded(
+        &mut parts.headers,
+        ls.forwarded,
+        conn,
+        client_host.as_deref(),
+    );
+    if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
+        parts.headers.insert("x-request-id", v);
+    }
+
+    let body: Body = Limited::new(body, limits.max_request_body).boxed();
+    let timeout = ctx.timeout.unwrap_or(cluster.config.request_timeout);
+    let (resp, ep) = send(
+        &cluster,
+        route,
+        parts,
+        body,
+        client_host,
+        upgrade.is_some(),
+        timeout,
+        x,
+    )
+    .await?;
+
+    let (mut rparts, rbody) = resp.into_parts();
+    if rparts.status == StatusCode::SWITCHING_PROTOCOLS {
+        let (Some(proto), Some(down)) = (upgrade, on_upgrade) else {
+            return Err(ProxyError::Upstream {
+                addr: ep.addr,
+                reason: "unrequested 101 response".into(),
+            });
+        };
+        let up = hyper::upgrade::on(Response::from_parts(rparts.clone(), rbody));
+        strip_hop_by_hop(&mut rparts.headers, false);
+        rparts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        rparts.headers.insert(header::UPGRADE, proto);
+        tokio::spawn(tunnel(down, up, ep.addr));
+        return Ok(Response::from_parts(rparts, body::empty()));
+    }
+    strip_hop_by_hop(&mut rparts.headers, false);
+    if let Some(resp) = ls.chain.on_response_headers(&mut rparts, ctx)? {
+        return Ok(resp);
+    }
+    let body = rbody.map_err(|e| -> body::BoxError { Box::new(e) }).boxed();
+    Ok(Response::from_parts(rparts, body))
+}
+
+fn ls_metrics_for(gw: &Gateway, ls: &ListenerState, route: &Route, cluster: &str) -> RouteMetrics {
+    // Only reached when a filter re-targets a request; the family lookup allocates, the
+    // default path does not.
+    gw.metrics.route(&ls.name, &route.name, cluster)
+}
+
+/// Sends the request to an endpoint of the cluster. Connect failures try other endpoints
+/// (the request has not left yet); nothing else is retried here.
+#[allow(clippy::too_many_arguments)]
+async fn send(
+    cluster: &Cluster,
+    route: &Route,
+    mut parts: http::request::Parts,
+    body: Body,
+    client_host: Option<String>,
+    upgrade: bool,
+    timeout: Duration,
+    x: &mut Exchange,
+) -> Result<(Response<Incoming>, Arc<Endpoint>), ProxyError> {
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut last_err = None;
+    let (ep, conn) = loop {
+        if tried.len() >= limits::CONNECT_ATTEMPTS {
+            break Err(last_err.expect("set after a failed attempt"));
+        }
+        let Some(ep) = cluster.pick(&tried) else {
+            break Err(
+                last_err.unwrap_or_else(|| ProxyError::NoHealthyEndpoint(cluster.name.to_string()))
+            );
+        };
+        tried.push(ep.addr);
+        match cluster.checkout(&ep, upgrade).await {
+            Ok(c) => break Ok((ep, c)),
+            Err(e) => {
+                last_err = Some(ProxyError::Connect {
+                    addr: ep.addr,
+                    reason: e.0,
+                })
+            }
+        }
+    }?;
+    x.upstream = Some(ep.addr);
+
+    // Host / :authority per route config.
+    let host: Option<HeaderValue> = if let Some(h) = &route.host_rewrite {
+        Some(h.clone())
+    } else if route.auto_host_rewrite {
+        HeaderValue::from_str(&ep.authority).ok()
+    } else {
+        client_host.and_then(|h| HeaderValue::from_str(&h).ok())
+    };
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    match &conn {
+        Conn::Http1(_) => {
+            parts.uri =
+                Uri::try_from(pq).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+            parts.version = Version::HTTP_11;
+            if let Some(h) = host {
+                parts.headers.insert(header::HOST, h);
+            }
+        }
+        Conn::Http2(_) => {
+            let scheme = if cluster.config.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            let authority = host
+                .as_ref()
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or(&ep.authority)
+                .to_string();
+            parts.uri = Uri::builder()
+                .scheme(scheme)
+                .authority(authority)
+                .path_and_query(pq)
+                .build()
+                .map_err(|_| ProxyError::BadRequest("invalid authority"))?;
+            parts.version = Version::HTTP_2;
+            parts.headers.remove(header::HOST);
+        }
+    }
+    let req = Request::from_parts(parts, body);
+    let pending = ep.load.start();
+    let sent = Instant::now();
+    let result = match conn {
+        Conn::Http1(mut sender) => {
+            let fut = sender.send_request(req);
+            let r = tokio::time::timeout(timeout, fut).await;
+            if matches!(r, Ok(Ok(_))) {
+                cluster.checkin_when_ready(ep.clone(), sender);
+            }
+            r
+        }
+        Conn::Http2(mut sender) => tokio::time::timeout(timeout, sender.send_request(req)).await,
+    };
+    drop(pending);
+    match result {
+        Ok(Ok(resp)) => {
+            ep.load.observe(sent.elapsed());
+            Ok((resp, ep))
+        }
+        Ok(Err(e)) => {
+            ep.load.observe(sent.elapsed());
+            let reason = match std::error::Error::source(&e) {
+                Some(src) => format!("{e}: {src}"),
+                None => e.to_string(),
+            };
+            Err(ProxyError::Upstream {
+                addr: ep.addr,
+                reason,
+            })
+        }
+        Err(_) => {
+            // A timeout is a latency observation too: peak-EWMA must see slow endpoints.
+            ep.load.observe(sent.elapsed());
+            Err(ProxyError::Timeout {
+                addr: ep.addr,
+                timeout,
+            })
+        }
+    }
+}
+
+async fn tunnel(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade, addr: SocketAddr) {
+    let (down, up) = match tokio::join!(down, up) {
+        (Ok(d), Ok(u)) => (d, u),
+        (d, u) => {
+            tracing::debug!(upstream.addr = %addr, downstream_ok = d.is_ok(), upstream_ok = u.is_ok(), "upgrade failed");
+            return;
+        }
+    };
+    let (mut d, mut u) = (TokioIo::new(down), TokioIo::new(up));
+    match tokio::io::copy_bidirectional(&mut d, &mut u).await {
+        Ok((to_up, to_down)) => {
+            tracing::debug!(upstream.addr = %addr, to_up, to_down, "tunnel closed")
+        }
+        Err(e) => tracing::debug!(upstream.addr = %addr, error = %e, "tunnel ended with error"),
+    }
+}
+
+/// `CONNECT` on a route that allows it: a raw byte tunnel to an endpoint of the cluster,
+/// opened before answering 200, so the client only gets 200 for a tunnel that exists.
+async fn connect_tunnel(
+    mut parts: http::request::Parts,
+    cluster: Arc<Cluster>,
+    x: &mut Exchange,
+) -> Result<Response<Body>, ProxyError> {
+    let down = parts
+        .extensions
+        .remove::<hyper::upgrade::OnUpgrade>()
+        .ok_or(ProxyError::UpgradeUnsupported(
+            "connection cannot be upgraded",
+        ))?;
+    let mut tried = Vec::new();
+    let mut last_err = None;
+    let (stream, addr) = loop {
+        if tried.len() >= limits::CONNECT_ATTEMPTS {
+            return Err(last_err.expect("set after a failed attempt"));
+        }
+        let Some(ep) = cluster.pick(&tried) else {
+            return Err(
+                last_err.unwrap_or_else(|| ProxyError::NoHealthyEndpoint(cluster.name.to_string()))
+            );
+        };
+        tried.push(ep.addr);
+        match cluster.connect(&ep).await {
+            Ok(s) => break (s, ep.addr),
+            Err(e) => {
+                last_err = Some(ProxyError::Connect {
+                    addr: ep.addr,
+                    reason: e.0,
+                })
+            }
+        }
+    };
+    x.upstream = Some(addr);
+    tokio::spawn(async move {
+        match down.await {
+            Ok(up) => {
+                let (mut d, mut u) = (TokioIo::new(up), stream);
+                let _ = tokio::io::copy_bidirectional(&mut d, &mut u).await;
+            }
+            Err(e) => tracing::debug!(upstream.addr = %addr, error = %e, "CONNECT upgrade failed"),
+        }
+    });
+    Ok(Response::new(body::empty()))
+}
+
+/// Framing problems hyper accepts but an edge proxy must refuse (request smuggling).
+fn check_framing(req: &Request<Incoming>, index: u64, conn: &ConnInfo) -> Result<(), ProxyError> {
+    if req.version() > Version::HTTP_11 {
+        return Ok(());
+    }
+    if conn.ambiguous_framing_at.load(Ordering::Relaxed) == index {
+        return Err(ProxyError::BadRequest(
+            "both content-length and transfer-encoding",
+        ));
+    }
+    let mut te = req.headers().get_all(header::TRANSFER_ENCODING).iter();
+    if let Some(v) = te.next() {
+        // hyper insists that chunked is last; we also refuse lists and repeats, as nginx does.
+        if te.next().is_some() || !v.as_bytes().eq_ignore_ascii_case(b"chunked") {
+            return Err(ProxyError::BadRequest("unsupported transfer-encoding"));
+        }
+    }
+    Ok(())
+}
+
+/// The host the client addressed: the absolute-form/`:authority` authority, else `Host`.
+fn client_host(req: &Request<Incoming>) -> Result<Option<String>, ProxyError> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(ProxyError::BadRequest("more than one host header"));
+    }
+    let host = match host {
+        Some(h) => Some(
+            h.to_str()
+                .map_err(|_| ProxyError::BadRequest("invalid host header"))?,
+        ),
+        None => None,
+    };
+    if let Some(auth) = req.uri().authority() {
+        if req.version() == Version::HTTP_2 {
+            if let Some(h) = host {
+                if !h.eq_ignore_ascii_case(auth.as_str()) {
+                    return Err(ProxyError::BadRequest(":authority and host disagree"));
+                }
+            }
+        }
+        // RFC 9112 §3.2.2: an absolute-form target wins over Host.
+        return Ok(Some(auth.as_str().to_string()));
+    }
+    if host.is_none() && req.version() == Version::HTTP_11 {
+        return Err(ProxyError::BadRequest("missing host header"));
+    }
+    if let Some(h) = host {
+        if http::uri::Authority::try_from(h).is_err() {
+            return Err(ProxyError::BadRequest("invalid host header"));
+        }
+    }
+    Ok(host.map(str::to_string))
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.split_once(']').map_or(host, |(h, _)| &h[1..]);
+    }
+    host.rsplit_once(':').map_or(host, |(h, p)| {
+        if p.bytes().all(|b| b.is_ascii_digit()) {
+            h
+        } else {
+            host
+        }
+    })
+}
+
+fn content_length(h: &HeaderMap) -> Result<Option<u64>, ProxyError> {
+    match h.get(header::CONTENT_LENGTH) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .map(Some)
+            .ok_or(ProxyError::BadRequest("invalid content-length")),
+    }
+}
+
+fn with_path(uri: &Uri, path: &str) -> Result<Uri, ProxyError> {
+    let pq = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(
+        pq.parse()
+            .map_err(|_| ProxyError::BadRequest("invalid path"))?,
+    );
+    Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("invalid path"))
+}
+
+/// The protocol a client asks to upgrade to, when the request is a valid HTTP/1.1 upgrade.
+fn upgrade_protocol(h: &HeaderMap) -> Option<HeaderValue> {
+    let wants = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if wants {
+        h.get(header::UPGRADE).cloned()
+    } else {
+        None
+    }
+}
+
+/// Hop-by-hop headers of RFC 9110 §7.6.1 plus the legacy ones every proxy strips.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers and every header named in `Connection`. On requests, `te:
+/// trailers` survives: gRPC needs it end to end and it is the one TE value h2 allows.
+/// `Content-Length` is left to hyper, which derives framing from the body it sends.
+pub fn strip_hop_by_hop(h: &mut HeaderMap, request: bool) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    let te_trailers = request
+        && h.get_all(header::TE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        h.remove(name);
+    }
+    h.remove(header::UPGRADE);
+    if te_trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+fn set_forwarded(h: &mut HeaderMap, mode: ForwardedMode, conn: &ConnInfo, host: Option<&str>) {
+    let proto = if conn.tls.is_some() { "https" } else { "http" };
+    let ip = conn.client.ip().to_string();
+    match mode {
+        ForwardedMode::Off => {}
+        ForwardedMode::Overwrite => {
+            h.insert(
+                "x-forwarded-for",
+                HeaderValue::from_str(&ip).expect("ip is a valid value"),
+            );
+            h.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+            h.remove("x-forwarded-host");
+            if let Some(v) = host.and_then(|v| HeaderValue::from_str(v).ok()) {
+                h.insert("x-forwarded-host", v);
+            }
+        }
+        ForwardedMode::Append => {
+            let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+                Some(prev) => format!("{prev}, {ip}"),
+                None => ip,
+            };
+            if let Ok(v) = HeaderValue::from_str(&xff) {
+                h.insert("x-forwarded-for", v);
+            }
+            if !h.contains_key("x-forwarded-proto") {
+                h.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+            }
+            if !h.contains_key("x-forwarded-host") {
+                if let Some(v) = host.and_then(|v| HeaderValue::from_str(v).ok()) {
+                    h.insert("x-forwarded-host", v);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers, deflate"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h["x-kept"], "1");
+        let mut r = HeaderMap::new();
+        r.insert(header::TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut r, false);
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn ports_are_stripped_for_routing() {
+        assert_eq!(strip_port("a.example:8080"), "a.example");
+        assert_eq!(strip_port("a.example"), "a.example");
+        assert_eq!(strip_port("[::1]:80"), "::1");
+    }
+}
