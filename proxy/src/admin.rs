@@ -79,8 +79,7 @@ fn route(req: Request<Incoming>, state: &AdminState) -> Response<Body> {
             r
         }
         "/config" => {
-            let json =
-                serde_json::to_string_pretty(&state.config.redacted_json()).unwrap_or_default();
+            let json = serde_json::to_string_pretty(&state.config.redacted_json()).unwrap_or_default();
             let mut r = Response::new(body::full(json + "\n"));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,

@@ -216,10 +216,7 @@ mod tests {
         assert_eq!(e.update(t, 5e6, 1e9), 5e6);
         let later = t + Duration::from_secs(5);
         let v = e.update(later, 1e6, 1e9);
-        assert!(
-            v < 1.1e6,
-            "after 5 decay constants the spike is forgotten: {v}"
-        );
+        assert!(v < 1.1e6, "after 5 decay constants the spike is forgotten: {v}");
     }
 
     #[test]

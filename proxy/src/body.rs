@@ -21,9 +21,7 @@ pub fn empty() -> Body {
 
 /// A body from bytes in memory.
 pub fn full(data: impl Into<Bytes>) -> Body {
-    Full::new(data.into())
-        .map_err(|never| match never {})
-        .boxed()
+    Full::new(data.into()).map_err(|never| match never {}).boxed()
 }
 
 /// The request body grew past the listener's `max_request_body`.
@@ -112,7 +110,10 @@ pin_project_lite::pin_project! {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             if let Some(f) = this.done.take() {
-                f.on_complete(*this.bytes, false);
+                // hyper stops polling once `is_end_stream` is true (sized and empty bodies), so
+                // a body dropped at its end is complete, not aborted.
+                let complete = this.inner.is_end_stream();
+                f.on_complete(*this.bytes, complete);
             }
         }
     }
@@ -141,12 +142,17 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
                     *this.bytes += d.len() as u64;
+                }
+                if this.inner.is_end_stream() {
+                    if let Some(f) = this.done.take() {
+                        f.on_complete(*this.bytes, true);
+                    }
                 }
             }
             Poll::Ready(None) => {

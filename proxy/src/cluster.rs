@@ -79,10 +79,7 @@ impl Endpoint {
             addr,
             authority,
             host,
-            load: Arc::new(Load::new(
-                limits::DEFAULT_EWMA_RTT,
-                limits::DEFAULT_EWMA_DECAY,
-            )),
+            load: Arc::new(Load::new(limits::DEFAULT_EWMA_RTT, limits::DEFAULT_EWMA_DECAY)),
             health: Mutex::new(Health::default()),
             idle: Mutex::new(Vec::new()),
             h2: tokio::sync::Mutex::new(None),
@@ -136,11 +133,7 @@ pub enum Stream {
 }
 
 impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
@@ -149,11 +142,7 @@ impl AsyncRead for Stream {
 }
 
 impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
@@ -295,13 +284,12 @@ impl Cluster {
                     .iter()
                     .find(|e| e.addr == addr && e.authority == authority)
                     .cloned();
-                next.push(kept.unwrap_or_else(|| {
-                    Arc::new(Endpoint::new(addr, authority.clone(), host.clone()))
-                }));
+                next.push(
+                    kept.unwrap_or_else(|| Arc::new(Endpoint::new(addr, authority.clone(), host.clone()))),
+                );
             }
         }
-        let changed =
-            next.len() != old.len() || next.iter().zip(old.iter()).any(|(a, b)| !Arc::ptr_eq(a, b));
+        let changed = next.len() != old.len() || next.iter().zip(old.iter()).any(|(a, b)| !Arc::ptr_eq(a, b));
         if changed {
             tracing::info!(cluster = %self.name, endpoints = next.len(), "endpoints updated");
             self.endpoints.store(Arc::new(next));
@@ -353,11 +341,7 @@ impl Cluster {
     }
 
     /// Takes a pooled connection to `ep` or opens a new one. `http1` forces HTTP/1.1 (upgrades).
-    pub async fn checkout(
-        &self,
-        ep: &Arc<Endpoint>,
-        force_http1: bool,
-    ) -> Result<Conn, ConnectError> {
+    pub async fn checkout(&self, ep: &Arc<Endpoint>, force_http1: bool) -> Result<Conn, ConnectError> {
         let h2 = self.config.protocol == UpstreamProtocol::Http2 && !force_http1;
         if h2 {
             let mut slot = ep.h2.lock().await;
@@ -442,24 +426,17 @@ impl Cluster {
                 let want_h2 = self.config.protocol == UpstreamProtocol::Http2;
                 if want_h2 && s.get_ref().1.alpn_protocol() != Some(b"h2") {
                     // Without h2 in ALPN the server would read our preface as garbage.
-                    return Err(
-                        self.connect_failed(ep, "upstream did not negotiate h2 by ALPN".into())
-                    );
+                    return Err(self.connect_failed(ep, "upstream did not negotiate h2 by ALPN".into()));
                 }
                 Ok(Stream::Tls(Box::new(s)))
             }
             Ok(Err(e)) => Err(self.connect_failed(ep, format!("tls: {e}"))),
-            Err(_) => {
-                Err(self.connect_failed(ep, format!("tls handshake timed out after {timeout:?}")))
-            }
+            Err(_) => Err(self.connect_failed(ep, format!("tls handshake timed out after {timeout:?}"))),
         }
     }
 
     fn connect_failed(&self, ep: &Endpoint, reason: String) -> ConnectError {
-        let backoff = ep.record_failure(
-            self.config.ejection_backoff,
-            self.config.ejection_backoff_max,
-        );
+        let backoff = ep.record_failure(self.config.ejection_backoff, self.config.ejection_backoff_max);
         self.metrics.upstream_connect_error(&self.name);
         tracing::warn!(cluster = %self.name, upstream.addr = %ep.addr, error = %reason, ejected_for = ?backoff, "upstream connect failed; endpoint ejected");
         ConnectError(reason)

@@ -133,6 +133,10 @@ pub struct ListenerConfig {
     /// How `X-Forwarded-For`/`-Proto`/`-Host` are written.
     #[serde(default)]
     pub forwarded_headers: ForwardedMode,
+    /// Send the verified client certificate's identity upstream in
+    /// `X-Forwarded-Client-Cert` (Envoy's format). A client-sent value is always removed.
+    #[serde(default)]
+    pub forward_client_cert: bool,
 }
 
 /// What Weir does with `X-Forwarded-*` headers.
@@ -468,10 +472,7 @@ impl Config {
         let mut push = |path: String, message: String| issues.push(ConfigIssue { path, message });
 
         if self.listeners.is_empty() {
-            push(
-                "listeners".into(),
-                "at least one listener is required".into(),
-            );
+            push("listeners".into(), "at least one listener is required".into());
         }
         let mut names = HashSet::new();
         let mut addrs = HashSet::new();
@@ -492,20 +493,14 @@ impl Config {
                 );
             }
             if self.admin.enabled && l.address.port() != 0 && l.address == self.admin.address {
-                push(
-                    format!("{at}.address"),
-                    "same address as admin.address".into(),
-                );
+                push(format!("{at}.address"), "same address as admin.address".into());
             }
             if let Some(tls) = &l.tls {
                 self.check_file(&mut push, format!("{at}.tls.cert"), &tls.cert);
                 self.check_file(&mut push, format!("{at}.tls.key"), &tls.key);
                 for (j, s) in tls.sni.iter().enumerate() {
                     if s.names.is_empty() {
-                        push(
-                            format!("{at}.tls.sni[{j}].names"),
-                            "must name a server".into(),
-                        );
+                        push(format!("{at}.tls.sni[{j}].names"), "must name a server".into());
                     }
                     self.check_file(&mut push, format!("{at}.tls.sni[{j}].cert"), &s.cert);
                     self.check_file(&mut push, format!("{at}.tls.sni[{j}].key"), &s.key);
@@ -522,10 +517,7 @@ impl Config {
                 );
             }
             if lim.max_headers == 0 {
-                push(
-                    format!("{at}.limits.max_headers"),
-                    "must be at least 1".into(),
-                );
+                push(format!("{at}.limits.max_headers"), "must be at least 1".into());
             }
             if lim.max_connections == 0 {
                 push(
@@ -545,10 +537,7 @@ impl Config {
                 ("tls_handshake_timeout", lim.tls_handshake_timeout),
             ] {
                 if d.is_zero() {
-                    push(
-                        format!("{at}.limits.{field}"),
-                        "must be greater than zero".into(),
-                    );
+                    push(format!("{at}.limits.{field}"), "must be greater than zero".into());
                 }
             }
         }
@@ -563,10 +552,7 @@ impl Config {
             }
             for (j, l) in r.listeners.iter().enumerate() {
                 if !self.listeners.iter().any(|x| &x.name == l) {
-                    push(
-                        format!("{at}.listeners[{j}]"),
-                        format!("unknown listener {l:?}"),
-                    );
+                    push(format!("{at}.listeners[{j}]"), format!("unknown listener {l:?}"));
                 }
             }
             if !r.path_prefix.starts_with('/') {
@@ -643,12 +629,8 @@ impl Config {
                         self.check_file(&mut push, format!("{at}.tls.cert"), cert);
                         self.check_file(&mut push, format!("{at}.tls.key"), key);
                     }
-                    (Some(_), None) => {
-                        push(format!("{at}.tls.key"), "required with tls.cert".into())
-                    }
-                    (None, Some(_)) => {
-                        push(format!("{at}.tls.cert"), "required with tls.key".into())
-                    }
+                    (Some(_), None) => push(format!("{at}.tls.key"), "required with tls.cert".into()),
+                    (None, Some(_)) => push(format!("{at}.tls.cert"), "required with tls.key".into()),
                     (None, None) => {}
                 }
                 if let Some(sn) = &tls.server_name {
@@ -741,10 +723,7 @@ endpoints = ["127.0.0.1:9000"]
     #[test]
     fn minimal_config_loads_with_defaults() {
         let c = parse(MIN).unwrap();
-        assert_eq!(
-            c.listeners[0].limits.max_headers,
-            limits::DEFAULT_MAX_HEADERS
-        );
+        assert_eq!(c.listeners[0].limits.max_headers, limits::DEFAULT_MAX_HEADERS);
         assert_eq!(c.clusters["app"].balance, BalanceAlgorithm::PeakEwma);
         assert_eq!(c.routes[0].path_prefix, "/");
     }
@@ -763,19 +742,14 @@ endpoints = ["127.0.0.1:9000"]
     fn bad_duration_names_its_path() {
         let e = parse(&format!("{MIN}connect_timeout = \"5 fortnights\"\n")).unwrap_err();
         let s = e.to_string();
-        assert!(
-            s.starts_with("weir.toml: clusters.app.connect_timeout: "),
-            "{s}"
-        );
+        assert!(s.starts_with("weir.toml: clusters.app.connect_timeout: "), "{s}");
         assert!(s.contains("(line 11, column 19)"), "{s}");
     }
 
     #[test]
     fn all_semantic_errors_are_reported_at_once() {
-        let text = MIN.replace(
-            "cluster = \"app\"",
-            "cluster = \"nope\"\nlisteners = [\"x\"]",
-        ) + "[listeners.tls]\ncert = \"certs/a.pem\"\nkey = \"certs/a.key\"\n";
+        let text = MIN.replace("cluster = \"app\"", "cluster = \"nope\"\nlisteners = [\"x\"]")
+            + "[listeners.tls]\ncert = \"certs/a.pem\"\nkey = \"certs/a.key\"\n";
         // The tls table attaches to the last [[listeners]] entry only if written there; build it
         // explicitly instead.
         let text = text.replace(
@@ -810,10 +784,7 @@ endpoints = ["127.0.0.1:9000"]
         let s = parse(&MIN.replace("127.0.0.1:9000", "no-port"))
             .unwrap_err()
             .to_string();
-        assert!(
-            s.starts_with("weir.toml: clusters.app.endpoints[0]: "),
-            "{s}"
-        );
+        assert!(s.starts_with("weir.toml: clusters.app.endpoints[0]: "), "{s}");
     }
 
     #[test]

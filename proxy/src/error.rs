@@ -84,9 +84,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::ConnectNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ProxyError::UnknownCluster(_) | ProxyError::Filter { .. } => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            ProxyError::UnknownCluster(_) | ProxyError::Filter { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::NoHealthyEndpoint(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -115,10 +113,7 @@ impl ProxyError {
     /// Whether the downstream connection should be closed after answering (the request's
     /// framing can no longer be trusted).
     pub fn closes_connection(&self) -> bool {
-        matches!(
-            self,
-            ProxyError::BadRequest(_) | ProxyError::BodyTooLarge(_)
-        )
+        matches!(self, ProxyError::BadRequest(_) | ProxyError::BodyTooLarge(_))
     }
 
     /// The response the client gets: status, reason header, a short plain body. Details stay

@@ -94,11 +94,7 @@ impl Tracker {
                     let k = (n as usize).min(data.len());
                     data = &data[k..];
                     let left = n - k as u64;
-                    self.state = if left == 0 {
-                        State::Head
-                    } else {
-                        State::Body(left)
-                    };
+                    self.state = if left == 0 { State::Head } else { State::Body(left) };
                 }
                 State::Chunked(c) => {
                     if let Chunk::Data(n) = c {
@@ -272,11 +268,7 @@ impl<S> Guarded<S> {
 }
 
 impl<S: AsyncRead> AsyncRead for Guarded<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.project();
         let before = buf.filled().len();
         let r = this.inner.poll_read(cx, buf);
@@ -290,11 +282,7 @@ impl<S: AsyncRead> AsyncRead for Guarded<S> {
 }
 
 impl<S: AsyncWrite> AsyncWrite for Guarded<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         self.project().inner.poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -156,11 +156,8 @@ async fn connection(
             serve_http(io, &l.auto, conn, shared, drain, l.limits.idle_timeout).await;
         }
         Some(acceptor) => {
-            let stream = match tokio::time::timeout(
-                l.limits.tls_handshake_timeout,
-                acceptor.accept(tcp),
-            )
-            .await
+            let stream = match tokio::time::timeout(l.limits.tls_handshake_timeout, acceptor.accept(tcp))
+                .await
             {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
@@ -203,9 +200,8 @@ async fn serve_http<I>(
     if closing {
         c.as_mut().graceful_shutdown();
     }
-    let mut tick = tokio::time::interval(
-        (idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5)),
-    );
+    let mut tick =
+        tokio::time::interval((idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5)));
     loop {
         tokio::select! {
             r = c.as_mut() => {

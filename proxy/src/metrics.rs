@@ -88,8 +88,7 @@ impl Metrics {
     pub fn new() -> Metrics {
         let mut root = Registry::with_prefix("weir");
         let requests = Family::<RequestLabels, Counter>::default();
-        let latency: HistogramFamily<LatencyLabels> =
-            Family::new_with_constructor(latency_histogram);
+        let latency: HistogramFamily<LatencyLabels> = Family::new_with_constructor(latency_histogram);
         let connections = Family::<ListenerLabels, Gauge>::default();
         let connections_total = Family::<ListenerLabels, Counter>::default();
         let connect_errors = Family::<ClusterLabels, Counter>::default();
@@ -194,7 +193,12 @@ mod tests {
         r.record(204, Duration::from_millis(3));
         r.record(503, Duration::from_millis(3));
         let text = m.encode();
-        assert!(text.contains(r#"weir_http_requests_total{listener="web",route="api",cluster="app",status_class="2xx"} 1"#), "{text}");
+        assert!(
+            text.contains(
+                r#"weir_http_requests_total{listener="web",route="api",cluster="app",status_class="2xx"} 1"#
+            ),
+            "{text}"
+        );
         assert!(text.contains(r#"status_class="5xx"} 1"#), "{text}");
         assert!(
             text.contains("weir_http_request_duration_seconds_count"),

@@ -56,6 +56,8 @@ pub struct ListenerState {
     pub forwarded: ForwardedMode,
     /// Series for requests that matched no route.
     pub unrouted: RouteMetrics,
+    /// Whether to send `X-Forwarded-Client-Cert` upstream.
+    pub forward_client_cert: bool,
 }
 
 impl Gateway {
@@ -81,6 +83,7 @@ impl Gateway {
                 limits: l.limits.clone(),
                 forwarded: l.forwarded_headers,
                 unrouted: metrics.route(&l.name, "", ""),
+                forward_client_cert: l.forward_client_cert,
             };
             listeners.insert(Arc::from(l.name.as_str()), Arc::new(state));
         }
@@ -301,13 +304,10 @@ async fn forward(
         return Err(ProxyError::UriTooLong(limits.max_uri_bytes));
     }
     let client_host = client_host(&req)?;
-    let path = crate::path::normalize(req.uri().path())
-        .map_err(|_| ProxyError::BadRequest("invalid path"))?;
+    let path =
+        crate::path::normalize(req.uri().path()).map_err(|_| ProxyError::BadRequest("invalid path"))?;
     let route_host = client_host.as_deref().map(strip_port).unwrap_or("");
-    let route = ls
-        .routes
-        .find(route_host, &path)
-        .ok_or(ProxyError::NoRoute)?;
+    let route = ls.routes.find(route_host, &path).ok_or(ProxyError::NoRoute)?;
     x.metrics = route.metrics.clone();
     ctx.route = Some(route.name.clone());
     ctx.cluster = Some(route.cluster.clone());
@@ -364,12 +364,8 @@ async fn forward(
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, proto.clone());
     }
-    set_forwarded(
-        &mut parts.headers,
-        ls.forwarded,
-        conn,
-        client_host.as_deref(),
-    );
+    set_forwarded(&mut parts.headers, ls.forwarded, conn, client_host.as_deref());
+    set_client_cert(&mut parts.headers, ls.forward_client_cert, conn);
     if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
         parts.headers.insert("x-request-id", v);
     }
@@ -439,9 +435,7 @@ async fn send(
             break Err(last_err.expect("set after a failed attempt"));
         }
         let Some(ep) = cluster.pick(&tried) else {
-            break Err(
-                last_err.unwrap_or_else(|| ProxyError::NoHealthyEndpoint(cluster.name.to_string()))
-            );
+            break Err(last_err.unwrap_or_else(|| ProxyError::NoHealthyEndpoint(cluster.name.to_string())));
         };
         tried.push(ep.addr);
         match cluster.checkout(&ep, upgrade).await {
@@ -464,15 +458,10 @@ async fn send(
     } else {
         client_host.and_then(|h| HeaderValue::from_str(&h).ok())
     };
-    let pq = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
+    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
     match &conn {
         Conn::Http1(_) => {
-            parts.uri =
-                Uri::try_from(pq).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+            parts.uri = Uri::try_from(pq).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
             parts.version = Version::HTTP_11;
             if let Some(h) = host {
                 parts.headers.insert(header::HOST, h);
@@ -568,9 +557,7 @@ async fn connect_tunnel(
     let down = parts
         .extensions
         .remove::<hyper::upgrade::OnUpgrade>()
-        .ok_or(ProxyError::UpgradeUnsupported(
-            "connection cannot be upgraded",
-        ))?;
+        .ok_or(ProxyError::UpgradeUnsupported("connection cannot be upgraded"))?;
     let mut tried = Vec::new();
     let mut last_err = None;
     let (stream, addr) = loop {
@@ -578,9 +565,7 @@ async fn connect_tunnel(
             return Err(last_err.expect("set after a failed attempt"));
         }
         let Some(ep) = cluster.pick(&tried) else {
-            return Err(
-                last_err.unwrap_or_else(|| ProxyError::NoHealthyEndpoint(cluster.name.to_string()))
-            );
+            return Err(last_err.unwrap_or_else(|| ProxyError::NoHealthyEndpoint(cluster.name.to_string())));
         };
         tried.push(ep.addr);
         match cluster.connect(&ep).await {
@@ -693,10 +678,7 @@ fn with_path(uri: &Uri, path: &str) -> Result<Uri, ProxyError> {
         None => path.to_string(),
     };
     let mut parts = uri.clone().into_parts();
-    parts.path_and_query = Some(
-        pq.parse()
-            .map_err(|_| ProxyError::BadRequest("invalid path"))?,
-    );
+    parts.path_and_query = Some(pq.parse().map_err(|_| ProxyError::BadRequest("invalid path"))?);
     Uri::from_parts(parts).map_err(|_| ProxyError::BadRequest("invalid path"))
 }
 
@@ -753,6 +735,29 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, request: bool) {
     }
 }
 
+/// `X-Forwarded-Client-Cert` as Envoy writes it; a client-sent one is never trusted.
+fn set_client_cert(h: &mut HeaderMap, enabled: bool, conn: &ConnInfo) {
+    h.remove("x-forwarded-client-cert");
+    let Some(peer) = conn.tls.as_ref().and_then(|t| t.peer.as_ref()) else {
+        return;
+    };
+    if !enabled {
+        return;
+    }
+    let mut v = format!("Subject=\"{}\"", peer.subject.replace('"', "\\\""));
+    for uri in &peer.uri_sans {
+        v.push_str(";URI=");
+        v.push_str(uri);
+    }
+    for dns in &peer.dns_sans {
+        v.push_str(";DNS=");
+        v.push_str(dns);
+    }
+    if let Ok(v) = HeaderValue::from_str(&v) {
+        h.insert("x-forwarded-client-cert", v);
+    }
+}
+
 fn set_forwarded(h: &mut HeaderMap, mode: ForwardedMode, conn: &ConnInfo, host: Option<&str>) {
     let proto = if conn.tls.is_some() { "https" } else { "http" };
     let ip = conn.client.ip().to_string();
@@ -796,17 +801,11 @@ mod tests {
     #[test]
     fn hop_by_hop_and_connection_named_headers_go() {
         let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("close, x-secret"),
-        );
+        h.insert(header::CONNECTION, HeaderValue::from_static("close, x-secret"));
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::TE, HeaderValue::from_static("trailers, deflate"));
-        h.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert("x-kept", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h, true);

@@ -85,11 +85,7 @@ impl RouteTable {
 }
 
 fn compile(i: usize, r: &RouteConfig, listener: &str, metrics: &Metrics) -> Route {
-    let name: Arc<str> = r
-        .name
-        .clone()
-        .unwrap_or_else(|| format!("route-{i}"))
-        .into();
+    let name: Arc<str> = r.name.clone().unwrap_or_else(|| format!("route-{i}")).into();
     let host = match r.host.as_deref().map(str::to_ascii_lowercase) {
         None => HostMatch::Any,
         Some(h) if h == "*" => HostMatch::Any,

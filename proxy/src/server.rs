@@ -56,16 +56,12 @@ impl Proxy {
             listeners.push(bound);
         }
         let admin = if config.admin.enabled {
-            Some(
-                TcpListener::bind(config.admin.address)
-                    .await
-                    .with_context(|| {
-                        format!(
-                            "{}: admin.address: cannot bind {}",
-                            config.source_name, config.admin.address
-                        )
-                    })?,
-            )
+            Some(TcpListener::bind(config.admin.address).await.with_context(|| {
+                format!(
+                    "{}: admin.address: cannot bind {}",
+                    config.source_name, config.admin.address
+                )
+            })?)
         } else {
             None
         };

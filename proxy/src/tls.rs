@@ -55,8 +55,7 @@ pub fn install_default_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-const VERSIONS: &[&rustls::SupportedProtocolVersion] =
-    &[&rustls::version::TLS13, &rustls::version::TLS12];
+const VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13, &rustls::version::TLS12];
 
 /// Reads every certificate of a PEM file.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -181,8 +180,7 @@ pub fn server_config(tls: &ListenerTls, config: &Config) -> Result<Arc<ServerCon
     let builder = match &tls.client_ca {
         Some(ca) => {
             let path = config.resolve(ca);
-            let mut v =
-                WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&path)?), provider());
+            let mut v = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&path)?), provider());
             if tls.client_auth == ClientAuth::Optional {
                 v = v.allow_unauthenticated();
             }
@@ -200,11 +198,7 @@ pub fn server_config(tls: &ListenerTls, config: &Config) -> Result<Arc<ServerCon
 }
 
 /// Builds the rustls client config of a cluster (roots, optional client certificate, ALPN).
-pub fn client_config(
-    tls: &ClusterTls,
-    config: &Config,
-    h2: bool,
-) -> Result<Arc<ClientConfig>, TlsError> {
+pub fn client_config(tls: &ClusterTls, config: &Config, h2: bool) -> Result<Arc<ClientConfig>, TlsError> {
     let ca = match &tls.ca {
         Some(ca) => config.resolve(ca),
         None => SYSTEM_CA_BUNDLES
@@ -341,10 +335,7 @@ impl TlsInfo {
 }
 
 /// The name an upstream TLS connection sends as SNI and verifies.
-pub fn upstream_server_name(
-    tls: &ClusterTls,
-    endpoint_host: &str,
-) -> Result<ServerName<'static>, String> {
+pub fn upstream_server_name(tls: &ClusterTls, endpoint_host: &str) -> Result<ServerName<'static>, String> {
     let name = tls.server_name.as_deref().unwrap_or(endpoint_host);
     ServerName::try_from(name.to_string()).map_err(|e| format!("invalid server name {name:?}: {e}"))
 }
