@@ -99,14 +99,14 @@ pub trait OnComplete: Send + 'static {
 
 pin_project_lite::pin_project! {
     /// Streams a body through and reports its size and outcome once at the end.
-    pub struct Observed<B, F: OnComplete> {
+    pub struct Observed<B: HttpBody, F: OnComplete> {
         #[pin]
         inner: B,
         bytes: u64,
         done: Option<F>,
     }
 
-    impl<B, F: OnComplete> PinnedDrop for Observed<B, F> {
+    impl<B: HttpBody, F: OnComplete> PinnedDrop for Observed<B, F> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             if let Some(f) = this.done.take() {
@@ -119,7 +119,7 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<B, F: OnComplete> Observed<B, F> {
+impl<B: HttpBody, F: OnComplete> Observed<B, F> {
     /// Wraps `inner`; `done` runs once when it ends.
     pub fn new(inner: B, done: F) -> Self {
         Observed {
