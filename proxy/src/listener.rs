@@ -25,8 +25,15 @@ use crate::tls::TlsInfo;
 pub struct BoundListener {
     /// Its name.
     pub name: Arc<str>,
-    /// The socket.
+    /// The socket. Only the accept loop holds it, so closing it refuses new connections at
+    /// once even while connections are still draining.
     pub tcp: TcpListener,
+    rt: Arc<ListenerRt>,
+}
+
+/// What connection tasks of a listener share.
+struct ListenerRt {
+    name: Arc<str>,
     tls: Option<TlsAcceptor>,
     limits: ListenerLimits,
     /// Connection builders: auto-detecting (plain), HTTP/1.1-only and HTTP/2-only (by ALPN).
@@ -69,14 +76,19 @@ impl BoundListener {
                 .enable_connect_protocol();
             b
         };
-        Ok(BoundListener {
-            name: cfg.name.as_str().into(),
-            tcp,
+        let name: Arc<str> = cfg.name.as_str().into();
+        let rt = ListenerRt {
+            name: name.clone(),
             tls: tls.map(TlsAcceptor::from),
             auto: builder(&cfg.limits),
             h1: builder(&cfg.limits).http1_only(),
             h2: builder(&cfg.limits).http2_only(),
             limits: cfg.limits.clone(),
+        };
+        Ok(BoundListener {
+            name,
+            tcp,
+            rt: Arc::new(rt),
         })
     }
 
@@ -95,20 +107,20 @@ pub async fn serve(
     mut drain: watch::Receiver<bool>,
     done: mpsc::Sender<()>,
 ) {
-    let listener = Arc::new(listener);
-    let slots = Arc::new(Semaphore::new(listener.limits.max_connections));
-    let (gauge, accepted) = shared.metrics.listener(&listener.name);
+    let BoundListener { name, tcp, rt } = listener;
+    let slots = Arc::new(Semaphore::new(rt.limits.max_connections));
+    let (gauge, accepted) = shared.metrics.listener(&name);
     loop {
         let permit = tokio::select! {
             p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
             _ = drain.changed() => break,
         };
         let (tcp, peer) = tokio::select! {
-            r = listener.tcp.accept() => match r {
+            r = tcp.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(listener = %listener.name, error = %e, "accept failed");
+                    tracing::warn!(listener = %name, error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -117,7 +129,7 @@ pub async fn serve(
         };
         accepted.inc();
         let (l, s, d, done, gauge) = (
-            listener.clone(),
+            rt.clone(),
             shared.clone(),
             drain.clone(),
             done.clone(),
@@ -131,14 +143,12 @@ pub async fn serve(
             drop(done);
         });
     }
-    tracing::info!(listener = %listener.name, "stopped accepting");
-    // Dropping the socket here (the last Arc goes with the connection tasks, which only
-    // borrow builders) would be late; close it explicitly so new connections are refused now.
-    drop(listener);
+    drop(tcp);
+    tracing::info!(listener = %name, "stopped accepting");
 }
 
 async fn connection(
-    l: &BoundListener,
+    l: &ListenerRt,
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,

@@ -304,8 +304,13 @@ async fn forward(
         return Err(ProxyError::UriTooLong(limits.max_uri_bytes));
     }
     let client_host = client_host(&req)?;
-    let path =
-        crate::path::normalize(req.uri().path()).map_err(|_| ProxyError::BadRequest("invalid path"))?;
+    // CONNECT carries an authority, not a path: it routes by host alone.
+    let raw_path = if req.method() == Method::CONNECT {
+        "/"
+    } else {
+        req.uri().path()
+    };
+    let path = crate::path::normalize(raw_path).map_err(|_| ProxyError::BadRequest("invalid path"))?;
     let route_host = client_host.as_deref().map(strip_port).unwrap_or("");
     let route = ls.routes.find(route_host, &path).ok_or(ProxyError::NoRoute)?;
     x.metrics = route.metrics.clone();
@@ -324,7 +329,7 @@ async fn forward(
         std::borrow::Cow::Owned(p) => Some(p),
     };
     let (mut parts, body) = req.into_parts();
-    if let Some(p) = canonical {
+    if let Some(p) = canonical.filter(|_| parts.method != Method::CONNECT) {
         parts.uri = with_path(&parts.uri, &p)?;
     }
 

@@ -1,1 +1,11 @@
-fn main() {}
+//! Weir's end-to-end tests: one binary, real sockets on 127.0.0.1:0, real TLS, real clients.
+
+mod admin;
+mod bad_input;
+mod balance;
+mod config_errors;
+mod drain;
+mod failures;
+mod filters;
+mod protocols;
+mod tls;

@@ -1,0 +1,145 @@
+//! Bad input gets the right 4xx, that connection is closed, and the proxy keeps serving
+//! everyone else.
+
+use std::time::Duration;
+
+use weir_tests::client::{raw_exchange, raw_status, Client};
+use weir_tests::proxy::{TestProxy, ADMIN};
+use weir_tests::upstream::Upstream;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_are_refused_and_others_keep_being_served() {
+    let up = Upstream::http1("up").start().await;
+    let toml = format!(
+        r#"{ADMIN}
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+limits = {{ max_header_bytes = 16384, max_request_body = 1024, max_uri_bytes = 2048 }}
+[[routes]]
+path_prefix = "/"
+cluster = "c"
+[clusters.c]
+endpoints = ["{}"]
+"#,
+        up.addr
+    );
+    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+    let addr = proxy.addr("web");
+    // A well-behaved keep-alive client, opened before the attacks and used between them.
+    let mut good = Client::h1(addr).await;
+    assert_eq!(good.get("/", "x").await.status(), 200);
+
+    let big = "a".repeat(20_000);
+    let long_uri = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "u".repeat(3000));
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("malformed request line", b"GARBAGE\r\n\r\n".to_vec(), 400),
+        ("bad method token", b"G(T / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), 400),
+        ("oversize headers", format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n").into_bytes(), 431),
+        (
+            "content-length then transfer-encoding",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            "transfer-encoding then content-length",
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            "smuggling after a good request",
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\nPOST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(),
+            400,
+        ),
+        (
+            "two content-lengths that differ",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab".to_vec(),
+            400,
+        ),
+        (
+            "transfer-encoding list",
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n".to_vec(),
+            400,
+        ),
+        ("missing host", b"GET / HTTP/1.1\r\n\r\n".to_vec(), 400),
+        ("two hosts", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n".to_vec(), 400),
+        ("nul in path", b"GET /a%00b HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), 400),
+        ("body over the limit", b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n".to_vec(), 413),
+        ("uri too long", long_uri.into_bytes(), 414),
+        ("CONNECT not allowed", b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n".to_vec(), 405),
+    ];
+    for (what, bytes, want) in cases {
+        let hits = up.hits();
+        let (out, closed) = raw_exchange(addr, &bytes, Duration::from_secs(3)).await;
+        // For the smuggling case the first (good) response comes first; find the last status.
+        let last = out.rfind("HTTP/1.1 ").map(|i| &out[i..]).unwrap_or("");
+        assert_eq!(raw_status(last), Some(want), "{what}: got {out:?}");
+        if want != 405 && want != 414 {
+            assert!(closed, "{what}: the connection must be closed");
+        }
+        if what != "smuggling after a good request" {
+            assert_eq!(up.hits(), hits, "{what}: nothing reaches the upstream");
+        }
+        assert_eq!(
+            good.get("/", "x").await.status(),
+            200,
+            "after {what}, others are still served"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_is_cut_by_the_header_timeout() {
+    let up = Upstream::http1("up").start().await;
+    let toml = format!(
+        r#"{ADMIN}
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+limits = {{ header_read_timeout = "300ms" }}
+[[routes]]
+cluster = "c"
+[clusters.c]
+endpoints = ["{}"]
+"#,
+        up.addr
+    );
+    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+    let t = std::time::Instant::now();
+    let (_, closed) = raw_exchange(
+        proxy.addr("web"),
+        b"GET / HTTP/1.1\r\nHost: x\r\n",
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(closed, "an unfinished head is cut off");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_routes_get_404() {
+    let up = Upstream::http1("up").start().await;
+    let toml = format!(
+        r#"{ADMIN}
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+[[routes]]
+host = "known.test"
+cluster = "c"
+[clusters.c]
+endpoints = ["{}"]
+"#,
+        up.addr
+    );
+    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+    let mut c = Client::h1(proxy.addr("web")).await;
+    let r = c.get("/", "unknown.test").await;
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.headers()["x-weir-error"], "no-route");
+    assert_eq!(
+        c.get("/", "known.test:8080").await.status(),
+        200,
+        "the port is ignored for routing"
+    );
+}

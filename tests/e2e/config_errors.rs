@@ -1,0 +1,114 @@
+//! Each kind of config error gives a message naming the file, the field and why; `weir check`
+//! exits non-zero with it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use weir_tests::pki::Pki;
+
+/// The `weir` binary, built next to this test binary by `cargo test --workspace`.
+pub fn weir_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let bin = dir.join(format!("weir{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "{} missing: build it with `cargo build -p weir` (the test command does)",
+        bin.display()
+    );
+    bin
+}
+
+const BASE: &str = r#"
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+
+[[routes]]
+cluster = "app"
+
+[clusters.app]
+endpoints = ["127.0.0.1:9000"]
+"#;
+
+fn check(text: &str, dir: &Path) -> (bool, String) {
+    let file = dir.join("weir.toml");
+    std::fs::write(&file, text).unwrap();
+    let out = Command::new(weir_bin())
+        .args(["check", "-c"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let msg = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        assert_eq!(out.status.code(), Some(64), "bad config exits 64: {msg}");
+    }
+    (out.status.success(), msg)
+}
+
+#[test]
+fn each_kind_of_config_error_names_file_field_and_reason() {
+    let pki = Pki::new("cfg");
+    let leaf = pki.issue("ok", "ok", &["ok.test"], None);
+    let other = pki.issue("other", "other", &["other.test"], None);
+    let garbage = pki.dir().join("garbage.pem");
+    std::fs::write(&garbage, "not a pem file\n").unwrap();
+    let dir = pki.dir();
+    let f = dir.join("weir.toml").display().to_string();
+
+    let (ok, msg) = check(BASE, dir);
+    assert!(ok, "{msg}");
+
+    let cases: Vec<(String, String)> = vec![
+        (format!("{BASE}[oops"), format!("{f}: ")),
+        (BASE.replace("cluster = \"app\"", "cluster = \"app\"\nclustr = 1"), format!("{f}: routes[0].clustr: unknown field `clustr`")),
+        (BASE.replace("127.0.0.1:0", "localhost:http"), format!("{f}: listeners[0].address: invalid socket address")),
+        (format!("{BASE}connect_timeout = \"3 lightyears\"\n"), format!("{f}: clusters.app.connect_timeout: invalid value: string \"3 lightyears\", expected a duration")),
+        (BASE.replace("cluster = \"app\"", "cluster = \"nope\""), format!("{f}: routes[0].cluster: unknown cluster \"nope\"")),
+        (BASE.replace("127.0.0.1:9000", "nowhere"), format!("{f}: clusters.app.endpoints[0]: endpoint \"nowhere\" must be host:port")),
+        (format!("{BASE}\n[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\n"), format!("{f}: listeners[1].name: duplicate listener name \"web\"")),
+        (
+            BASE.replace("address = \"127.0.0.1:0\"", "address = \"127.0.0.1:0\"\ntls = { cert = \"certs/a.pem\", key = \"certs/a.key\" }"),
+            format!("{f}: listeners[0].tls.cert: file not found: certs/a.pem"),
+        ),
+        (
+            BASE.replace("address = \"127.0.0.1:0\"", &format!("address = \"127.0.0.1:0\"\ntls = {{ cert = \"{}\", key = \"{}\" }}", garbage.display(), leaf.key.display())),
+            format!("{f}: listeners[0].tls: {}: no certificate found in PEM file", garbage.display()),
+        ),
+        (
+            BASE.replace("address = \"127.0.0.1:0\"", &format!("address = \"127.0.0.1:0\"\ntls = {{ cert = \"{}\", key = \"{}\" }}", leaf.cert.display(), other.key.display())),
+            format!("{f}: listeners[0].tls: {}: key does not match", other.key.display()),
+        ),
+        (BASE.replace("name = \"web\"", "name = \"web\"\nlimits = { max_headers = 0 }"), format!("{f}: listeners[0].limits.max_headers: must be at least 1")),
+        (format!("{BASE}balance = \"random\"\n"), format!("{f}: clusters.app.balance: unknown variant `random`")),
+        (String::new(), format!("{f}: listeners: at least one listener is required")),
+    ];
+    for (text, want) in cases {
+        let (ok, msg) = check(&text, dir);
+        assert!(!ok, "must fail: {want}");
+        assert!(msg.contains(&want), "want {want:?} in:\n{msg}");
+    }
+
+    // Several mistakes are reported at once.
+    let text = BASE
+        .replace("cluster = \"app\"", "cluster = \"nope\"")
+        .replace("127.0.0.1:9000", "nowhere");
+    let (_, msg) = check(&text, dir);
+    assert!(
+        msg.contains("routes[0].cluster") && msg.contains("clusters.app.endpoints[0]"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn version_and_missing_file() {
+    let out = Command::new(weir_bin()).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("weir "));
+    let out = Command::new(weir_bin())
+        .args(["check", "-c", "/nonexistent/weir.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/weir.toml: cannot read"));
+}

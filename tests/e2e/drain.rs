@@ -1,0 +1,121 @@
+//! Drain: on SIGTERM a long request in flight completes, new connections are refused, the
+//! process exits 0. Runs the real `weir` binary.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use weir_tests::client::Client;
+use weir_tests::upstream::Upstream;
+
+use crate::config_errors::weir_bin;
+
+async fn free_port() -> u16 {
+    tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_and_exits_zero() {
+    let up = Upstream::http1("up").start().await;
+    let (port, admin) = (free_port().await, free_port().await);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("weir.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[runtime]
+worker_threads = 2
+drain_timeout = "10s"
+[log]
+format = "json"
+access_log = true
+[admin]
+address = "127.0.0.1:{admin}"
+[[listeners]]
+name = "web"
+address = "127.0.0.1:{port}"
+[[routes]]
+cluster = "c"
+[clusters.c]
+endpoints = ["{}"]
+"#,
+            up.addr
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("weir.log");
+    let mut child = Command::new(weir_bin())
+        .args(["run", "-c"])
+        .arg(&cfg)
+        .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+        .spawn()
+        .unwrap();
+    let listener: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let admin_addr: std::net::SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let start = Instant::now();
+    loop {
+        if tokio::net::TcpStream::connect(admin_addr).await.is_ok() {
+            let mut c = Client::h1(admin_addr).await;
+            if c.get("/ready", "admin").await.status() == 200 {
+                break;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "weir did not become ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let long = tokio::spawn(async move {
+        let mut c = Client::h1(listener).await;
+        let r = c.get("/delay/1500", "x").await;
+        let status = r.status();
+        let body = weir_tests::collect(r.into_body()).await.unwrap();
+        (status, body)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        tokio::net::TcpStream::connect(listener).await.is_err(),
+        "new connections are refused while draining"
+    );
+
+    let (status, body) = long.await.unwrap();
+    assert_eq!(status, 200, "the in-flight request completes");
+    assert_eq!(&body[..], b"late");
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let exit = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "weir did not exit after draining");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(exit.code(), Some(0));
+    let logs = std::fs::read_to_string(&log).unwrap();
+    let access = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["target"] == "weir::access")
+        .unwrap_or_else(|| panic!("an access-log line in JSON:\n{logs}"));
+    assert_eq!(access["path"], "/delay/1500");
+    assert_eq!(access["status"], 200);
+    assert_eq!(access["cluster"], "c");
+    assert_eq!(access["upstream.addr"], up.addr.to_string());
+    assert!(
+        access["bytes"].as_u64() == Some(4) && access["duration_us"].as_u64().unwrap() >= 1_000_000,
+        "{access}"
+    );
+}

@@ -1,0 +1,120 @@
+//! Failures: upstream down gives 502 then 503 while ejected; slower than the timeout gives
+//! 504; an endpoint that comes back gets traffic again.
+
+use std::time::Duration;
+
+use weir_tests::client::Client;
+use weir_tests::proxy::{TestProxy, ADMIN};
+use weir_tests::upstream::Upstream;
+
+async fn free_addr() -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn down_then_back() {
+    let addr = free_addr().await; // nothing listens there now
+    let toml = format!(
+        r#"{ADMIN}
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+[[routes]]
+cluster = "c"
+[clusters.c]
+endpoints = ["{addr}"]
+ejection_backoff = "300ms"
+ejection_backoff_max = "300ms"
+connect_timeout = "500ms"
+"#
+    );
+    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+    let mut c = Client::h1(proxy.addr("web")).await;
+
+    let r = c.get("/", "x").await;
+    assert_eq!(r.status(), 502, "connect refused");
+    assert_eq!(r.headers()["x-weir-error"], "upstream-connect-failed");
+    assert_eq!(r.headers()["content-type"], "text/plain; charset=utf-8");
+    let r = c.get("/", "x").await;
+    assert_eq!(r.status(), 503, "the endpoint is ejected");
+    assert_eq!(r.headers()["x-weir-error"], "no-healthy-endpoint");
+
+    let up = Upstream::http1("back").at(addr).start().await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let r = c.get("/", "x").await;
+    assert_eq!(r.status(), 200, "traffic resumes after the back-off");
+    assert_eq!(up.hits(), 1);
+    for _ in 0..5 {
+        assert_eq!(c.get("/", "x").await.status(), 200);
+    }
+    let (_, metrics) = proxy.admin_get("/metrics").await;
+    assert!(
+        metrics.contains(r#"weir_upstream_connect_errors_total{cluster="c"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_failures_fall_over_to_a_live_endpoint() {
+    let dead = free_addr().await;
+    let up = Upstream::http1("alive").start().await;
+    let toml = format!(
+        r#"{ADMIN}
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+[[routes]]
+cluster = "c"
+[clusters.c]
+endpoints = ["{dead}", "{}"]
+balance = "round-robin"
+"#,
+        up.addr
+    );
+    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+    let mut c = Client::h1(proxy.addr("web")).await;
+    for _ in 0..10 {
+        assert_eq!(
+            c.get("/", "x").await.status(),
+            200,
+            "a refused connection is tried elsewhere"
+        );
+    }
+    assert_eq!(up.hits(), 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_upstream_times_out_with_504() {
+    let up = Upstream::http1("slow").start().await;
+    let toml = format!(
+        r#"{ADMIN}
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+[[routes]]
+path_prefix = "/delay"
+cluster = "c"
+timeout = "200ms"
+[[routes]]
+cluster = "c"
+[clusters.c]
+endpoints = ["{}"]
+request_timeout = "5s"
+"#,
+        up.addr
+    );
+    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+    let mut c = Client::h1(proxy.addr("web")).await;
+    let t = std::time::Instant::now();
+    let r = c.get("/delay/2000", "x").await;
+    assert_eq!(r.status(), 504);
+    assert_eq!(r.headers()["x-weir-error"], "upstream-timeout");
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "the route timeout applies: {:?}",
+        t.elapsed()
+    );
+    // The same connection keeps working.
+    assert_eq!(c.get("/", "x").await.status(), 200);
+}

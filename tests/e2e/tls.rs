@@ -1,0 +1,210 @@
+//! TLS: SNI picks the certificate, mTLS rejects clients without a valid certificate and
+//! exposes the identity of those with one, upstream TLS verifies and fails closed.
+
+use weir_tests::client::{tls_connect, Client};
+use weir_tests::collect;
+use weir_tests::pki::{client_config, Pki};
+use weir_tests::proxy::{TestProxy, ADMIN};
+use weir_tests::upstream::Upstream;
+
+fn peer_cn(s: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> String {
+    let der = s.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_string();
+    cn
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_picks_the_certificate() {
+    let pki = Pki::new("sni");
+    let default = pki.issue("default", "default-cert", &["default.test"], None);
+    let a = pki.issue("a", "a-cert", &["a.test"], None);
+    let wild = pki.issue("wild", "wild-cert", &["*.b.test"], None);
+    let up = Upstream::http1("up").start().await;
+    let toml = format!(
+        r#"{ADMIN}
+[[listeners]]
+name = "tls"
+address = "127.0.0.1:0"
+[listeners.tls]
+cert = "{}"
+key = "{}"
+sni = [ {{ names = ["a.test"], cert = "{}", key = "{}" }}, {{ names = ["*.b.test"], cert = "{}", key = "{}" }} ]
+[[routes]]
+cluster = "c"
+[clusters.c]
+endpoints = ["{}"]
+"#,
+        default.cert.display(),
+        default.key.display(),
+        a.cert.display(),
+        a.key.display(),
+        wild.cert.display(),
+        wild.key.display(),
+        up.addr
+    );
+    let proxy = TestProxy::start(&toml, pki.dir()).await;
+    let cfg = client_config(&pki.ca, &[b"http/1.1"], None);
+    for (sni, want) in [
+        ("a.test", "a-cert"),
+        ("x.b.test", "wild-cert"),
+        ("default.test", "default-cert"),
+    ] {
+        let s = tls_connect(proxy.addr("tls"), sni, cfg.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{sni}: {e}"));
+        assert_eq!(peer_cn(&s), want, "SNI {sni}");
+    }
+    // A name no certificate covers gets the default one, which the client then rejects.
+    assert!(tls_connect(proxy.addr("tls"), "other.test", cfg.clone())
+        .await
+        .is_err());
+    // And the request goes through end to end.
+    let mut c = Client::tls(proxy.addr("tls"), "a.test", cfg).await.unwrap();
+    let r = c.get("/", "a.test").await;
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_rejects_unauthenticated_clients_and_exposes_identity() {
+    let pki = Pki::new("mesh");
+    let server = pki.issue("server", "proxy", &["proxy.test"], None);
+    let frontend = pki.issue(
+        "frontend",
+        "frontend",
+        &["frontend.test"],
+        Some("spiffe://cluster.local/ns/web/sa/frontend"),
+    );
+    let rogue_pki = Pki::new("rogue");
+    let rogue = rogue_pki.issue(
+        "rogue",
+        "rogue",
+        &["rogue.test"],
+        Some("spiffe://cluster.local/ns/web/sa/frontend"),
+    );
+    let up = Upstream::http1("up").start().await;
+    let toml = format!(
+        r#"{ADMIN}
+[[listeners]]
+name = "mesh"
+address = "127.0.0.1:0"
+forward_client_cert = true
+tls = {{ cert = "{}", key = "{}", client_ca = "{}" }}
+[[routes]]
+cluster = "c"
+[clusters.c]
+endpoints = ["{}"]
+"#,
+        server.cert.display(),
+        server.key.display(),
+        pki.ca.display(),
+        up.addr
+    );
+    let proxy = TestProxy::start(&toml, pki.dir()).await;
+    let addr = proxy.addr("mesh");
+
+    // No certificate: the handshake (or the first read, in TLS 1.3) fails; nothing reaches the upstream.
+    for client in [None, Some(&rogue)] {
+        let cfg = client_config(&pki.ca, &[b"http/1.1"], client);
+        match Client::tls(addr, "proxy.test", cfg).await {
+            Err(_) => {}
+            Ok(mut c) => {
+                let req = http::Request::get("/")
+                    .header("host", "proxy.test")
+                    .body(weir_tests::empty())
+                    .unwrap();
+                assert!(
+                    c.send(req).await.is_err(),
+                    "a client without a valid certificate must not get through"
+                );
+            }
+        }
+    }
+    assert_eq!(up.hits(), 0);
+
+    let cfg = client_config(&pki.ca, &[b"h2"], Some(&frontend));
+    let mut c = Client::tls(addr, "proxy.test", cfg).await.unwrap();
+    let r = c.get("/headers", "proxy.test").await;
+    assert_eq!(r.status(), 200);
+    let seen = String::from_utf8(collect(r.into_body()).await.unwrap().to_vec()).unwrap();
+    let xfcc = seen
+        .lines()
+        .find(|l| l.starts_with("x-forwarded-client-cert: "))
+        .unwrap_or_else(|| panic!("{seen}"));
+    assert!(
+        xfcc.contains("URI=spiffe://cluster.local/ns/web/sa/frontend"),
+        "{xfcc}"
+    );
+    assert!(xfcc.contains("CN=frontend"), "{xfcc}");
+    assert!(seen.contains("x-forwarded-proto: https"), "{seen}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_tls_verifies_and_fails_closed() {
+    let pki = Pki::new("upstream");
+    let good = pki.issue("good", "up", &["upstream.test"], None);
+    let other_pki = Pki::new("impostor");
+    let impostor = other_pki.issue("bad", "up", &["upstream.test"], None);
+    let up_good = Upstream::http2("secure").tls(good).start().await;
+    let up_h1 = Upstream::http1("secure-h1")
+        .tls(pki.issue("good1", "up", &["upstream.test"], None))
+        .start()
+        .await;
+    let up_bad = Upstream::http1("impostor").tls(impostor).start().await;
+    let toml = format!(
+        r#"{ADMIN}
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+[[routes]]
+path_prefix = "/good"
+cluster = "good"
+[[routes]]
+path_prefix = "/good1"
+cluster = "good1"
+[[routes]]
+path_prefix = "/wrong-name"
+cluster = "wrong_name"
+[[routes]]
+path_prefix = "/impostor"
+cluster = "impostor"
+[clusters.good]
+endpoints = ["{g}"]
+protocol = "http2"
+tls = {{ ca = "{ca}", server_name = "upstream.test" }}
+[clusters.good1]
+endpoints = ["{g1}"]
+tls = {{ ca = "{ca}", server_name = "upstream.test" }}
+[clusters.wrong_name]
+endpoints = ["{g1}"]
+tls = {{ ca = "{ca}", server_name = "other.test" }}
+[clusters.impostor]
+endpoints = ["{b}"]
+tls = {{ ca = "{ca}", server_name = "upstream.test" }}
+"#,
+        g = up_good.addr,
+        g1 = up_h1.addr,
+        b = up_bad.addr,
+        ca = pki.ca.display()
+    );
+    let proxy = TestProxy::start(&toml, pki.dir()).await;
+    let mut c = Client::h1(proxy.addr("web")).await;
+    for (path, up) in [("/good", "secure"), ("/good1", "secure-h1")] {
+        let r = c.get(path, "x").await;
+        assert_eq!(r.status(), 200, "{path}");
+        assert_eq!(r.headers()["x-upstream"], up);
+    }
+    for path in ["/wrong-name", "/impostor"] {
+        let r = c.get(path, "x").await;
+        assert_eq!(r.status(), 502, "{path} must fail closed");
+        assert_eq!(r.headers()["x-weir-error"], "upstream-connect-failed", "{path}");
+    }
+    assert_eq!(up_bad.hits(), 0, "no request reaches an unverified upstream");
+}

@@ -1,0 +1,88 @@
+//! Starting Weir in-process for a test: TOML text in, addresses out, stopped on drop.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use tokio::sync::oneshot;
+use weir::filter::FilterChain;
+
+/// A running proxy.
+pub struct TestProxy {
+    addrs: HashMap<String, SocketAddr>,
+    /// The admin address.
+    pub admin: Option<SocketAddr>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestProxy {
+    /// Parses `toml` (relative paths resolve against `dir`), binds and serves.
+    pub async fn start(toml: &str, dir: &Path) -> TestProxy {
+        Self::start_with(toml, dir, HashMap::new()).await
+    }
+
+    /// As [`TestProxy::start`], with filter chains per listener.
+    pub async fn start_with(toml: &str, dir: &Path, chains: HashMap<String, FilterChain>) -> TestProxy {
+        crate::init();
+        let config =
+            weir::Config::from_toml(toml, "weir.toml", dir).unwrap_or_else(|e| panic!("config: {e}"));
+        let names: Vec<String> = config.listeners.iter().map(|l| l.name.clone()).collect();
+        let proxy = weir::Proxy::bind_with_chains(config, chains)
+            .await
+            .expect("bind proxy");
+        let addrs = names
+            .iter()
+            .map(|n| (n.clone(), proxy.listener_addr(n).unwrap()))
+            .collect();
+        let admin = proxy.admin_addr();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(proxy.run(async move {
+            let _ = rx.await;
+        }));
+        TestProxy {
+            addrs,
+            admin,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// The address of listener `name`.
+    pub fn addr(&self, name: &str) -> SocketAddr {
+        self.addrs[name]
+    }
+
+    /// Triggers shutdown and waits for the drain to finish; re-raises a proxy error.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.expect("proxy task panicked").expect("proxy failed");
+        }
+    }
+
+    /// GET on the admin API: (status, body).
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        let addr = self.admin.expect("admin enabled");
+        let mut c = crate::client::Client::h1(addr).await;
+        let r = c.get(path, "admin").await;
+        let status = r.status().as_u16();
+        (
+            status,
+            String::from_utf8_lossy(&crate::collect(r.into_body()).await.unwrap()).into_owned(),
+        )
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// The admin block every test config uses: on, on a fresh port.
+pub const ADMIN: &str = "[admin]\naddress = \"127.0.0.1:0\"\n[log]\naccess_log = false\n";
