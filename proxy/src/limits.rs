@@ -27,6 +27,11 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// a mesh sidecar may raise it to an hour.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// After an idle connection was asked to close (HTTP/2 GOAWAY), the time it gets to finish the
+/// close handshake before the socket is dropped: a peer that never answers the GOAWAY's PING
+/// must not keep the connection forever.
+pub const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(5);
+
 /// Time a client has to finish the TLS handshake; hyper does not bound it.
 pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 

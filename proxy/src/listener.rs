@@ -212,6 +212,10 @@ async fn serve_http<I>(
     }
     let mut tick =
         tokio::time::interval((idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5)));
+    // Armed when an idle connection is asked to close; drain has its own global deadline.
+    let force_close = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(force_close);
+    let mut idle_closing = false;
     loop {
         tokio::select! {
             r = c.as_mut() => {
@@ -228,8 +232,14 @@ async fn serve_http<I>(
                 if conn.idle_for().is_some_and(|d| d >= idle_timeout) {
                     tracing::debug!(listener = %conn.listener, client.addr = %conn.client, "closing idle connection");
                     closing = true;
+                    idle_closing = true;
+                    force_close.as_mut().reset(tokio::time::Instant::now() + crate::limits::IDLE_CLOSE_GRACE);
                     c.as_mut().graceful_shutdown();
                 }
+            }
+            _ = &mut force_close, if idle_closing => {
+                tracing::debug!(listener = %conn.listener, client.addr = %conn.client, "idle connection did not close in time; dropping it");
+                return;
             }
         }
     }

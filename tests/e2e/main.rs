@@ -7,5 +7,6 @@ mod config_errors;
 mod drain;
 mod failures;
 mod filters;
+mod limits;
 mod protocols;
 mod tls;

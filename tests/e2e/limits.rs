@@ -1,0 +1,185 @@
+//! Connection-level behaviour: idle timeout, the connection cap, CONNECT tunnels, DNS-named
+//! endpoints.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use weir_tests::client::{raw_status, Client};
+use weir_tests::proxy::{TestProxy, ADMIN};
+use weir_tests::upstream::Upstream;
+
+async fn read_head(s: &mut tokio::net::TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut b = [0u8; 1];
+    while !out.ends_with(b"\r\n\r\n") {
+        if s.read(&mut b).await.unwrap() == 0 {
+            break;
+        }
+        out.push(b[0]);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed() {
+    let up = Upstream::http1("up").start().await;
+    let toml = format!(
+        r#"{ADMIN}
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+limits = {{ idle_timeout = "300ms" }}
+[[routes]]
+cluster = "c"
+[clusters.c]
+endpoints = ["{}"]
+"#,
+        up.addr
+    );
+    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+    // HTTP/2: a connection with no stream open for the idle timeout gets GOAWAY and closes.
+    let tcp = tokio::net::TcpStream::connect(proxy.addr("web")).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let t = Instant::now();
+    let conn = tokio::spawn(conn);
+    let req = http::Request::get("http://x/").body(weir_tests::empty()).unwrap();
+    assert_eq!(sender.send_request(req).await.unwrap().status(), 200);
+    tokio::time::timeout(Duration::from_secs(3), conn)
+        .await
+        .expect("an idle h2 connection must be closed")
+        .unwrap()
+        .ok();
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "not before the idle timeout: {:?}",
+        t.elapsed()
+    );
+    assert!(sender.is_closed());
+    // HTTP/1.1 keep-alive: same after a completed request.
+    let mut c = tokio::net::TcpStream::connect(proxy.addr("web")).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    assert_eq!(raw_status(&read_head(&mut c).await), Some(200));
+    let mut rest = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(3), c.read_to_end(&mut rest)).await;
+    assert!(r.is_ok(), "an idle keep-alive connection must be closed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_cap_holds_new_connections_until_one_closes() {
+    let up = Upstream::http1("up").start().await;
+    let toml = format!(
+        r#"{ADMIN}
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+limits = {{ max_connections = 1 }}
+[[routes]]
+cluster = "c"
+[clusters.c]
+endpoints = ["{}"]
+"#,
+        up.addr
+    );
+    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+    let addr = proxy.addr("web");
+    let mut first = Client::h1(addr).await;
+    assert_eq!(first.get("/", "x").await.status(), 200);
+    let second = tokio::spawn(async move {
+        let mut c = Client::h1(addr).await;
+        c.get("/", "x").await.status()
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !second.is_finished(),
+        "a second connection waits while the cap is reached"
+    );
+    drop(first);
+    let status = tokio::time::timeout(Duration::from_secs(3), second)
+        .await
+        .expect("served once the first closed");
+    assert_eq!(status.unwrap(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_is_tunnelled_only_where_allowed() {
+    // A raw TCP echo server stands for whatever the tunnel reaches.
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let toml = format!(
+        r#"{ADMIN}
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+[[routes]]
+host = "tunnel.test"
+cluster = "echo"
+allow_connect = true
+[[routes]]
+cluster = "echo"
+[clusters.echo]
+endpoints = ["{echo_addr}"]
+"#
+    );
+    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr("web")).await.unwrap();
+    s.write_all(b"CONNECT tunnel.test:443 HTTP/1.1\r\nHost: tunnel.test:443\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(raw_status(&read_head(&mut s).await), Some(200));
+    s.write_all(b"raw bytes, not http").await.unwrap();
+    let mut buf = [0u8; 19];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"raw bytes, not http");
+
+    let mut s = tokio::net::TcpStream::connect(proxy.addr("web")).await.unwrap();
+    s.write_all(b"CONNECT other.test:443 HTTP/1.1\r\nHost: other.test:443\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(raw_status(&read_head(&mut s).await), Some(405));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_named_endpoints_resolve() {
+    let up = Upstream::http1("named").start().await;
+    let toml = format!(
+        r#"{ADMIN}
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+[[routes]]
+cluster = "c"
+auto_host_rewrite = true
+[clusters.c]
+endpoints = ["localhost:{}"]
+dns_refresh = "200ms"
+"#,
+        up.addr.port()
+    );
+    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+    let mut c = Client::h1(proxy.addr("web")).await;
+    for _ in 0..5 {
+        let r = c.get("/headers", "client.test").await;
+        assert_eq!(r.status(), 200);
+        let seen = weir_tests::collect(r.into_body()).await.unwrap();
+        let seen = String::from_utf8_lossy(&seen);
+        assert!(
+            seen.contains(&format!("host: localhost:{}", up.addr.port())),
+            "auto_host_rewrite: {seen}"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await; // a few re-resolutions
+    assert_eq!(c.get("/", "client.test").await.status(), 200);
+}
