@@ -118,3 +118,59 @@ request_timeout = "5s"
     // The same connection keeps working.
     assert_eq!(c.get("/", "x").await.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_pooled_and_evicted_when_idle() {
+    let up = Upstream::http1("pooled").start().await;
+    let up2 = Upstream::http2("mux").start().await;
+    let toml = format!(
+        r#"{ADMIN}
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+[[routes]]
+path_prefix = "/h2"
+cluster = "h2"
+[[routes]]
+cluster = "c"
+[clusters.c]
+endpoints = ["{}"]
+idle_timeout = "300ms"
+[clusters.h2]
+endpoints = ["{}"]
+protocol = "http2"
+"#,
+        up.addr, up2.addr
+    );
+    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+    let mut c = Client::h1(proxy.addr("web")).await;
+    for _ in 0..20 {
+        let r = c.get("/", "x").await;
+        assert_eq!(r.status(), 200);
+        weir_tests::collect(r.into_body()).await.unwrap();
+    }
+    assert_eq!(up.hits(), 20);
+    assert_eq!(up.conns(), 1, "sequential requests reuse one upstream connection");
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(c.get("/", "x").await.status(), 200);
+    assert_eq!(
+        up.conns(),
+        2,
+        "the idle connection was evicted and a new one opened"
+    );
+
+    // HTTP/2 upstreams: concurrent requests share one multiplexed connection.
+    let addr = proxy.addr("web");
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut c = Client::h1(addr).await;
+                c.get("/h2/delay/100", "x").await.status()
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert_eq!(up2.conns(), 1, "one h2 connection carries concurrent streams");
+}

@@ -140,3 +140,43 @@ endpoints = ["{}"]
     assert_eq!(r.status(), 200, "fail-open skips the broken filter");
     assert_eq!(r.headers()["x-policy"], "seen");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_never_lets_the_unread_body_become_a_request() {
+    let up = Upstream::http1("up").start().await;
+    let toml = format!(
+        r#"{ADMIN}
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+[[routes]]
+cluster = "c"
+[clusters.c]
+endpoints = ["{}"]
+"#,
+        up.addr
+    );
+    let chain = FilterChain::new(vec![ChainEntry {
+        filter: Arc::new(Policy),
+        policy: FailurePolicy::FailClosed,
+    }]);
+    let proxy = TestProxy::start_with(
+        &toml,
+        std::path::Path::new("."),
+        HashMap::from([("web".to_string(), chain)]),
+    )
+    .await;
+    // The denied request's body is a whole request: it must never reach the upstream.
+    let smuggled = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut raw = format!(
+        "POST /admin HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        smuggled.len()
+    )
+    .into_bytes();
+    raw.extend_from_slice(smuggled);
+    let (out, _) =
+        weir_tests::client::raw_exchange(proxy.addr("web"), &raw, std::time::Duration::from_secs(2)).await;
+    assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+    assert_eq!(out.matches("HTTP/1.1 ").count(), 1, "exactly one response: {out}");
+    assert_eq!(up.hits(), 0);
+}

@@ -208,3 +208,55 @@ tls = {{ ca = "{ca}", server_name = "upstream.test" }}
     }
     assert_eq!(up_bad.hits(), 0, "no request reaches an unverified upstream");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_to_the_upstream() {
+    let pki = Pki::new("upstream-mesh");
+    let server = pki.issue("server", "up", &["upstream.test"], None);
+    let weir_id = pki.issue(
+        "weir",
+        "weir",
+        &["weir.test"],
+        Some("spiffe://cluster.local/ns/edge/sa/weir"),
+    );
+    let up = Upstream::http1("strict")
+        .tls(server)
+        .require_client_cert(&pki.ca)
+        .start()
+        .await;
+    let toml = format!(
+        r#"{ADMIN}
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+[[routes]]
+path_prefix = "/with-cert"
+cluster = "with_cert"
+[[routes]]
+path_prefix = "/without-cert"
+cluster = "without_cert"
+[clusters.with_cert]
+endpoints = ["{a}"]
+tls = {{ ca = "{ca}", server_name = "upstream.test", cert = "{c}", key = "{k}" }}
+[clusters.without_cert]
+endpoints = ["{a}"]
+tls = {{ ca = "{ca}", server_name = "upstream.test" }}
+"#,
+        a = up.addr,
+        ca = pki.ca.display(),
+        c = weir_id.cert.display(),
+        k = weir_id.key.display()
+    );
+    let proxy = TestProxy::start(&toml, pki.dir()).await;
+    let mut c = Client::h1(proxy.addr("web")).await;
+    let r = c.get("/with-cert", "x").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-upstream"], "strict");
+    let r = c.get("/without-cert", "x").await;
+    assert_eq!(
+        r.status(),
+        502,
+        "the upstream refuses Weir without a client certificate"
+    );
+    assert_eq!(up.hits(), 1);
+}

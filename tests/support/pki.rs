@@ -92,10 +92,27 @@ pub fn client_config(
     std::sync::Arc::new(cfg)
 }
 
-/// A rustls server config for a test upstream.
-pub fn server_config(leaf: &Leaf, alpn: &[&[u8]]) -> std::sync::Arc<rustls::ServerConfig> {
-    let mut cfg = rustls::ServerConfig::builder()
-        .with_no_client_auth()
+/// A rustls server config for a test upstream, optionally requiring client certificates.
+pub fn server_config(
+    leaf: &Leaf,
+    alpn: &[&[u8]],
+    client_ca: Option<&Path>,
+) -> std::sync::Arc<rustls::ServerConfig> {
+    let b = rustls::ServerConfig::builder();
+    let b = match client_ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in weir::tls::load_certs(ca).expect("ca") {
+                roots.add(c).expect("add root");
+            }
+            let v = rustls::server::WebPkiClientVerifier::builder(std::sync::Arc::new(roots))
+                .build()
+                .expect("verifier");
+            b.with_client_cert_verifier(v)
+        }
+        None => b.with_no_client_auth(),
+    };
+    let mut cfg = b
         .with_single_cert(
             weir::tls::load_certs(&leaf.cert).expect("cert"),
             weir::tls::load_key(&leaf.key).expect("key"),

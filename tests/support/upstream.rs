@@ -37,6 +37,7 @@ pub struct Upstream {
     tls: Option<Leaf>,
     delay: Duration,
     addr: Option<SocketAddr>,
+    client_ca: Option<std::path::PathBuf>,
 }
 
 /// A running upstream; stops when dropped.
@@ -45,6 +46,8 @@ pub struct Running {
     pub addr: SocketAddr,
     /// Requests it received.
     pub hits: Arc<AtomicUsize>,
+    /// Connections it accepted.
+    pub conns: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -60,6 +63,11 @@ impl Running {
         self.hits.load(Ordering::SeqCst)
     }
 
+    /// Connections accepted so far.
+    pub fn conns(&self) -> usize {
+        self.conns.load(Ordering::SeqCst)
+    }
+
     /// Stops accepting (the port closes; pooled connections are cut as their tasks end).
     pub fn stop(self) {}
 }
@@ -73,6 +81,7 @@ impl Upstream {
             tls: None,
             delay: Duration::ZERO,
             addr: None,
+            client_ca: None,
         }
     }
 
@@ -87,6 +96,12 @@ impl Upstream {
     /// Serve TLS with this certificate.
     pub fn tls(mut self, leaf: Leaf) -> Self {
         self.tls = Some(leaf);
+        self
+    }
+
+    /// With TLS, require a client certificate signed by this CA (mTLS).
+    pub fn require_client_cert(mut self, ca: &std::path::Path) -> Self {
+        self.client_ca = Some(ca.to_path_buf());
         self
     }
 
@@ -109,19 +124,21 @@ impl Upstream {
             .expect("bind upstream");
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
+        let conns = Arc::new(AtomicUsize::new(0));
         let acceptor = self.tls.as_ref().map(|leaf| {
             let alpn: &[&[u8]] = match self.proto {
                 Proto::Http1 => &[b"http/1.1"],
                 Proto::Http2 => &[b"h2"],
             };
-            tokio_rustls::TlsAcceptor::from(crate::pki::server_config(leaf, alpn))
+            tokio_rustls::TlsAcceptor::from(crate::pki::server_config(leaf, alpn, self.client_ca.as_deref()))
         });
-        let (name, proto, delay, h) = (self.name, self.proto, self.delay, hits.clone());
+        let (name, proto, delay, h, n) = (self.name, self.proto, self.delay, hits.clone(), conns.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
+                n.fetch_add(1, Ordering::SeqCst);
                 let (acceptor, h) = (acceptor.clone(), h.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
@@ -147,7 +164,12 @@ impl Upstream {
                 });
             }
         });
-        Running { addr, hits, task }
+        Running {
+            addr,
+            hits,
+            conns,
+            task,
+        }
     }
 }
 
