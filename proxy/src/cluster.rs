@@ -7,6 +7,7 @@
 //! i.e. after the previous exchange fully finished in both directions: a connection whose
 //! upstream still expects body bytes never serves another request.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -15,6 +16,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
@@ -63,8 +65,164 @@ pub struct Endpoint {
 }
 
 struct IdleConn {
-    sender: http1::SendRequest<Body>,
+    conn: H1Conn,
     since: Instant,
+}
+
+/// An HTTP/1.1 upstream connection without a task of its own: the request that uses it drives
+/// it, while waiting for the response head ([`H1Conn::send`]) and while the response body
+/// streams ([`PooledBody`]). An exchange then costs no cross-task wake-ups, which on a busy
+/// proxy is a large share of the per-request work.
+pub struct H1Conn {
+    sender: http1::SendRequest<Body>,
+    conn: Pin<Box<http1::Connection<TokioIo<Stream>, Body>>>,
+    ended: bool,
+}
+
+impl H1Conn {
+    /// Drives the connection; `Ready` once it ended (closed by the peer or failed).
+    fn poll_conn(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.ended {
+            return Poll::Ready(());
+        }
+        match self.conn.as_mut().poll(cx) {
+            Poll::Ready(r) => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "upstream connection ended");
+                }
+                self.ended = true;
+                Poll::Ready(())
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// Whether the connection can take a request now. Polls it once without a waker so a
+    /// close the upstream sent while it sat idle is noticed here, not by a failed request.
+    fn reusable(&mut self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let _ = self.poll_conn(&mut cx);
+        !self.ended && self.sender.is_ready()
+    }
+
+    /// Sends a request and drives the connection until the response head arrives.
+    pub async fn send(mut self, req: http::Request<Body>) -> Result<(http::Response<Incoming>, H1Conn), String> {
+        let mut fut = std::pin::pin!(self.sender.send_request(req));
+        let r = std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = fut.as_mut().poll(cx) {
+                return Poll::Ready(r.map_err(|e| describe(&e)));
+            }
+            match self.poll_conn(cx) {
+                Poll::Pending => Poll::Pending,
+                // The connection ended: the response future resolves with the reason now.
+                Poll::Ready(()) => match fut.as_mut().poll(cx) {
+                    Poll::Ready(r) => Poll::Ready(r.map_err(|e| describe(&e))),
+                    Poll::Pending => Poll::Ready(Err("connection closed before the response".into())),
+                },
+            }
+        })
+        .await;
+        r.map(|resp| (resp, self))
+    }
+}
+
+/// A hyper error with its cause, for logs.
+pub fn describe(e: &hyper::Error) -> String {
+    match std::error::Error::source(e) {
+        Some(src) => format!("{e}: {src}"),
+        None => e.to_string(),
+    }
+}
+
+/// An upstream response body that drives its HTTP/1.1 connection while it streams and puts the
+/// connection back in the pool when the exchange is complete. Dropped early, it closes the
+/// connection: a half-read response never serves another request.
+pub struct PooledBody {
+    inner: Incoming,
+    conn: Option<H1Conn>,
+    ep: Arc<Endpoint>,
+    max_idle: usize,
+}
+
+impl PooledBody {
+    /// Wraps a response body read from `conn`.
+    pub fn new(inner: Incoming, conn: H1Conn, ep: Arc<Endpoint>, max_idle: usize) -> PooledBody {
+        PooledBody { inner, conn: Some(conn), ep, max_idle }
+    }
+
+    fn finish(&mut self) {
+        let Some(mut conn) = self.conn.take() else { return };
+        if conn.reusable() {
+            checkin(&self.ep, conn, self.max_idle);
+        } else if !conn.ended {
+            // The request body is still being sent (the upstream answered early): finish that
+            // off the request path, then pool the connection.
+            let (ep, max) = (self.ep.clone(), self.max_idle);
+            tokio::spawn(async move {
+                let ready = std::future::poll_fn(|cx| {
+                    if conn.sender.is_ready() {
+                        return Poll::Ready(true);
+                    }
+                    match conn.poll_conn(cx) {
+                        Poll::Ready(()) => Poll::Ready(false),
+                        Poll::Pending => {
+                            if conn.sender.is_ready() {
+                                Poll::Ready(true)
+                            } else {
+                                Poll::Pending
+                            }
+                        }
+                    }
+                })
+                .await;
+                if ready {
+                    checkin(&ep, conn, max);
+                }
+            });
+        }
+    }
+}
+
+fn checkin(ep: &Endpoint, conn: H1Conn, max: usize) {
+    let mut idle = ep.idle.lock().expect("idle lock");
+    if idle.len() < max {
+        idle.push(IdleConn { conn, since: Instant::now() });
+    }
+}
+
+impl http_body::Body for PooledBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let mut polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if polled.is_pending() {
+            // Let the connection read what the body is waiting for, then look again.
+            if let Some(c) = this.conn.as_mut() {
+                let _ = c.poll_conn(cx);
+            }
+            polled = Pin::new(&mut this.inner).poll_frame(cx);
+        }
+        match &polled {
+            Poll::Ready(None) => this.finish(),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.finish(),
+            Poll::Ready(Some(Err(_))) => this.conn = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 #[derive(Default)]
@@ -113,8 +271,10 @@ impl Endpoint {
 
 /// An established upstream connection, ready for one request.
 pub enum Conn {
-    /// An HTTP/1.1 connection, returned to the pool when the exchange completes.
-    Http1(http1::SendRequest<Body>),
+    /// A pooled HTTP/1.1 connection, driven by the request that uses it.
+    Http1(H1Conn),
+    /// An HTTP/1.1 connection with its own task, able to upgrade (WebSocket); never pooled.
+    Http1Upgradable(http1::SendRequest<Body>),
     /// A handle on the endpoint's multiplexed HTTP/2 connection.
     Http2(http2::SendRequest<Body>),
 }
@@ -321,10 +481,7 @@ impl Cluster {
         let max_idle = self.config.idle_timeout;
         for ep in self.endpoints.load().iter() {
             // Dropping a sender lets its connection task finish and close the socket.
-            ep.idle
-                .lock()
-                .expect("idle lock")
-                .retain(|c| c.since.elapsed() < max_idle && !c.sender.is_closed());
+            ep.idle.lock().expect("idle lock").retain_mut(|c| c.since.elapsed() < max_idle && c.conn.reusable());
         }
     }
 
@@ -369,9 +526,9 @@ impl Cluster {
         }
         if !force_http1 {
             let mut idle = ep.idle.lock().expect("idle lock");
-            while let Some(c) = idle.pop() {
-                if c.sender.is_ready() && c.since.elapsed() < self.config.idle_timeout {
-                    return Ok(Conn::Http1(c.sender));
+            while let Some(mut c) = idle.pop() {
+                if c.since.elapsed() < self.config.idle_timeout && c.conn.reusable() {
+                    return Ok(Conn::Http1(c.conn));
                 }
             }
         }
@@ -380,30 +537,17 @@ impl Cluster {
             .handshake(TokioIo::new(io))
             .await
             .map_err(|e| self.connect_failed(ep, format!("http/1 handshake: {e}")))?;
+        ep.record_success();
+        if !force_http1 {
+            return Ok(Conn::Http1(H1Conn { sender, conn: Box::pin(conn), ended: false }));
+        }
         let addr = ep.addr;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(upstream.addr = %addr, error = %e, "upstream connection ended");
             }
         });
-        ep.record_success();
-        Ok(Conn::Http1(sender))
-    }
-
-    /// Returns an HTTP/1.1 connection to the pool once its current exchange has completed.
-    pub fn checkin_when_ready(&self, ep: Arc<Endpoint>, mut sender: http1::SendRequest<Body>) {
-        let max = self.config.max_idle_per_endpoint;
-        tokio::spawn(async move {
-            if sender.ready().await.is_ok() {
-                let mut idle = ep.idle.lock().expect("idle lock");
-                if idle.len() < max {
-                    idle.push(IdleConn {
-                        sender,
-                        since: Instant::now(),
-                    });
-                }
-            }
-        });
+        Ok(Conn::Http1Upgradable(sender))
     }
 
     /// Opens a raw stream (TCP, then TLS if configured) to an endpoint, within the connect

@@ -69,8 +69,8 @@ pub struct RequestContext {
     pub client_addr: SocketAddr,
     /// TLS facts of the connection (SNI, ALPN, verified peer identity).
     pub tls: Option<Arc<TlsInfo>>,
-    /// The request id (`x-request-id`).
-    pub request_id: Arc<str>,
+    /// The request id (`x-request-id`), visible ASCII.
+    pub request_id: http::HeaderValue,
 }
 
 /// What a phase decides.

@@ -20,7 +20,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::body::{self, Body, Limited, Observed, OnComplete};
-use crate::cluster::{Cluster, Conn, Endpoint};
+use crate::cluster::{describe, Cluster, Conn, Endpoint, PooledBody};
 use crate::config::{Config, ForwardedMode, ListenerLimits};
 use crate::error::ProxyError;
 use crate::filter::{FilterChain, LogSummary, RequestContext};
@@ -110,6 +110,8 @@ pub struct ConnInfo {
     pub listener: Arc<str>,
     /// The client's address.
     pub client: SocketAddr,
+    /// The client's IP as a header value (`X-Forwarded-For`), made once per connection.
+    pub client_ip: HeaderValue,
     /// TLS facts, for TLS listeners.
     pub tls: Option<Arc<TlsInfo>>,
     /// Requests in flight on this connection (idle timeout).
@@ -131,6 +133,7 @@ impl ConnInfo {
         ConnInfo {
             listener,
             client,
+            client_ip: HeaderValue::from_str(&client.ip().to_string()).expect("an IP is a valid header value"),
             tls,
             active: AtomicUsize::new(0),
             last_activity_ms: AtomicU64::new(0),
@@ -182,7 +185,8 @@ pub async fn handle(
         request_id,
     };
     let method = req.method().clone();
-    let path: Arc<str> = req.uri().path().into();
+    // Only the access log needs the raw target after the request moved on.
+    let target = gw.access_log.then(|| req.uri().clone());
     let version = req.version();
     let mut x = Exchange {
         metrics: ls.unrouted.clone(),
@@ -195,16 +199,14 @@ pub async fn handle(
         Err(e) => {
             let status = e.status();
             if status.is_server_error() {
-                tracing::warn!(listener = %conn.listener, route = ctx.route.as_deref(), cluster = ctx.cluster.as_deref(), client.addr = %conn.client, request.id = %ctx.request_id, error = %e, status = status.as_u16(), "request failed");
+                tracing::warn!(listener = %conn.listener, route = ctx.route.as_deref(), cluster = ctx.cluster.as_deref(), client.addr = %conn.client, request.id = show(&ctx.request_id), error = %e, status = status.as_u16(), "request failed");
             } else {
                 tracing::debug!(listener = %conn.listener, client.addr = %conn.client, error = %e, status = status.as_u16(), "request refused");
             }
             e.to_response()
         }
     };
-    if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
-        resp.headers_mut().entry("x-request-id").or_insert(v);
-    }
+    resp.headers_mut().entry("x-request-id").or_insert_with(|| ctx.request_id.clone());
     let status = resp.status().as_u16();
     let done = Completion {
         conn: conn.clone(),
@@ -213,7 +215,7 @@ pub async fn handle(
         ctx,
         metrics: x.metrics,
         method,
-        path,
+        target,
         version,
         status,
         upstream: x.upstream,
@@ -236,7 +238,7 @@ struct Completion {
     ctx: RequestContext,
     metrics: RouteMetrics,
     method: Method,
-    path: Arc<str>,
+    target: Option<Uri>,
     version: Version,
     status: u16,
     upstream: Option<SocketAddr>,
@@ -255,7 +257,7 @@ impl OnComplete for Completion {
                 listener = %self.ctx.listener,
                 client.addr = %self.conn.client,
                 method = %self.method,
-                path = %self.path,
+                path = self.target.as_ref().map_or("-", |u| u.path()),
                 version = ?self.version,
                 status = self.status,
                 bytes,
@@ -263,7 +265,7 @@ impl OnComplete for Completion {
                 route = self.ctx.route.as_deref().unwrap_or("-"),
                 cluster = self.ctx.cluster.as_deref().unwrap_or("-"),
                 upstream.addr = %self.upstream.map_or_else(|| "-".to_string(), |a| a.to_string()),
-                request.id = %self.ctx.request_id,
+                request.id = show(&self.ctx.request_id),
                 complete,
             );
         }
@@ -279,13 +281,25 @@ impl OnComplete for Completion {
     }
 }
 
-fn request_id(headers: &HeaderMap) -> Arc<str> {
-    if let Some(v) = headers.get("x-request-id").and_then(|v| v.to_str().ok()) {
-        if !v.is_empty() && v.len() <= 128 {
-            return v.into();
+/// The client's `x-request-id` when it is sane, else a fresh random one (128 bits, hex).
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get("x-request-id") {
+        if !v.is_empty() && v.len() <= 128 && v.to_str().is_ok() {
+            return v.clone();
         }
     }
-    format!("{:032x}", rand::random::<u128>()).into()
+    let mut n = rand::random::<u128>();
+    let mut hex = [0u8; 32];
+    for b in hex.iter_mut().rev() {
+        *b = b"0123456789abcdef"[(n & 0xf) as usize];
+        n >>= 4;
+    }
+    HeaderValue::from_bytes(&hex).expect("hex is a valid header value")
+}
+
+/// A header value for logs (ids and hosts are checked visible ASCII where they are made).
+fn show(v: &HeaderValue) -> &str {
+    v.to_str().unwrap_or("-")
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -311,7 +325,7 @@ async fn forward(
         req.uri().path()
     };
     let path = crate::path::normalize(raw_path).map_err(|_| ProxyError::BadRequest("invalid path"))?;
-    let route_host = client_host.as_deref().map(strip_port).unwrap_or("");
+    let route_host = client_host.as_ref().map_or("", |h| strip_port(show(h)));
     let route = ls.routes.find(route_host, &path).ok_or(ProxyError::NoRoute)?;
     x.metrics = route.metrics.clone();
     ctx.route = Some(route.name.clone());
@@ -369,11 +383,9 @@ async fn forward(
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, proto.clone());
     }
-    set_forwarded(&mut parts.headers, ls.forwarded, conn, client_host.as_deref());
+    set_forwarded(&mut parts.headers, ls.forwarded, conn, client_host.as_ref());
     set_client_cert(&mut parts.headers, ls.forward_client_cert, conn);
-    if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
-        parts.headers.insert("x-request-id", v);
-    }
+    parts.headers.insert("x-request-id", ctx.request_id.clone());
 
     let body: Body = Limited::new(body, limits.max_request_body).boxed();
     let timeout = ctx.timeout.unwrap_or(cluster.config.request_timeout);
@@ -391,7 +403,7 @@ async fn forward(
 
     let (mut rparts, rbody) = resp.into_parts();
     if rparts.status == StatusCode::SWITCHING_PROTOCOLS {
-        let (Some(proto), Some(down)) = (upgrade, on_upgrade) else {
+        let (Some(proto), Some(down), UpstreamBody::Incoming(rbody)) = (upgrade, on_upgrade, rbody) else {
             return Err(ProxyError::Upstream {
                 addr: ep.addr,
                 reason: "unrequested 101 response".into(),
@@ -410,7 +422,7 @@ async fn forward(
     if let Some(resp) = ls.chain.on_response_headers(&mut rparts, ctx)? {
         return Ok(resp);
     }
-    let body = rbody.map_err(|e| -> body::BoxError { Box::new(e) }).boxed();
+    let body = rbody.boxed();
     Ok(Response::from_parts(rparts, body))
 }
 
@@ -428,11 +440,11 @@ async fn send(
     route: &Route,
     mut parts: http::request::Parts,
     body: Body,
-    client_host: Option<String>,
+    client_host: Option<HeaderValue>,
     upgrade: bool,
     timeout: Duration,
     x: &mut Exchange,
-) -> Result<(Response<Incoming>, Arc<Endpoint>), ProxyError> {
+) -> Result<(Response<UpstreamBody>, Arc<Endpoint>), ProxyError> {
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut last_err = None;
     let (ep, conn) = loop {
@@ -455,82 +467,82 @@ async fn send(
     }?;
     x.upstream = Some(ep.addr);
 
-    // Host / :authority per route config.
+    // Host / :authority per route config; by default the client's, which an HTTP/1.1 request
+    // already carries in its Host header.
     let host: Option<HeaderValue> = if let Some(h) = &route.host_rewrite {
         Some(h.clone())
     } else if route.auto_host_rewrite {
         HeaderValue::from_str(&ep.authority).ok()
+    } else if parts.headers.contains_key(header::HOST) {
+        None
     } else {
-        client_host.and_then(|h| HeaderValue::from_str(&h).ok())
+        client_host
     };
-    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
-    match &conn {
-        Conn::Http1(_) => {
-            parts.uri = Uri::try_from(pq).map_err(|_| ProxyError::BadRequest("invalid request target"))?;
-            parts.version = Version::HTTP_11;
-            if let Some(h) = host {
-                parts.headers.insert(header::HOST, h);
-            }
-        }
-        Conn::Http2(_) => {
-            let scheme = if cluster.config.tls.is_some() {
-                "https"
-            } else {
-                "http"
-            };
-            let authority = host
-                .as_ref()
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or(&ep.authority)
-                .to_string();
-            parts.uri = Uri::builder()
-                .scheme(scheme)
-                .authority(authority)
-                .path_and_query(pq)
-                .build()
-                .map_err(|_| ProxyError::BadRequest("invalid authority"))?;
-            parts.version = Version::HTTP_2;
-            parts.headers.remove(header::HOST);
+    let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    if let Conn::Http2(_) = &conn {
+        let scheme = if cluster.config.tls.is_some() { "https" } else { "http" };
+        let authority = match host.as_ref().or(parts.headers.get(header::HOST)).and_then(|h| h.to_str().ok()) {
+            Some(a) => a.to_string(),
+            None => ep.authority.to_string(),
+        };
+        parts.uri = Uri::builder()
+            .scheme(scheme)
+            .authority(authority)
+            .path_and_query(pq)
+            .build()
+            .map_err(|_| ProxyError::BadRequest("invalid authority"))?;
+        parts.version = Version::HTTP_2;
+        parts.headers.remove(header::HOST);
+    } else {
+        parts.uri = Uri::from(pq);
+        parts.version = Version::HTTP_11;
+        if let Some(h) = host {
+            parts.headers.insert(header::HOST, h);
         }
     }
     let req = Request::from_parts(parts, body);
     let pending = ep.load.start();
     let sent = Instant::now();
     let result = match conn {
-        Conn::Http1(mut sender) => {
-            let fut = sender.send_request(req);
-            let r = tokio::time::timeout(timeout, fut).await;
-            if matches!(r, Ok(Ok(_))) {
-                cluster.checkin_when_ready(ep.clone(), sender);
+        Conn::Http1(c) => match tokio::time::timeout(timeout, c.send(req)).await {
+            Ok(Ok((resp, c))) => {
+                let max = cluster.config.max_idle_per_endpoint;
+                Ok(Ok(resp.map(|b| UpstreamBody::Pooled(PooledBody::new(b, c, ep.clone(), max)))))
             }
-            r
-        }
-        Conn::Http2(mut sender) => tokio::time::timeout(timeout, sender.send_request(req)).await,
+            Ok(Err(e)) => Ok(Err(e)),
+            Err(t) => Err(t),
+        },
+        Conn::Http1Upgradable(mut s) => tokio::time::timeout(timeout, s.send_request(req))
+            .await
+            .map(|r| r.map(|resp| resp.map(UpstreamBody::Incoming)).map_err(|e| describe(&e))),
+        Conn::Http2(mut s) => tokio::time::timeout(timeout, s.send_request(req))
+            .await
+            .map(|r| r.map(|resp| resp.map(UpstreamBody::Incoming)).map_err(|e| describe(&e))),
     };
     drop(pending);
+    // Every outcome is a latency observation: peak-EWMA must see slow and failing endpoints.
+    ep.load.observe(sent.elapsed());
     match result {
-        Ok(Ok(resp)) => {
-            ep.load.observe(sent.elapsed());
-            Ok((resp, ep))
-        }
-        Ok(Err(e)) => {
-            ep.load.observe(sent.elapsed());
-            let reason = match std::error::Error::source(&e) {
-                Some(src) => format!("{e}: {src}"),
-                None => e.to_string(),
-            };
-            Err(ProxyError::Upstream {
-                addr: ep.addr,
-                reason,
-            })
-        }
-        Err(_) => {
-            // A timeout is a latency observation too: peak-EWMA must see slow endpoints.
-            ep.load.observe(sent.elapsed());
-            Err(ProxyError::Timeout {
-                addr: ep.addr,
-                timeout,
-            })
+        Ok(Ok(resp)) => Ok((resp, ep)),
+        Ok(Err(reason)) => Err(ProxyError::Upstream { addr: ep.addr, reason }),
+        Err(_) => Err(ProxyError::Timeout { addr: ep.addr, timeout }),
+    }
+}
+
+/// An upstream response body: from a pooled HTTP/1.1 connection the request drives, or from a
+/// connection with its own task (HTTP/2, upgrades).
+pub enum UpstreamBody {
+    /// Driven by its own connection task.
+    Incoming(Incoming),
+    /// Drives its pooled connection.
+    Pooled(PooledBody),
+}
+
+impl UpstreamBody {
+    fn boxed(self) -> Body {
+        match self {
+            UpstreamBody::Incoming(b) => b.map_err(|e| -> body::BoxError { Box::new(e) }).boxed(),
+            UpstreamBody::Pooled(b) => b.map_err(|e| -> body::BoxError { Box::new(e) }).boxed(),
         }
     }
 }
@@ -617,39 +629,36 @@ fn check_framing(req: &Request<Incoming>, index: u64, conn: &ConnInfo) -> Result
 }
 
 /// The host the client addressed: the absolute-form/`:authority` authority, else `Host`.
-fn client_host(req: &Request<Incoming>) -> Result<Option<String>, ProxyError> {
+/// The value is checked to be a valid authority, so it is visible ASCII.
+fn client_host(req: &Request<Incoming>) -> Result<Option<HeaderValue>, ProxyError> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let host = hosts.next();
     if hosts.next().is_some() {
         return Err(ProxyError::BadRequest("more than one host header"));
     }
-    let host = match host {
-        Some(h) => Some(
-            h.to_str()
-                .map_err(|_| ProxyError::BadRequest("invalid host header"))?,
-        ),
-        None => None,
-    };
     if let Some(auth) = req.uri().authority() {
         if req.version() == Version::HTTP_2 {
             if let Some(h) = host {
-                if !h.eq_ignore_ascii_case(auth.as_str()) {
+                if !h.as_bytes().eq_ignore_ascii_case(auth.as_str().as_bytes()) {
                     return Err(ProxyError::BadRequest(":authority and host disagree"));
                 }
             }
         }
         // RFC 9112 §3.2.2: an absolute-form target wins over Host.
-        return Ok(Some(auth.as_str().to_string()));
+        let v = HeaderValue::from_str(auth.as_str()).map_err(|_| ProxyError::BadRequest("invalid authority"))?;
+        return Ok(Some(v));
     }
-    if host.is_none() && req.version() == Version::HTTP_11 {
-        return Err(ProxyError::BadRequest("missing host header"));
-    }
-    if let Some(h) = host {
-        if http::uri::Authority::try_from(h).is_err() {
-            return Err(ProxyError::BadRequest("invalid host header"));
+    match host {
+        None if req.version() == Version::HTTP_11 => Err(ProxyError::BadRequest("missing host header")),
+        None => Ok(None),
+        Some(h) => {
+            let valid = h.to_str().ok().is_some_and(|s| http::uri::Authority::try_from(s).is_ok());
+            if !valid {
+                return Err(ProxyError::BadRequest("invalid host header"));
+            }
+            Ok(Some(h.clone()))
         }
     }
-    Ok(host.map(str::to_string))
 }
 
 fn strip_port(host: &str) -> &str {
@@ -763,37 +772,32 @@ fn set_client_cert(h: &mut HeaderMap, enabled: bool, conn: &ConnInfo) {
     }
 }
 
-fn set_forwarded(h: &mut HeaderMap, mode: ForwardedMode, conn: &ConnInfo, host: Option<&str>) {
-    let proto = if conn.tls.is_some() { "https" } else { "http" };
-    let ip = conn.client.ip().to_string();
+fn set_forwarded(h: &mut HeaderMap, mode: ForwardedMode, conn: &ConnInfo, host: Option<&HeaderValue>) {
+    let proto = HeaderValue::from_static(if conn.tls.is_some() { "https" } else { "http" });
     match mode {
         ForwardedMode::Off => {}
         ForwardedMode::Overwrite => {
-            h.insert(
-                "x-forwarded-for",
-                HeaderValue::from_str(&ip).expect("ip is a valid value"),
-            );
-            h.insert("x-forwarded-proto", HeaderValue::from_static(proto));
-            h.remove("x-forwarded-host");
-            if let Some(v) = host.and_then(|v| HeaderValue::from_str(v).ok()) {
-                h.insert("x-forwarded-host", v);
-            }
+            h.insert("x-forwarded-for", conn.client_ip.clone());
+            h.insert("x-forwarded-proto", proto);
+            match host {
+                Some(v) => h.insert("x-forwarded-host", v.clone()),
+                None => h.remove("x-forwarded-host"),
+            };
         }
         ForwardedMode::Append => {
-            let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-                Some(prev) => format!("{prev}, {ip}"),
-                None => ip,
-            };
-            if let Ok(v) = HeaderValue::from_str(&xff) {
-                h.insert("x-forwarded-for", v);
-            }
-            if !h.contains_key("x-forwarded-proto") {
-                h.insert("x-forwarded-proto", HeaderValue::from_static(proto));
-            }
-            if !h.contains_key("x-forwarded-host") {
-                if let Some(v) = host.and_then(|v| HeaderValue::from_str(v).ok()) {
-                    h.insert("x-forwarded-host", v);
+            let xff = match h.get("x-forwarded-for") {
+                Some(prev) => {
+                    let mut v = prev.as_bytes().to_vec();
+                    v.extend_from_slice(b", ");
+                    v.extend_from_slice(conn.client_ip.as_bytes());
+                    HeaderValue::from_bytes(&v).unwrap_or_else(|_| conn.client_ip.clone())
                 }
+                None => conn.client_ip.clone(),
+            };
+            h.insert("x-forwarded-for", xff);
+            h.entry("x-forwarded-proto").or_insert(proto);
+            if let Some(v) = host {
+                h.entry("x-forwarded-host").or_insert_with(|| v.clone());
             }
         }
     }

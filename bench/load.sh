@@ -1,0 +1,391 @@
+#!/usr/bin/env bash
+# Weir's end-to-end load bench, on loopback, in one run:
+#   (a) wrk straight to the demo upstream  -> the ceiling: what the load generator and the
+#                                            upstream can do without any proxy;
+#   (b) wrk through Weir                   -> what Weir costs;
+#   (c) wrk through nginx, configured as the equivalent reverse proxy (upstream keep-alive,
+#       X-Forwarded-For, one worker)      -> a well-known yardstick for that cost.
+# With --h2 it also runs h2load (h2c, prior knowledge) direct and through Weir.
+#
+# Usage: bench/load.sh [--h2]          (or: cargo xtask bench [--h2])
+# Knobs (environment):
+#   DURATION=10s     measured length of each run (wrk/h2load syntax: 30s, 1m)
+#   CONNECTIONS=64   concurrent connections
+#   THREADS=1        load-generator threads (on a 2-core box: one core for the load generator)
+#   WORKERS=1        Weir's runtime.worker_threads and nginx's worker_processes (kept equal)
+#   WARMUP=2s        unmeasured run before each measured one (warms pools, caches, CPU clocks)
+#   PIN=1            pin the load generator to the last CPU and the servers to the others
+#   SKIP_BUILD=1     use the release binaries already built instead of running cargo
+#
+# It prints a Markdown table and writes the same report to bench/results/load-<date>.md.
+# It is a manual tool: never part of the test suite (numbers depend on the machine).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+# nginx lives in /usr/sbin, which is not on a normal user's PATH.
+PATH="$PATH:/usr/sbin:/sbin"
+
+DURATION="${DURATION:-10s}"
+CONNECTIONS="${CONNECTIONS:-64}"
+THREADS="${THREADS:-1}"
+WORKERS="${WORKERS:-1}"
+WARMUP="${WARMUP:-2s}"
+PIN="${PIN:-0}"
+SKIP_BUILD="${SKIP_BUILD:-0}"
+H2=0
+
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+
+for arg in "$@"; do
+    case "$arg" in
+        --h2) H2=1 ;;
+        -h | --help) usage; exit 0 ;;
+        *) echo "load.sh: unknown argument: $arg (try --help)" >&2; exit 2 ;;
+    esac
+done
+
+die() { echo "load.sh: $*" >&2; exit 1; }
+log() { echo "==> $*" >&2; }
+
+# A duration as whole seconds (for the watchdog timeouts below). Accepts what both wrk and
+# h2load accept: a number with an optional s/m/h unit.
+secs() {
+    [[ "$1" =~ ^([0-9]+)([smh]?)$ ]] || die "bad duration '$1' (use e.g. 10s, 1m)"
+    case "${BASH_REMATCH[2]}" in
+        h) echo $((BASH_REMATCH[1] * 3600)) ;;
+        m) echo $((BASH_REMATCH[1] * 60)) ;;
+        *) echo $((BASH_REMATCH[1])) ;;
+    esac
+}
+DURATION_S="$(secs "$DURATION")"
+WARMUP_S="$(secs "$WARMUP")"
+for v in CONNECTIONS THREADS WORKERS; do
+    [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, got '${!v}'"
+done
+((THREADS <= CONNECTIONS)) || die "THREADS ($THREADS) must not exceed CONNECTIONS ($CONNECTIONS)"
+((DURATION_S > 0)) || die "DURATION must be at least 1s"
+
+# --- tools ---------------------------------------------------------------------------------
+# Install only what is missing, with one `apt-get update`. nginx is only installed, never
+# started as a system service: we run our own instance below, with its own config.
+need=()
+command -v wrk >/dev/null || need+=(wrk)
+command -v nginx >/dev/null || need+=(nginx-light)
+command -v curl >/dev/null || need+=(curl)
+command -v python3 >/dev/null || need+=(python3-minimal)
+if ((H2)) && ! command -v h2load >/dev/null; then need+=(nghttp2-client); fi
+if ((${#need[@]})); then
+    command -v apt-get >/dev/null || die "missing ${need[*]} and no apt-get to install them"
+    SUDO=()
+    [[ "$(id -u)" == 0 ]] || SUDO=(sudo)
+    log "installing ${need[*]}"
+    "${SUDO[@]}" apt-get update -qq
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+fi
+
+# --- pinning (optional) --------------------------------------------------------------------
+# Without pinning the scheduler may put wrk and the proxy on the same core now and then,
+# which shows up as noise. PIN=1 gives the load generator the last CPU and the servers the rest.
+LOADGEN=()
+SERVER=()
+if [[ "$PIN" == 1 ]]; then
+    ncpu="$(nproc)"
+    if ((ncpu >= 2)) && command -v taskset >/dev/null; then
+        LOADGEN=(taskset -c "$((ncpu - 1))")
+        SERVER=(taskset -c "0-$((ncpu - 2))")
+    else
+        log "PIN=1 ignored: needs taskset and at least 2 CPUs"
+    fi
+fi
+
+# --- build ---------------------------------------------------------------------------------
+BIN="${CARGO_TARGET_DIR:-target}/release"
+if [[ "$SKIP_BUILD" != 1 ]]; then
+    log "building release binaries"
+    cargo build --release -p weir -p weir-demo-upstream
+fi
+[[ -x "$BIN/weir" && -x "$BIN/weir-demo-upstream" ]] ||
+    die "no release binaries in $BIN (run without SKIP_BUILD=1)"
+
+# --- processes and cleanup -----------------------------------------------------------------
+TMP="$(mktemp -d -t weir-bench.XXXXXX)"
+# nginx drops its workers to `nobody` when started as root; they must reach the temp dir.
+chmod 755 "$TMP"
+PIDS=()
+
+# TERM first (Weir drains, nginx shuts down its workers), KILL if it is still there after 3 s.
+stop() {
+    local pid="$1" i
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for i in $(seq 30); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do stop "$pid"; done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+# So Ctrl-C or a kill still runs the EXIT trap (and exits non-zero).
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# Shows the tail of a server's log when something goes wrong with it.
+show_log() { echo "--- last lines of $1:" >&2; tail -n 20 "$1" >&2 || true; }
+
+# Polls URL until it answers 200; gives up after 10 s or as soon as process PID has died.
+wait_ok() {
+    local url="$1" pid="$2" logf="$3" deadline=$((SECONDS + 10))
+    until curl -fsS -o /dev/null --max-time 1 "$url" 2>/dev/null; do
+        if ! kill -0 "$pid" 2>/dev/null; then show_log "$logf"; die "process for $url exited"; fi
+        if ((SECONDS >= deadline)); then show_log "$logf"; die "$url not ready after 10 s"; fi
+        sleep 0.1
+    done
+}
+
+# Four distinct free loopback ports: bind them all at once to port 0 so they differ.
+read -r UP_PORT WEIR_PORT ADMIN_PORT NGINX_PORT < <(python3 -c '
+import socket
+socks = [socket.socket() for _ in range(4)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in socks))
+')
+
+# --- upstream ------------------------------------------------------------------------------
+# One tokio worker: the upstream should be cheap and identical for all three targets.
+log "starting the demo upstream on 127.0.0.1:$UP_PORT"
+"${SERVER[@]}" "$BIN/weir-demo-upstream" --listen "127.0.0.1:$UP_PORT" --threads 1 \
+    >"$TMP/upstream.log" 2>&1 &
+PIDS+=("$!")
+wait_ok "http://127.0.0.1:$UP_PORT/" "$!" "$TMP/upstream.log"
+
+# --- Weir ----------------------------------------------------------------------------------
+# Access log off and level warn: nginx gets `access_log off` too; logging is not what we measure.
+cat >"$TMP/weir.toml" <<EOF
+[runtime]
+worker_threads = $WORKERS
+
+[log]
+level = "warn"
+access_log = false
+
+[admin]
+address = "127.0.0.1:$ADMIN_PORT"
+
+[[listeners]]
+name = "bench"
+address = "127.0.0.1:$WEIR_PORT"
+
+[[routes]]
+name = "all"
+path_prefix = "/"
+cluster = "up"
+
+[clusters.up]
+endpoints = ["127.0.0.1:$UP_PORT"]
+EOF
+log "starting Weir on 127.0.0.1:$WEIR_PORT (admin $ADMIN_PORT, $WORKERS worker thread(s))"
+"${SERVER[@]}" "$BIN/weir" run -c "$TMP/weir.toml" >"$TMP/weir.log" 2>&1 &
+PIDS+=("$!")
+WEIR_PID="$!"
+wait_ok "http://127.0.0.1:$ADMIN_PORT/ready" "$WEIR_PID" "$TMP/weir.log"
+# Ready is not enough: check a request really goes through to the upstream.
+wait_ok "http://127.0.0.1:$WEIR_PORT/" "$WEIR_PID" "$TMP/weir.log"
+
+# --- nginx ---------------------------------------------------------------------------------
+# The equivalent reverse proxy: same worker count, keep-alive to the upstream (HTTP/1.1 and
+# an empty Connection header, or nginx opens a connection per request), X-Forwarded-For like
+# Weir's default X-Forwarded-*, proxy_buffering left at its default. keepalive_requests is
+# raised on both sides because nginx otherwise closes each connection after 1000 requests,
+# which would make wrk reconnect and penalise nginx for a default, not for its proxying.
+# Every path (pid, logs, temp dirs) is in $TMP, so it runs as root without touching /var.
+mkdir -p "$TMP/nginx"
+cat >"$TMP/nginx/nginx.conf" <<EOF
+worker_processes $WORKERS;
+pid $TMP/nginx/nginx.pid;
+error_log $TMP/nginx/error.log warn;
+
+events {
+    worker_connections $((CONNECTIONS * 4 > 1024 ? CONNECTIONS * 4 : 1024));
+}
+
+http {
+    access_log off;
+    client_body_temp_path $TMP/nginx/client_body;
+    proxy_temp_path $TMP/nginx/proxy;
+    fastcgi_temp_path $TMP/nginx/fastcgi;
+    uwsgi_temp_path $TMP/nginx/uwsgi;
+    scgi_temp_path $TMP/nginx/scgi;
+    keepalive_requests 1000000;
+
+    upstream up {
+        server 127.0.0.1:$UP_PORT;
+        keepalive 64;
+        keepalive_requests 1000000;
+    }
+
+    server {
+        listen 127.0.0.1:$NGINX_PORT;
+        location / {
+            proxy_pass http://up;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+        }
+    }
+}
+EOF
+log "starting nginx on 127.0.0.1:$NGINX_PORT ($WORKERS worker process(es))"
+# -e: the error log used before the config is read (else the compiled-in /var/log path).
+"${SERVER[@]}" nginx -c "$TMP/nginx/nginx.conf" -p "$TMP/nginx" -e "$TMP/nginx/error.log" \
+    -g 'daemon off;' >"$TMP/nginx/stdout.log" 2>&1 &
+PIDS+=("$!")
+wait_ok "http://127.0.0.1:$NGINX_PORT/" "$!" "$TMP/nginx/error.log"
+
+# --- wrk -----------------------------------------------------------------------------------
+# Same settings for every target. --timeout bounds a stuck request; the `timeout` watchdog
+# bounds wrk itself, so the script always ends by itself.
+wrk_run() {
+    local url="$1" dur="$2" dur_s="$3"
+    timeout --foreground --kill-after=5 "$((dur_s + 30))" \
+        "${LOADGEN[@]}" wrk -t "$THREADS" -c "$CONNECTIONS" -d "$dur" --timeout 5s --latency "$url"
+}
+
+# Prints "req/s p50_us p99_us errors" from wrk's output (latencies converted to µs; errors =
+# socket errors + non-2xx/3xx responses, which wrk otherwise counts as requests).
+parse_wrk() {
+    awk '
+        function us(v,   n, unit) {
+            n = v + 0; unit = v; sub(/^[0-9.]+/, "", unit)
+            if (unit == "us") return n
+            if (unit == "ms") return n * 1e3
+            if (unit == "s") return n * 1e6
+            if (unit == "m") return n * 6e7
+            if (unit == "h") return n * 3.6e9
+            return -1
+        }
+        /^Requests\/sec:/ { rps = $2 }
+        /^[ \t]*50%/ { p50 = us($2) }
+        /^[ \t]*99%/ { p99 = us($2) }
+        /Non-2xx or 3xx responses:/ { errs += $NF }
+        /Socket errors:/ { for (i = 3; i <= NF; i++) if ($i ~ /^[0-9]+,?$/) errs += $i + 0 }
+        END {
+            if (rps == "" || p50 == "" || p99 == "" || p50 < 0 || p99 < 0) exit 1
+            printf "%s %.0f %.0f %d\n", rps, p50, p99, errs
+        }' "$1"
+}
+
+declare -A RPS=() P50=() P99=() ERRS=()
+bench_target() {
+    local name="$1" url="$2" out="$TMP/wrk-$1.txt"
+    log "$name: warm-up $WARMUP"
+    wrk_run "$url" "$WARMUP" "$WARMUP_S" >/dev/null ||
+        log "$name: warm-up run failed (continuing to the measured run)"
+    log "$name: measuring $DURATION, $CONNECTIONS connections, $THREADS wrk thread(s)"
+    wrk_run "$url" "$DURATION" "$DURATION_S" >"$out" || { cat "$out" >&2; die "$name: wrk failed"; }
+    local r
+    r="$(parse_wrk "$out")" || { cat "$out" >&2; die "$name: cannot parse wrk output"; }
+    read -r RPS[$name] P50[$name] P99[$name] ERRS[$name] <<<"$r"
+}
+
+bench_target direct "http://127.0.0.1:$UP_PORT/"
+bench_target weir "http://127.0.0.1:$WEIR_PORT/"
+bench_target nginx "http://127.0.0.1:$NGINX_PORT/"
+
+# --- h2load (optional) ---------------------------------------------------------------------
+# h2c with prior knowledge (h2load's default for http:// URLs). Only direct and Weir: nginx
+# would need a separate h2c server block, which would not be the same config any more.
+# The warm-up is a separate short run, like wrk's: h2load 1.52's --warm-up-time measures 0 req/s.
+h2load_run() {
+    local url="$1" dur="$2" dur_s="$3"
+    timeout --foreground --kill-after=5 "$((dur_s + 30))" \
+        "${LOADGEN[@]}" h2load -t "$THREADS" -c "$CONNECTIONS" -m 10 -D "$dur" -N 5 "$url"
+}
+declare -A H2RPS=() H2FAIL=()
+if ((H2)); then
+    if command -v h2load >/dev/null; then
+        for t in direct weir; do
+            port="$UP_PORT"
+            [[ "$t" == weir ]] && port="$WEIR_PORT"
+            out="$TMP/h2load-$t.txt"
+            log "$t (h2c): warm-up $WARMUP"
+            h2load_run "http://127.0.0.1:$port/" "$WARMUP" "$WARMUP_S" >/dev/null 2>&1 ||
+                log "$t (h2c): warm-up run failed (continuing to the measured run)"
+            log "$t (h2c): measuring $DURATION, $CONNECTIONS clients x 10 streams"
+            h2load_run "http://127.0.0.1:$port/" "$DURATION" "$DURATION_S" >"$out" 2>&1 ||
+                { cat "$out" >&2; die "$t: h2load failed"; }
+            # "finished in 10.00s, 12345.67 req/s, 1.23MB/s"
+            H2RPS[$t]="$(awk '/^finished in/ { for (i = 1; i < NF; i++) if ($(i + 1) ~ /^req\/s/) print $i }' "$out")"
+            # "requests: N total, N started, N done, N succeeded, N failed, N errored, N timeout"
+            H2FAIL[$t]="$(awk '/^requests:/ { for (i = 2; i < NF; i++) if ($(i + 1) ~ /^failed/) print $i }' "$out")"
+            [[ -n "${H2RPS[$t]}" && -n "${H2FAIL[$t]}" ]] || { cat "$out" >&2; die "$t: cannot parse h2load output"; }
+        done
+    else
+        log "--h2: h2load not found, skipping the h2c runs"
+    fi
+fi
+
+# --- report --------------------------------------------------------------------------------
+report="$TMP/report.md"
+{
+    echo "# Load bench, $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo
+    if rev="$(git rev-parse --short HEAD 2>/dev/null)"; then
+        git diff --quiet HEAD 2>/dev/null || rev="$rev (with local changes)"
+    else
+        rev=unknown
+    fi
+    echo "- commit: $rev"
+    echo "- machine: $(nproc) CPUs, $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo 2>/dev/null || echo unknown CPU), Linux $(uname -r)"
+    echo "- tools: $(wrk --version 2>&1 | awk 'NR == 1 { print $1, $2 }'), $(nginx -v 2>&1 | sed 's/^nginx version: //')"
+    echo "- settings: DURATION=$DURATION CONNECTIONS=$CONNECTIONS THREADS=$THREADS WORKERS=$WORKERS WARMUP=$WARMUP PIN=$PIN"
+    echo
+    echo "| target | req/s | p50 (µs) | p99 (µs) | throughput vs direct | added p99 vs direct (µs) |"
+    echo "|---|---:|---:|---:|---:|---:|"
+    for t in direct weir nginx; do
+        awk -v t="$t" -v r="${RPS[$t]}" -v p50="${P50[$t]}" -v p99="${P99[$t]}" \
+            -v dr="${RPS[direct]}" -v dp99="${P99[direct]}" 'BEGIN {
+                printf "| %s | %.0f | %d | %d | %.1f %% | %+d |\n", t, r, p50, p99, 100 * r / dr, p99 - dp99
+            }'
+    done
+    echo
+    awk -v w="${RPS[weir]}" -v n="${RPS[nginx]}" 'BEGIN { printf "weir/nginx throughput ratio: %.2f\n", w / n }'
+    echo
+    echo "weir added p99: $((P99[weir] - P99[direct])) µs, nginx added p99: $((P99[nginx] - P99[direct])) µs"
+    for t in direct weir nginx; do
+        if ((ERRS[$t] > 0)); then
+            echo
+            echo "**warning:** $t had ${ERRS[$t]} socket errors or non-2xx/3xx responses (see wrk output)"
+        fi
+    done
+    if ((${#H2RPS[@]})); then
+        echo
+        echo "h2c (h2load -c $CONNECTIONS -m 10 -D $DURATION, prior knowledge):"
+        echo
+        echo "| target | req/s |"
+        echo "|---|---:|"
+        for t in direct weir; do
+            printf '| %s | %.0f |\n' "$t" "${H2RPS[$t]}"
+        done
+        for t in direct weir; do
+            if ((H2FAIL[$t] > 0)); then
+                echo
+                echo "**warning:** $t (h2c) had ${H2FAIL[$t]} failed requests (see h2load output)"
+            fi
+        done
+    fi
+} >"$report"
+
+mkdir -p bench/results
+result="bench/results/load-$(date -u +%Y-%m-%dT%H%M%SZ).md"
+cp "$report" "$result"
+echo
+cat "$report"
+echo
+echo "written to $result"
