@@ -106,7 +106,10 @@ impl H1Conn {
     }
 
     /// Sends a request and drives the connection until the response head arrives.
-    pub async fn send(mut self, req: http::Request<Body>) -> Result<(http::Response<Incoming>, H1Conn), String> {
+    pub async fn send(
+        mut self,
+        req: http::Request<Body>,
+    ) -> Result<(http::Response<Incoming>, H1Conn), String> {
         let mut fut = std::pin::pin!(self.sender.send_request(req));
         let r = std::future::poll_fn(|cx| {
             if let Poll::Ready(r) = fut.as_mut().poll(cx) {
@@ -147,7 +150,12 @@ pub struct PooledBody {
 impl PooledBody {
     /// Wraps a response body read from `conn`.
     pub fn new(inner: Incoming, conn: H1Conn, ep: Arc<Endpoint>, max_idle: usize) -> PooledBody {
-        PooledBody { inner, conn: Some(conn), ep, max_idle }
+        PooledBody {
+            inner,
+            conn: Some(conn),
+            ep,
+            max_idle,
+        }
     }
 
     fn finish(&mut self) {
@@ -186,7 +194,10 @@ impl PooledBody {
 fn checkin(ep: &Endpoint, conn: H1Conn, max: usize) {
     let mut idle = ep.idle.lock().expect("idle lock");
     if idle.len() < max {
-        idle.push(IdleConn { conn, since: Instant::now() });
+        idle.push(IdleConn {
+            conn,
+            since: Instant::now(),
+        });
     }
 }
 
@@ -481,7 +492,10 @@ impl Cluster {
         let max_idle = self.config.idle_timeout;
         for ep in self.endpoints.load().iter() {
             // Dropping a sender lets its connection task finish and close the socket.
-            ep.idle.lock().expect("idle lock").retain_mut(|c| c.since.elapsed() < max_idle && c.conn.reusable());
+            ep.idle
+                .lock()
+                .expect("idle lock")
+                .retain_mut(|c| c.since.elapsed() < max_idle && c.conn.reusable());
         }
     }
 
@@ -539,7 +553,11 @@ impl Cluster {
             .map_err(|e| self.connect_failed(ep, format!("http/1 handshake: {e}")))?;
         ep.record_success();
         if !force_http1 {
-            return Ok(Conn::Http1(H1Conn { sender, conn: Box::pin(conn), ended: false }));
+            return Ok(Conn::Http1(H1Conn {
+                sender,
+                conn: Box::pin(conn),
+                ended: false,
+            }));
         }
         let addr = ep.addr;
         tokio::spawn(async move {

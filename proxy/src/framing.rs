@@ -71,6 +71,23 @@ impl Tracker {
         while !data.is_empty() {
             match self.state {
                 State::Off => return None,
+                State::Head if self.head.is_empty() => {
+                    // The common case: the whole head is in this read; parse it in place.
+                    match find_head_end(data, 0) {
+                        Some(end) => {
+                            self.state = self.on_head(&data[..end]);
+                            data = &data[end..];
+                        }
+                        None => {
+                            if data.len() > self.max_head {
+                                self.state = State::Off;
+                            } else {
+                                self.head.extend_from_slice(data);
+                            }
+                            return None;
+                        }
+                    }
+                }
                 State::Head => {
                     let from = self.head.len().saturating_sub(3);
                     self.head.extend_from_slice(data);
@@ -118,31 +135,36 @@ impl Tracker {
     }
 
     fn on_head(&mut self, head: &[u8]) -> State {
-        let mut headers = [httparse::EMPTY_HEADER; 128];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(head) {
-            Ok(httparse::Status::Complete(_)) => {}
-            _ => return State::Off,
-        }
         self.heads += 1;
-        if req.method == Some("PRI") || req.method == Some("CONNECT") {
+        // Only three header names matter here, so a line scan beats a full parse; hyper does
+        // the real parsing (and refuses what is malformed) on the same bytes.
+        let mut lines = head
+            .split(|&b| b == b'\n')
+            .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+        let Some(request_line) = lines.by_ref().find(|l| !l.is_empty()) else {
+            return State::Off;
+        };
+        if request_line.starts_with(b"PRI ") || request_line.starts_with(b"CONNECT ") {
             return State::Off;
         }
         let (mut cl, mut te, mut chunked, mut upgrade) = (None, false, false, false);
-        for h in req.headers.iter() {
-            if h.name.eq_ignore_ascii_case("content-length") {
-                cl = std::str::from_utf8(h.value)
+        for line in lines {
+            let Some(colon) = line.iter().position(|&b| b == b':') else {
+                continue;
+            };
+            let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
+            if name.eq_ignore_ascii_case(b"content-length") {
+                cl = std::str::from_utf8(value)
                     .ok()
-                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
                     .or(Some(u64::MAX));
-            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
                 te = true;
-                chunked = h
-                    .value
+                chunked = value
                     .rsplit(|&b| b == b',')
                     .next()
                     .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-            } else if h.name.eq_ignore_ascii_case("upgrade") {
+            } else if name.eq_ignore_ascii_case(b"upgrade") {
                 upgrade = true;
             }
         }

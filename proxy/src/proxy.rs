@@ -133,7 +133,8 @@ impl ConnInfo {
         ConnInfo {
             listener,
             client,
-            client_ip: HeaderValue::from_str(&client.ip().to_string()).expect("an IP is a valid header value"),
+            client_ip: HeaderValue::from_str(&client.ip().to_string())
+                .expect("an IP is a valid header value"),
             tls,
             active: AtomicUsize::new(0),
             last_activity_ms: AtomicU64::new(0),
@@ -206,7 +207,9 @@ pub async fn handle(
             e.to_response()
         }
     };
-    resp.headers_mut().entry("x-request-id").or_insert_with(|| ctx.request_id.clone());
+    resp.headers_mut()
+        .entry("x-request-id")
+        .or_insert_with(|| ctx.request_id.clone());
     let status = resp.status().as_u16();
     let done = Completion {
         conn: conn.clone(),
@@ -478,10 +481,22 @@ async fn send(
     } else {
         client_host
     };
-    let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let pq = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     if let Conn::Http2(_) = &conn {
-        let scheme = if cluster.config.tls.is_some() { "https" } else { "http" };
-        let authority = match host.as_ref().or(parts.headers.get(header::HOST)).and_then(|h| h.to_str().ok()) {
+        let scheme = if cluster.config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let authority = match host
+            .as_ref()
+            .or(parts.headers.get(header::HOST))
+            .and_then(|h| h.to_str().ok())
+        {
             Some(a) => a.to_string(),
             None => ep.authority.to_string(),
         };
@@ -507,25 +522,35 @@ async fn send(
         Conn::Http1(c) => match tokio::time::timeout(timeout, c.send(req)).await {
             Ok(Ok((resp, c))) => {
                 let max = cluster.config.max_idle_per_endpoint;
-                Ok(Ok(resp.map(|b| UpstreamBody::Pooled(PooledBody::new(b, c, ep.clone(), max)))))
+                Ok(Ok(resp.map(|b| {
+                    UpstreamBody::Pooled(PooledBody::new(b, c, ep.clone(), max))
+                })))
             }
             Ok(Err(e)) => Ok(Err(e)),
             Err(t) => Err(t),
         },
-        Conn::Http1Upgradable(mut s) => tokio::time::timeout(timeout, s.send_request(req))
-            .await
-            .map(|r| r.map(|resp| resp.map(UpstreamBody::Incoming)).map_err(|e| describe(&e))),
-        Conn::Http2(mut s) => tokio::time::timeout(timeout, s.send_request(req))
-            .await
-            .map(|r| r.map(|resp| resp.map(UpstreamBody::Incoming)).map_err(|e| describe(&e))),
+        Conn::Http1Upgradable(mut s) => tokio::time::timeout(timeout, s.send_request(req)).await.map(|r| {
+            r.map(|resp| resp.map(UpstreamBody::Incoming))
+                .map_err(|e| describe(&e))
+        }),
+        Conn::Http2(mut s) => tokio::time::timeout(timeout, s.send_request(req)).await.map(|r| {
+            r.map(|resp| resp.map(UpstreamBody::Incoming))
+                .map_err(|e| describe(&e))
+        }),
     };
     drop(pending);
     // Every outcome is a latency observation: peak-EWMA must see slow and failing endpoints.
     ep.load.observe(sent.elapsed());
     match result {
         Ok(Ok(resp)) => Ok((resp, ep)),
-        Ok(Err(reason)) => Err(ProxyError::Upstream { addr: ep.addr, reason }),
-        Err(_) => Err(ProxyError::Timeout { addr: ep.addr, timeout }),
+        Ok(Err(reason)) => Err(ProxyError::Upstream {
+            addr: ep.addr,
+            reason,
+        }),
+        Err(_) => Err(ProxyError::Timeout {
+            addr: ep.addr,
+            timeout,
+        }),
     }
 }
 
@@ -645,14 +670,18 @@ fn client_host(req: &Request<Incoming>) -> Result<Option<HeaderValue>, ProxyErro
             }
         }
         // RFC 9112 §3.2.2: an absolute-form target wins over Host.
-        let v = HeaderValue::from_str(auth.as_str()).map_err(|_| ProxyError::BadRequest("invalid authority"))?;
+        let v =
+            HeaderValue::from_str(auth.as_str()).map_err(|_| ProxyError::BadRequest("invalid authority"))?;
         return Ok(Some(v));
     }
     match host {
         None if req.version() == Version::HTTP_11 => Err(ProxyError::BadRequest("missing host header")),
         None => Ok(None),
         Some(h) => {
-            let valid = h.to_str().ok().is_some_and(|s| http::uri::Authority::try_from(s).is_ok());
+            let valid = h
+                .to_str()
+                .ok()
+                .is_some_and(|s| http::uri::Authority::try_from(s).is_ok());
             if !valid {
                 return Err(ProxyError::BadRequest("invalid host header"));
             }
