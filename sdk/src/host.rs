@@ -1,0 +1,148 @@
+//! The host calls behind the typed API: the real imports on wasm, the mock host
+//! ([`crate::testing`]) everywhere else, with the same signatures.
+
+#[cfg(not(target_arch = "wasm32"))]
+pub(crate) use crate::testing::imp::*;
+#[cfg(target_arch = "wasm32")]
+pub(crate) use imp::*;
+
+#[cfg(target_arch = "wasm32")]
+mod imp {
+    use crate::outbound::{OutboundRequest, OutboundResponse};
+    use crate::wit::weir::filter::{
+        log as lg, metrics as mt, outbound as ob, properties as pr, request as rq, response as rs, state as st,
+        types as wt,
+    };
+
+    pub fn req_method() -> String {
+        rq::method()
+    }
+    pub fn req_path() -> String {
+        rq::path()
+    }
+    pub fn req_query() -> Option<String> {
+        rq::query()
+    }
+    pub fn req_authority() -> Option<String> {
+        rq::authority()
+    }
+    pub fn req_scheme() -> String {
+        rq::scheme()
+    }
+    pub fn req_get_header(n: &str) -> Option<Vec<u8>> {
+        rq::get_header(n)
+    }
+    pub fn req_get_header_all(n: &str) -> Vec<Vec<u8>> {
+        rq::get_header_all(n)
+    }
+    pub fn req_get_headers() -> Vec<wt::Header> {
+        rq::get_headers()
+    }
+    pub fn req_set_header(n: &str, v: &[u8]) -> Result<(), wt::Error> {
+        rq::set_header(n, v)
+    }
+    pub fn req_append_header(n: &str, v: &[u8]) -> Result<(), wt::Error> {
+        rq::append_header(n, v)
+    }
+    pub fn req_remove_header(n: &str) -> Result<(), wt::Error> {
+        rq::remove_header(n)
+    }
+    pub fn req_set_path(p: &str) -> Result<(), wt::Error> {
+        rq::set_path(p)
+    }
+    pub fn req_set_authority(a: &str) -> Result<(), wt::Error> {
+        rq::set_authority(a)
+    }
+    pub fn resp_status() -> u16 {
+        rs::status()
+    }
+    pub fn resp_set_status(s: u16) -> Result<(), wt::Error> {
+        rs::set_status(s)
+    }
+    pub fn resp_get_header(n: &str) -> Option<Vec<u8>> {
+        rs::get_header(n)
+    }
+    pub fn resp_get_headers() -> Vec<wt::Header> {
+        rs::get_headers()
+    }
+    pub fn resp_set_header(n: &str, v: &[u8]) -> Result<(), wt::Error> {
+        rs::set_header(n, v)
+    }
+    pub fn resp_append_header(n: &str, v: &[u8]) -> Result<(), wt::Error> {
+        rs::append_header(n, v)
+    }
+    pub fn resp_remove_header(n: &str) -> Result<(), wt::Error> {
+        rs::remove_header(n)
+    }
+    pub fn prop_client_address() -> String {
+        pr::client_address()
+    }
+    pub fn prop_peer_identity() -> Option<wt::PeerIdentity> {
+        pr::peer()
+    }
+    pub fn prop_sni() -> Option<String> {
+        pr::sni()
+    }
+    pub fn prop_listener() -> String {
+        pr::listener()
+    }
+    pub fn prop_route() -> Option<String> {
+        pr::route()
+    }
+    pub fn prop_request_id() -> String {
+        pr::request_id()
+    }
+    pub fn prop_cluster() -> Option<String> {
+        pr::cluster()
+    }
+    pub fn prop_set_cluster(n: &str) -> Result<(), wt::Error> {
+        pr::set_cluster(n)
+    }
+    pub fn prop_set_timeout(ms: u32) -> Result<(), wt::Error> {
+        pr::set_timeout(ms)
+    }
+    pub fn prop_filter_name() -> String {
+        pr::filter_name()
+    }
+    pub fn log_enabled(l: wt::LogLevel) -> bool {
+        lg::enabled(l)
+    }
+    pub fn log_write(l: wt::LogLevel, m: &str) {
+        lg::write(l, m)
+    }
+    pub fn metrics_counter_add(n: &str, l: &[(String, String)], v: u64) -> Result<(), wt::Error> {
+        mt::counter_add(n, l, v)
+    }
+    pub fn metrics_gauge_set(n: &str, l: &[(String, String)], v: i64) -> Result<(), wt::Error> {
+        mt::gauge_set(n, l, v)
+    }
+    pub fn metrics_histogram_observe(n: &str, l: &[(String, String)], v: f64) -> Result<(), wt::Error> {
+        mt::histogram_observe(n, l, v)
+    }
+    pub fn state_get(k: &str) -> Option<st::Entry> {
+        st::get(k)
+    }
+    pub fn state_set(k: &str, v: &[u8], ttl: Option<u64>) -> Result<(), wt::Error> {
+        st::set(k, v, ttl)
+    }
+    pub fn state_cas(k: &str, e: Option<u64>, v: &[u8], ttl: Option<u64>) -> Result<bool, wt::Error> {
+        st::compare_and_swap(k, e, v, ttl)
+    }
+    pub fn state_delete(k: &str) {
+        st::delete(k)
+    }
+    pub fn outbound_call(cluster: &str, req: &OutboundRequest) -> Result<OutboundResponse, String> {
+        let r = ob::OutboundRequest {
+            method: req.method.clone(),
+            path: req.path.clone(),
+            headers: req.headers.iter().map(|(n, v)| wt::Header { name: n.clone(), value: v.clone() }).collect(),
+            body: req.body.clone(),
+            timeout_ms: req.timeout.as_millis().min(u32::MAX as u128) as u32,
+        };
+        ob::call(cluster, &r).map(|r| OutboundResponse {
+            status: r.status,
+            headers: r.headers.into_iter().map(|h| (h.name, h.value)).collect(),
+            body: r.body,
+        })
+    }
+}
