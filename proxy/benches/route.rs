@@ -23,7 +23,9 @@ fn routes(c: &mut Criterion) {
     }
     toml.push_str("[[routes]]\ncluster = \"c\"\n[clusters.c]\nendpoints = [\"127.0.0.1:1\"]\n");
     let cfg = Config::from_toml(&toml, "bench", std::path::Path::new(".")).unwrap();
-    let table = RouteTable::build(&cfg, "web", &Metrics::new());
+    let table = RouteTable::build(&cfg, "web", &Metrics::new(), |_| {
+        weir::filter::FilterChain::default()
+    });
     let mut g = c.benchmark_group("route");
     g.bench_function("first_of_21", |b| {
         b.iter(|| table.find(black_box("svc0.example.com"), black_box("/api/v0/users")))

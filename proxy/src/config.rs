@@ -37,6 +37,9 @@ pub struct Config {
     /// Upstream clusters by name.
     #[serde(default)]
     pub clusters: BTreeMap<String, ClusterConfig>,
+    /// Where filters live and the limits every filter runs under.
+    #[serde(default)]
+    pub filter_host: FilterHostConfig,
     /// Directory relative paths in this file are resolved against (the file's directory).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -133,6 +136,9 @@ pub struct ListenerConfig {
     /// How `X-Forwarded-For`/`-Proto`/`-Host` are written.
     #[serde(default)]
     pub forwarded_headers: ForwardedMode,
+    /// Filters run on every routed request of this listener, before the route's own.
+    #[serde(default)]
+    pub filters: Vec<FilterEntry>,
     /// Send the verified client certificate's identity upstream in
     /// `X-Forwarded-Client-Cert` (Envoy's format). A client-sent value is always removed.
     #[serde(default)]
@@ -271,6 +277,51 @@ pub struct RouteConfig {
     /// Tunnel `CONNECT` requests matching this route to the cluster (refused otherwise).
     #[serde(default)]
     pub allow_connect: bool,
+    /// Filters run on this route, after the listener's.
+    #[serde(default)]
+    pub filters: Vec<FilterEntry>,
+}
+
+/// The filter host: where filter files are and the limits each filter call runs under.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FilterHostConfig {
+    /// Directory filter `file`s are relative to (itself relative to this config file).
+    pub dir: PathBuf,
+    /// CPU time one phase call may use.
+    #[serde(with = "humantime_serde")]
+    pub cpu_budget: Duration,
+    /// Linear memory one instance may grow to, in bytes.
+    pub memory_limit: u64,
+    /// Most live instances per filter (requests it serves at once).
+    pub max_instances: usize,
+}
+
+impl Default for FilterHostConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("filters"),
+            cpu_budget: limits::DEFAULT_FILTER_CPU_BUDGET,
+            memory_limit: limits::DEFAULT_FILTER_MEMORY,
+            max_instances: limits::DEFAULT_FILTER_MAX_INSTANCES,
+        }
+    }
+}
+
+/// One filter in a chain.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterEntry {
+    /// The filter's name: logs, metrics, errors; entries with the same name share state.
+    pub name: String,
+    /// The component (`.wasm`), relative to `filter_host.dir`.
+    pub file: PathBuf,
+    /// What a failing call does to the request: `fail-closed` (500) or `fail-open` (skip).
+    #[serde(default)]
+    pub failure_policy: crate::filter::FailurePolicy,
+    /// The filter's own configuration, handed to it as JSON.
+    #[serde(default)]
+    pub config: toml::Table,
 }
 
 fn default_prefix() -> String {
@@ -509,6 +560,7 @@ impl Config {
                     self.check_file(&mut push, format!("{at}.tls.client_ca"), ca);
                 }
             }
+            self.check_filters(&mut push, &at, &l.filters);
             let lim = &l.limits;
             if lim.max_header_bytes < 8192 {
                 push(
@@ -580,6 +632,7 @@ impl Config {
                     push(format!("{at}.host"), format!("invalid host {h:?}"));
                 }
             }
+            self.check_filters(&mut push, &at, &r.filters);
             if matches!(r.timeout, Some(d) if d.is_zero()) {
                 push(format!("{at}.timeout"), "must be greater than zero".into());
             }
@@ -644,6 +697,18 @@ impl Config {
             }
         }
 
+        if self.filter_host.cpu_budget.is_zero() {
+            push(
+                "filter_host.cpu_budget".into(),
+                "must be greater than zero".into(),
+            );
+        }
+        if self.filter_host.max_instances == 0 {
+            push("filter_host.max_instances".into(), "must be at least 1".into());
+        }
+        if self.filter_host.memory_limit < 1024 * 1024 {
+            push("filter_host.memory_limit".into(), "must be at least 1 MiB".into());
+        }
         if issues.is_empty() {
             // Files exist; now check they hold what they should (PEM that parses, keys that match).
             issues.extend(crate::tls::check_config(self));
@@ -655,6 +720,30 @@ impl Config {
                 file: self.source_name.clone(),
                 issues,
             })
+        }
+    }
+
+    /// Where a filter entry's file is.
+    pub fn filter_path(&self, file: &Path) -> PathBuf {
+        if file.is_absolute() {
+            file.to_path_buf()
+        } else {
+            self.resolve(&self.filter_host.dir).join(file)
+        }
+    }
+
+    fn check_filters(&self, push: &mut impl FnMut(String, String), at: &str, entries: &[FilterEntry]) {
+        for (k, f) in entries.iter().enumerate() {
+            if f.name.is_empty() {
+                push(format!("{at}.filters[{k}].name"), "must not be empty".into());
+            }
+            let full = self.filter_path(&f.file);
+            if !full.is_file() {
+                push(
+                    format!("{at}.filters[{k}].file"),
+                    format!("file not found: {}", full.display()),
+                );
+            }
         }
     }
 

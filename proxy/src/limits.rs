@@ -83,3 +83,24 @@ pub const CONNECT_ATTEMPTS: usize = 3;
 
 /// The default admin address: loopback, Envoy's conventional port.
 pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:9901";
+
+/// CPU time one filter phase call may use before it is cut off (epoch interruption). 20 ms
+/// is far above a sane filter's microseconds and far below a client's patience.
+pub const DEFAULT_FILTER_CPU_BUDGET: Duration = Duration::from_millis(20);
+
+/// How often the epoch advances: the granularity of filter CPU deadlines. 1 ms keeps the
+/// overshoot small at the cost of one cheap atomic increment per millisecond.
+pub const FILTER_EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// Linear memory one filter instance may grow to. 32 MiB: room for a JWKS cache, not for a
+/// runaway allocation.
+pub const DEFAULT_FILTER_MEMORY: u64 = 32 * 1024 * 1024;
+
+/// Wasm stack per call; deep recursion traps instead of overflowing the host.
+pub const DEFAULT_FILTER_STACK: usize = 512 * 1024;
+
+/// Most live instances of one filter, i.e. how many requests it serves at once.
+pub const DEFAULT_FILTER_MAX_INSTANCES: usize = 256;
+
+/// Largest body of a response a filter makes itself.
+pub const MAX_FILTER_RESPONSE_BODY: usize = 1024 * 1024;

@@ -39,6 +39,12 @@ struct ClusterLabels {
     cluster: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FilterErrorLabels {
+    filter: String,
+    kind: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -54,6 +60,8 @@ pub struct Metrics {
     connections: Family<ListenerLabels, Gauge>,
     connections_total: Family<ListenerLabels, Counter>,
     connect_errors: Family<ClusterLabels, Counter>,
+    filter_errors: Family<FilterErrorLabels, Counter>,
+    filters: std::sync::Mutex<Vec<(Arc<str>, std::sync::Weak<crate::filter::host::FilterMetrics>)>>,
 }
 
 const CLASSES: [&str; 6] = ["other", "1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -92,6 +100,7 @@ impl Metrics {
         let connections = Family::<ListenerLabels, Gauge>::default();
         let connections_total = Family::<ListenerLabels, Counter>::default();
         let connect_errors = Family::<ClusterLabels, Counter>::default();
+        let filter_errors = Family::<FilterErrorLabels, Counter>::default();
         let http = root.sub_registry_with_prefix("http");
         http.register("requests", "Responses sent downstream", requests.clone());
         http.register_with_unit(
@@ -117,6 +126,12 @@ impl Metrics {
             "Failed connection attempts to upstream endpoints",
             connect_errors.clone(),
         );
+        let filter = root.sub_registry_with_prefix("filter");
+        filter.register(
+            "errors",
+            "Filter calls that failed, by kind (trap, timeout, memory, invalid, overload, config)",
+            filter_errors.clone(),
+        );
         Metrics {
             registry: root,
             requests,
@@ -124,6 +139,8 @@ impl Metrics {
             connections,
             connections_total,
             connect_errors,
+            filter_errors,
+            filters: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -170,11 +187,38 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts a failed filter call.
+    pub fn filter_error(&self, filter: &str, kind: &'static str) {
+        self.filter_errors
+            .get_or_create(&FilterErrorLabels {
+                filter: filter.into(),
+                kind,
+            })
+            .inc();
+    }
+
+    /// Exports a filter's own metrics while it is loaded.
+    pub fn register_filter(&self, name: Arc<str>, m: &Arc<crate::filter::host::FilterMetrics>) {
+        let mut g = self.filters.lock().expect("filters lock");
+        g.retain(|(_, w)| w.strong_count() > 0);
+        g.push((name, Arc::downgrade(m)));
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        // Filters' own series go before the closing `# EOF` of the OpenMetrics text.
+        if out.ends_with("# EOF\n") {
+            out.truncate(out.len() - "# EOF\n".len());
+        }
+        for (name, m) in self.filters.lock().expect("filters lock").iter() {
+            if let Some(m) = m.upgrade() {
+                m.encode(name, &mut out);
+            }
+        }
+        out.push_str("# EOF\n");
         out
     }
 }

@@ -21,9 +21,12 @@ use hyper_util::rt::TokioIo;
 
 use crate::body::{self, Body, Limited, Observed, OnComplete};
 use crate::cluster::{describe, Cluster, Conn, Endpoint, PooledBody};
-use crate::config::{Config, ForwardedMode, ListenerLimits};
+use crate::config::{Config, FilterEntry, ForwardedMode, ListenerLimits};
 use crate::error::ProxyError;
-use crate::filter::{FilterChain, LogSummary, RequestContext};
+use crate::filter::host::{FilterMetrics, FilterShared};
+use crate::filter::state::SharedState;
+use crate::filter::wasm::{FilterLimits, WasmEngine, WasmFilter};
+use crate::filter::{ChainEntry, FilterChain, LogSummary, RequestContext};
 use crate::limits;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::route::{Route, RouteTable};
@@ -74,12 +77,21 @@ impl Gateway {
             tokio::spawn(Cluster::maintain(Arc::downgrade(&cluster)));
             clusters.insert(Arc::from(name.as_str()), cluster);
         }
+        let mut loader = FilterLoader::new(config, metrics, &clusters);
         let mut listeners = std::collections::HashMap::new();
-        for l in &config.listeners {
+        for (li, l) in config.listeners.iter().enumerate() {
+            // The listener's chain: native filters handed in (embedders, tests), then Wasm.
+            let native = chains.get(&l.name).cloned().unwrap_or_default();
+            let listener_chain = native.then(loader.entries(&format!("listeners[{li}]"), &l.filters).await?);
+            let mut route_chains = Vec::new();
+            for (ri, r) in config.routes.iter().enumerate() {
+                route_chains
+                    .push(listener_chain.then(loader.entries(&format!("routes[{ri}]"), &r.filters).await?));
+            }
             let state = ListenerState {
                 name: l.name.as_str().into(),
-                routes: RouteTable::build(config, &l.name, metrics),
-                chain: chains.get(&l.name).cloned().unwrap_or_default(),
+                routes: RouteTable::build(config, &l.name, metrics, |i| route_chains[i].clone()),
+                chain: listener_chain,
                 limits: l.limits.clone(),
                 forwarded: l.forwarded_headers,
                 unrouted: metrics.route(&l.name, "", ""),
@@ -94,6 +106,94 @@ impl Gateway {
             metrics: metrics.clone(),
         })
     }
+}
+
+/// Loads the Wasm filters of a config: one [`WasmFilter`] per distinct entry name, shared by
+/// every chain that names it (same instances, state and metrics).
+struct FilterLoader<'a> {
+    config: &'a Config,
+    metrics: &'a Arc<Metrics>,
+    clusters: &'a std::collections::HashMap<Arc<str>, Arc<Cluster>>,
+    loaded: std::collections::HashMap<String, Arc<WasmFilter>>,
+}
+
+impl<'a> FilterLoader<'a> {
+    fn new(
+        config: &'a Config,
+        metrics: &'a Arc<Metrics>,
+        clusters: &'a std::collections::HashMap<Arc<str>, Arc<Cluster>>,
+    ) -> Self {
+        FilterLoader {
+            config,
+            metrics,
+            clusters,
+            loaded: std::collections::HashMap::new(),
+        }
+    }
+
+    async fn entries(&mut self, at: &str, entries: &[FilterEntry]) -> anyhow::Result<Vec<ChainEntry>> {
+        let mut out = Vec::new();
+        for (k, e) in entries.iter().enumerate() {
+            let filter = match self.loaded.get(&e.name) {
+                Some(f) => f.clone(),
+                None => {
+                    let f = Arc::new(self.load(e).await.map_err(|err| {
+                        anyhow::anyhow!(
+                            "{}: {at}.filters[{k}] ({}): {err:#}",
+                            self.config.source_name,
+                            e.name
+                        )
+                    })?);
+                    self.loaded.insert(e.name.clone(), f.clone());
+                    f
+                }
+            };
+            out.push(ChainEntry {
+                filter,
+                policy: e.failure_policy,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn load(&self, e: &FilterEntry) -> anyhow::Result<WasmFilter> {
+        let engine = wasm_engine()?;
+        let fm = Arc::new(FilterMetrics::default());
+        let name: Arc<str> = e.name.as_str().into();
+        self.metrics.register_filter(name.clone(), &fm);
+        let shared = Arc::new(FilterShared {
+            name,
+            state: SharedState::default(),
+            metrics: fm,
+            clusters: self.clusters.clone(),
+        });
+        let fh = &self.config.filter_host;
+        let limits = FilterLimits {
+            cpu_budget: fh.cpu_budget,
+            memory: usize::try_from(fh.memory_limit).unwrap_or(usize::MAX),
+            max_instances: fh.max_instances,
+        };
+        let json = serde_json::to_string(&e.config)?;
+        engine
+            .load(
+                &self.config.filter_path(&e.file),
+                json,
+                limits,
+                shared,
+                self.metrics.clone(),
+            )
+            .await
+    }
+}
+
+/// The process's one Wasm engine (one epoch ticker, one compile cache), made on first use.
+fn wasm_engine() -> anyhow::Result<Arc<WasmEngine>> {
+    static ENGINE: std::sync::OnceLock<Arc<WasmEngine>> = std::sync::OnceLock::new();
+    if let Some(e) = ENGINE.get() {
+        return Ok(e.clone());
+    }
+    let e = WasmEngine::new()?;
+    Ok(ENGINE.get_or_init(|| e).clone())
 }
 
 /// State shared by every connection of the process.
@@ -192,6 +292,7 @@ pub async fn handle(
     let mut x = Exchange {
         metrics: ls.unrouted.clone(),
         upstream: None,
+        chain: FilterChain::default(),
     };
 
     let result = forward(req, index, &conn, &gw, &ls, &mut ctx, &mut x).await;
@@ -214,7 +315,7 @@ pub async fn handle(
     let done = Completion {
         conn: conn.clone(),
         access_log: gw.access_log,
-        chain: ls.chain.clone(),
+        chain: x.chain,
         ctx,
         metrics: x.metrics,
         method,
@@ -231,6 +332,8 @@ pub async fn handle(
 struct Exchange {
     metrics: RouteMetrics,
     upstream: Option<SocketAddr>,
+    /// The chain the request ran, for its log phase.
+    chain: FilterChain,
 }
 
 /// Runs once when the response body ended: metrics, access log, `on-log`, idle tracking.
@@ -350,7 +453,8 @@ async fn forward(
         parts.uri = with_path(&parts.uri, &p)?;
     }
 
-    if let Some(resp) = ls.chain.on_request_headers(&mut parts, ctx)? {
+    x.chain = route.chain.clone();
+    if let Some(resp) = route.chain.on_request_headers(&mut parts, ctx).await? {
         return Ok(resp);
     }
     let cluster_name = ctx.cluster.clone().ok_or(ProxyError::NoRoute)?;
@@ -422,7 +526,7 @@ async fn forward(
         return Ok(Response::from_parts(rparts, body::empty()));
     }
     strip_hop_by_hop(&mut rparts.headers, false);
-    if let Some(resp) = ls.chain.on_response_headers(&mut rparts, ctx)? {
+    if let Some(resp) = route.chain.on_response_headers(&mut rparts, ctx).await? {
         return Ok(resp);
     }
     let body = rbody.boxed();

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{Config, RouteConfig};
+use crate::filter::FilterChain;
 use crate::metrics::{Metrics, RouteMetrics};
 
 /// How a route matches the host.
@@ -37,6 +38,8 @@ pub struct Route {
     pub allow_connect: bool,
     /// Pre-resolved metric series for (listener, route, route's cluster).
     pub metrics: RouteMetrics,
+    /// The filters this route's requests run: the listener's, then the route's own.
+    pub chain: FilterChain,
 }
 
 impl Route {
@@ -66,14 +69,20 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    /// Compiles the routes that apply to `listener`.
-    pub fn build(config: &Config, listener: &str, metrics: &Metrics) -> RouteTable {
+    /// Compiles the routes that apply to `listener`; `chain(i)` is the filter chain of
+    /// `config.routes[i]` on this listener.
+    pub fn build(
+        config: &Config,
+        listener: &str,
+        metrics: &Metrics,
+        chain: impl Fn(usize) -> FilterChain,
+    ) -> RouteTable {
         let routes = config
             .routes
             .iter()
             .enumerate()
             .filter(|(_, r)| r.listeners.is_empty() || r.listeners.iter().any(|l| l == listener))
-            .map(|(i, r)| compile(i, r, listener, metrics))
+            .map(|(i, r)| compile(i, r, listener, metrics, chain(i)))
             .collect();
         RouteTable { routes }
     }
@@ -84,7 +93,7 @@ impl RouteTable {
     }
 }
 
-fn compile(i: usize, r: &RouteConfig, listener: &str, metrics: &Metrics) -> Route {
+fn compile(i: usize, r: &RouteConfig, listener: &str, metrics: &Metrics, chain: FilterChain) -> Route {
     let name: Arc<str> = r.name.clone().unwrap_or_else(|| format!("route-{i}")).into();
     let host = match r.host.as_deref().map(str::to_ascii_lowercase) {
         None => HostMatch::Any,
@@ -107,6 +116,7 @@ fn compile(i: usize, r: &RouteConfig, listener: &str, metrics: &Metrics) -> Rout
             .and_then(|h| http::HeaderValue::from_str(h).ok()),
         auto_host_rewrite: r.auto_host_rewrite,
         allow_connect: r.allow_connect,
+        chain,
     }
 }
 
@@ -152,12 +162,12 @@ endpoints = ["127.0.0.1:1"]
 "#;
         let c = Config::from_toml(text, "t", Path::new(".")).unwrap();
         let m = Metrics::new();
-        let t = RouteTable::build(&c, "web", &m);
+        let t = RouteTable::build(&c, "web", &m, |_| FilterChain::default());
         assert_eq!(&*t.find("API.example.com", "/v1/x").unwrap().name, "a");
         assert_eq!(&*t.find("api.example.com", "/v2").unwrap().name, "wild");
         assert_eq!(&*t.find("x.example.com", "/").unwrap().name, "wild");
         assert!(t.find("example.com", "/").is_none());
-        let o = RouteTable::build(&c, "other", &m);
+        let o = RouteTable::build(&c, "other", &m, |_| FilterChain::default());
         assert_eq!(&*o.find("example.com", "/").unwrap().name, "only-other");
     }
 }

@@ -158,7 +158,10 @@ pub mod runtime {
     /// `init` export.
     pub fn init<F: Filter>(config: &str) -> Result<wt::Capabilities, String> {
         let c = init_typed::<F>(config)?;
-        Ok(wt::Capabilities { request_body: mode(c.request_body), response_body: mode(c.response_body) })
+        Ok(wt::Capabilities {
+            request_body: mode(c.request_body),
+            response_body: mode(c.response_body),
+        })
     }
 
     /// `on-request-headers`, typed.
@@ -208,7 +211,12 @@ pub mod runtime {
 
     /// `on-log` export.
     pub fn on_log<F: Filter>(s: wt::Summary) {
-        let s = Summary { status: s.status, bytes_sent: s.bytes_sent, duration_us: s.duration_us, upstream: s.upstream };
+        let s = Summary {
+            status: s.status,
+            bytes_sent: s.bytes_sent,
+            duration_us: s.duration_us,
+            upstream: s.upstream,
+        };
         log_typed::<F>(&s)
     }
 }

@@ -10,8 +10,8 @@ pub(crate) use imp::*;
 mod imp {
     use crate::outbound::{OutboundRequest, OutboundResponse};
     use crate::wit::weir::filter::{
-        log as lg, metrics as mt, outbound as ob, properties as pr, request as rq, response as rs, state as st,
-        types as wt,
+        log as lg, metrics as mt, outbound as ob, properties as pr, request as rq, response as rs,
+        state as st, types as wt,
     };
 
     pub fn req_method() -> String {
@@ -135,7 +135,14 @@ mod imp {
         let r = ob::OutboundRequest {
             method: req.method.clone(),
             path: req.path.clone(),
-            headers: req.headers.iter().map(|(n, v)| wt::Header { name: n.clone(), value: v.clone() }).collect(),
+            headers: req
+                .headers
+                .iter()
+                .map(|(n, v)| wt::Header {
+                    name: n.clone(),
+                    value: v.clone(),
+                })
+                .collect(),
             body: req.body.clone(),
             timeout_ms: req.timeout.as_millis().min(u32::MAX as u128) as u32,
         };

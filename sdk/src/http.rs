@@ -56,12 +56,17 @@ pub struct Response {
 impl Response {
     /// A response with this status, no headers and an empty body.
     pub fn new(status: u16) -> Response {
-        Response { status, headers: Vec::new(), body: Vec::new() }
+        Response {
+            status,
+            headers: Vec::new(),
+            body: Vec::new(),
+        }
     }
 
     /// Adds a header.
     pub fn header(mut self, name: &str, value: impl AsRef<[u8]>) -> Response {
-        self.headers.push((name.to_ascii_lowercase(), value.as_ref().to_vec()));
+        self.headers
+            .push((name.to_ascii_lowercase(), value.as_ref().to_vec()));
         self
     }
 
@@ -74,7 +79,11 @@ impl Response {
     pub(crate) fn into_wit(self) -> wt::Response {
         wt::Response {
             status: self.status,
-            headers: self.headers.into_iter().map(|(name, value)| wt::Header { name, value }).collect(),
+            headers: self
+                .headers
+                .into_iter()
+                .map(|(name, value)| wt::Header { name, value })
+                .collect(),
             body: self.body,
         }
     }

@@ -23,7 +23,11 @@ pub fn client_address() -> String {
 
 /// The verified client certificate's identity, on mTLS listeners.
 pub fn peer_identity() -> Option<PeerIdentity> {
-    host::prop_peer_identity().map(|p| PeerIdentity { subject: p.subject, uri_sans: p.uri_sans, dns_sans: p.dns_sans })
+    host::prop_peer_identity().map(|p| PeerIdentity {
+        subject: p.subject,
+        uri_sans: p.uri_sans,
+        dns_sans: p.dns_sans,
+    })
 }
 
 /// The SNI the client sent.

@@ -21,7 +21,10 @@ fn ms(ttl: Option<Duration>) -> Option<u64> {
 
 /// Reads a key.
 pub fn get(key: &str) -> Option<Entry> {
-    host::state_get(key).map(|e| Entry { value: e.value, version: e.version })
+    host::state_get(key).map(|e| Entry {
+        value: e.value,
+        version: e.version,
+    })
 }
 
 /// Writes a key, optionally expiring after `ttl`.
@@ -31,7 +34,12 @@ pub fn set(key: &str, value: &[u8], ttl: Option<Duration>) -> Result<(), HostErr
 
 /// Writes only if the current version is `expected` (`None`: only if absent); returns whether
 /// the write happened.
-pub fn compare_and_swap(key: &str, expected: Option<u64>, value: &[u8], ttl: Option<Duration>) -> Result<bool, HostError> {
+pub fn compare_and_swap(
+    key: &str,
+    expected: Option<u64>,
+    value: &[u8],
+    ttl: Option<Duration>,
+) -> Result<bool, HostError> {
     host::state_cas(key, expected, value, ms(ttl)).map_err(Into::into)
 }
 

@@ -153,7 +153,10 @@ impl<F: Filter> TestFilter<F> {
     /// Initialises the filter with its config as JSON (`"{}"` for none).
     pub fn new(config_json: &str) -> Result<Self, String> {
         let capabilities = runtime::init_typed::<F>(config_json)?;
-        Ok(TestFilter { capabilities, _f: PhantomData })
+        Ok(TestFilter {
+            capabilities,
+            _f: PhantomData,
+        })
     }
 
     /// Runs `on_request_headers` against the mock host.
@@ -183,7 +186,9 @@ impl<F: Filter> TestFilter<F> {
 }
 
 fn get(list: &[(String, Vec<u8>)], name: &str) -> Option<Vec<u8>> {
-    list.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone())
+    list.iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.clone())
 }
 
 fn key(name: &str, labels: &[(String, String)]) -> String {
@@ -210,12 +215,16 @@ pub(crate) mod imp {
             "content-length",
             "host",
         ];
-        let valid = !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        let valid = !n.is_empty()
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
         if !valid {
             return Err(wt::Error::Invalid(format!("invalid header name {n:?}")));
         }
         if REFUSED.contains(&n.to_ascii_lowercase().as_str()) {
-            return Err(wt::Error::Invalid(format!("header {n:?} is managed by the proxy")));
+            return Err(wt::Error::Invalid(format!(
+                "header {n:?} is managed by the proxy"
+            )));
         }
         Ok(())
     }
@@ -232,7 +241,12 @@ pub(crate) mod imp {
     }
 
     fn headers(list: &[(String, Vec<u8>)]) -> Vec<wt::Header> {
-        list.iter().map(|(n, v)| wt::Header { name: n.clone(), value: v.clone() }).collect()
+        list.iter()
+            .map(|(n, v)| wt::Header {
+                name: n.clone(),
+                value: v.clone(),
+            })
+            .collect()
     }
 
     fn set(list: &mut Vec<(String, Vec<u8>)>, n: &str, v: &[u8], append: bool) -> Result<(), wt::Error> {
@@ -265,7 +279,13 @@ pub(crate) mod imp {
         m(|h| get(&h.request_headers, n))
     }
     pub fn req_get_header_all(n: &str) -> Vec<Vec<u8>> {
-        m(|h| h.request_headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case(n)).map(|(_, v)| v.clone()).collect())
+        m(|h| {
+            h.request_headers
+                .iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case(n))
+                .map(|(_, v)| v.clone())
+                .collect()
+        })
     }
     pub fn req_get_headers() -> Vec<wt::Header> {
         m(|h| headers(&h.request_headers))
@@ -395,7 +415,12 @@ pub(crate) mod imp {
         Ok(())
     }
     pub fn state_get(k: &str) -> Option<st::Entry> {
-        m(|h| h.state.get(k).map(|(value, version)| st::Entry { value: value.clone(), version: *version }))
+        m(|h| {
+            h.state.get(k).map(|(value, version)| st::Entry {
+                value: value.clone(),
+                version: *version,
+            })
+        })
     }
     pub fn state_set(k: &str, v: &[u8], _ttl: Option<u64>) -> Result<(), wt::Error> {
         m(|h| {
@@ -418,7 +443,9 @@ pub(crate) mod imp {
         // Take the handler out while it runs so it may use the mock host itself.
         let handler = m(|h| h.outbound.take());
         let Some(mut handler) = handler else {
-            return Err(format!("no outbound handler in the mock host for cluster {cluster:?}"));
+            return Err(format!(
+                "no outbound handler in the mock host for cluster {cluster:?}"
+            ));
         };
         let r = handler(cluster, req);
         m(|h| h.outbound = Some(handler));

@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use http::{HeaderValue, Response, StatusCode};
-use weir::filter::{Action, ChainEntry, FailurePolicy, Filter, FilterChain, FilterError, RequestContext};
+use weir::filter::{
+    Action, ChainEntry, FailurePolicy, Filter, FilterChain, FilterError, PhaseFuture, RequestContext,
+};
 use weir_tests::client::Client;
 use weir_tests::proxy::{TestProxy, ADMIN};
 use weir_tests::upstream::Upstream;
@@ -17,7 +19,26 @@ impl Filter for Policy {
         "policy"
     }
 
-    fn on_request_headers(
+    fn on_request_headers<'a>(
+        &'a self,
+        req: &'a mut http::request::Parts,
+        ctx: &'a mut RequestContext,
+    ) -> PhaseFuture<'a> {
+        Box::pin(async move { self.request(req, ctx) })
+    }
+
+    fn on_response_headers<'a>(
+        &'a self,
+        resp: &'a mut http::response::Parts,
+        _ctx: &'a mut RequestContext,
+    ) -> PhaseFuture<'a> {
+        resp.headers.insert("x-policy", HeaderValue::from_static("seen"));
+        Box::pin(std::future::ready(Ok(Action::Continue)))
+    }
+}
+
+impl Policy {
+    fn request(
         &self,
         req: &mut http::request::Parts,
         ctx: &mut RequestContext,
@@ -33,15 +54,6 @@ impl Filter for Policy {
         }
         Ok(Action::Continue)
     }
-
-    fn on_response_headers(
-        &self,
-        resp: &mut http::response::Parts,
-        _ctx: &mut RequestContext,
-    ) -> Result<Action, FilterError> {
-        resp.headers.insert("x-policy", HeaderValue::from_static("seen"));
-        Ok(Action::Continue)
-    }
 }
 
 struct Broken(&'static str);
@@ -51,18 +63,20 @@ impl Filter for Broken {
         self.0
     }
 
-    fn on_request_headers(
-        &self,
-        req: &mut http::request::Parts,
-        _ctx: &mut RequestContext,
-    ) -> Result<Action, FilterError> {
-        if req.uri.path() == "/fail" {
-            return Err(FilterError {
+    fn on_request_headers<'a>(
+        &'a self,
+        req: &'a mut http::request::Parts,
+        _ctx: &'a mut RequestContext,
+    ) -> PhaseFuture<'a> {
+        let r = if req.uri.path() == "/fail" {
+            Err(FilterError {
                 kind: "trap",
                 message: "unreachable executed".into(),
-            });
-        }
-        Ok(Action::Continue)
+            })
+        } else {
+            Ok(Action::Continue)
+        };
+        Box::pin(std::future::ready(r))
     }
 }
 

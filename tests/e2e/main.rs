@@ -10,3 +10,4 @@ mod filters;
 mod limits;
 mod protocols;
 mod tls;
+mod wasm;

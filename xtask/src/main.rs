@@ -95,9 +95,25 @@ fn is_root() -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
+/// Filters compile to `wasm32-wasip2`; the end-to-end tests build test filters for it.
+fn ensure_wasm_target() -> Result<()> {
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .context("rustup is needed to install the wasm32-wasip2 target")?;
+    if !String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|l| l.trim() == "wasm32-wasip2")
+    {
+        run(Command::new("rustup").args(["target", "add", "wasm32-wasip2"]))?;
+    }
+    Ok(())
+}
+
 fn test(extra: &[String]) -> Result<()> {
     // curl is used by the quickstart's instructions and by the load bench's readiness probe.
     ensure_packages(&[("curl", "curl")])?;
+    ensure_wasm_target()?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     // The end-to-end tests start the real binary (drain, `weir check`).
@@ -154,6 +170,7 @@ impl Drop for Children {
 
 fn demo() -> Result<()> {
     ensure_packages(&[("curl", "curl")])?;
+    ensure_wasm_target()?;
     run(cargo().args(["build", "-p", "weir", "-p", "weir-demo-upstream"]))?;
     let target = std::env::var("CARGO_TARGET_DIR")
         .map(PathBuf::from)

@@ -44,7 +44,11 @@ impl Filter for Hello {
     fn on_request_headers(&self, req: &Request) -> Action {
         if self.config.deny_path.as_deref() == Some(req.path().as_str()) {
             let _ = metrics::counter_add("denied", &[], 1);
-            return Action::Respond(Response::new(403).header("content-type", "text/plain").body("denied by hello-filter\n"));
+            return Action::Respond(
+                Response::new(403)
+                    .header("content-type", "text/plain")
+                    .body("denied by hello-filter\n"),
+            );
         }
         // A refused header (a typo in config) is the filter's problem to report, not a crash.
         if let Err(e) = req.set_header(&self.config.header, &self.config.value) {
@@ -90,7 +94,10 @@ mod tests {
         let f = TestFilter::<Hello>::new("{}").unwrap();
         MockHost::reset(|_| {});
         assert_eq!(f.on_response_headers(), Action::Continue);
-        assert_eq!(MockHost::response_header("x-hello-filter").as_deref(), Some("seen"));
+        assert_eq!(
+            MockHost::response_header("x-hello-filter").as_deref(),
+            Some("seen")
+        );
     }
 
     #[test]
@@ -106,6 +113,9 @@ mod tests {
         let f = TestFilter::<Hello>::new(r#"{"header": "connection"}"#).unwrap();
         MockHost::reset(|_| {});
         assert_eq!(f.on_request_headers(), Action::Continue);
-        assert!(MockHost::with(|h| h.logs.iter().any(|(_, m)| m.contains("managed by the proxy"))));
+        assert!(MockHost::with(|h| h
+            .logs
+            .iter()
+            .any(|(_, m)| m.contains("managed by the proxy"))));
     }
 }

@@ -15,7 +15,9 @@
 //! ```
 
 use std::fmt;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +26,15 @@ use http::{request, response, Response};
 use crate::body::Body;
 use crate::error::ProxyError;
 use crate::tls::TlsInfo;
+
+pub mod bindings;
+pub mod host;
+pub mod state;
+pub mod wasm;
+
+/// What a phase returns: a future, so a filter may wait (a Wasm filter's outbound call)
+/// without blocking the proxy.
+pub type PhaseFuture<'a> = Pin<Box<dyn Future<Output = Result<Action, FilterError>> + Send + 'a>>;
 
 /// The phases of a request, named alike in WIT, the SDK, logs and metric labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -117,29 +128,30 @@ pub struct LogSummary {
     pub upstream: Option<SocketAddr>,
 }
 
-/// One filter, of any kind. Every phase has a no-op default.
+/// One filter, of any kind (a Wasm component, later a proxy-wasm module, or native Rust).
+/// Every phase has a no-op default.
 pub trait Filter: Send + Sync + 'static {
     /// The filter's name, used in logs, metrics and errors.
     fn name(&self) -> &str;
 
     /// Runs when the request head arrived and the route table chose a route. May edit the
     /// head, set `ctx.cluster`/`ctx.timeout`, or answer. Default: continue.
-    fn on_request_headers(
-        &self,
-        _req: &mut request::Parts,
-        _ctx: &mut RequestContext,
-    ) -> Result<Action, FilterError> {
-        Ok(Action::Continue)
+    fn on_request_headers<'a>(
+        &'a self,
+        _req: &'a mut request::Parts,
+        _ctx: &'a mut RequestContext,
+    ) -> PhaseFuture<'a> {
+        Box::pin(std::future::ready(Ok(Action::Continue)))
     }
 
     /// Runs when the upstream's response head arrived. May edit it or replace the response.
     /// Default: continue.
-    fn on_response_headers(
-        &self,
-        _resp: &mut response::Parts,
-        _ctx: &mut RequestContext,
-    ) -> Result<Action, FilterError> {
-        Ok(Action::Continue)
+    fn on_response_headers<'a>(
+        &'a self,
+        _resp: &'a mut response::Parts,
+        _ctx: &'a mut RequestContext,
+    ) -> PhaseFuture<'a> {
+        Box::pin(std::future::ready(Ok(Action::Continue)))
     }
 
     /// Runs once when the response ended (or failed). Default: nothing.
@@ -155,16 +167,23 @@ pub struct ChainEntry {
     pub policy: FailurePolicy,
 }
 
-/// An ordered list of filters.
+/// An ordered list of filters; cloning it is cheap (requests keep one for their log phase).
 #[derive(Clone, Default)]
 pub struct FilterChain {
-    entries: Vec<ChainEntry>,
+    entries: Arc<[ChainEntry]>,
 }
 
 impl FilterChain {
     /// A chain of these entries, in order.
     pub fn new(entries: Vec<ChainEntry>) -> FilterChain {
-        FilterChain { entries }
+        FilterChain {
+            entries: entries.into(),
+        }
+    }
+
+    /// This chain followed by `more`.
+    pub fn then(&self, more: impl IntoIterator<Item = ChainEntry>) -> FilterChain {
+        FilterChain::new(self.entries.iter().cloned().chain(more).collect())
     }
 
     /// Whether the chain has no filter (the core skips all phase work then).
@@ -197,13 +216,13 @@ impl FilterChain {
     }
 
     /// Runs `on-request-headers` through the chain; `Some(response)` means answer now.
-    pub fn on_request_headers(
+    pub async fn on_request_headers(
         &self,
         req: &mut request::Parts,
         ctx: &mut RequestContext,
     ) -> Result<Option<Response<Body>>, ProxyError> {
-        for e in &self.entries {
-            let r = e.filter.on_request_headers(req, ctx);
+        for e in self.entries.iter() {
+            let r = e.filter.on_request_headers(req, ctx).await;
             if let Some(resp) = self.settle(e, Phase::RequestHeaders, r)? {
                 return Ok(Some(resp));
             }
@@ -212,13 +231,13 @@ impl FilterChain {
     }
 
     /// Runs `on-response-headers` through the chain.
-    pub fn on_response_headers(
+    pub async fn on_response_headers(
         &self,
         resp: &mut response::Parts,
         ctx: &mut RequestContext,
     ) -> Result<Option<Response<Body>>, ProxyError> {
-        for e in &self.entries {
-            let r = e.filter.on_response_headers(resp, ctx);
+        for e in self.entries.iter() {
+            let r = e.filter.on_response_headers(resp, ctx).await;
             if let Some(replacement) = self.settle(e, Phase::ResponseHeaders, r)? {
                 return Ok(Some(replacement));
             }
@@ -228,7 +247,7 @@ impl FilterChain {
 
     /// Runs `on-log` on every filter.
     pub fn on_log(&self, ctx: &RequestContext, summary: &LogSummary) {
-        for e in &self.entries {
+        for e in self.entries.iter() {
             e.filter.on_log(ctx, summary);
         }
     }

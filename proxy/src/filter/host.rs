@@ -1,0 +1,658 @@
+//! The host side of the filter ABI: what a Wasm filter's imports do.
+//!
+//! Each store carries a [`HostState`]; while a phase runs, the request (or response) head and
+//! the request context are moved into it, the guest reads and edits them through these calls,
+//! and they are moved back afterwards. Every value from the guest is untrusted: names and
+//! values are parsed, hop-by-hop, framing and `host` headers are refused, clusters must
+//! exist, sizes are bounded; a bad value is an `error` answer to the guest, never a panic.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::header::{HeaderName, HeaderValue};
+use http::{request, response};
+use http_body_util::BodyExt;
+use wasmtime::component::ResourceTable;
+use wasmtime::StoreLimits;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::types::{Error, Header, LogLevel, PeerIdentity};
+use super::bindings::weir::filter::{
+    log, metrics, outbound, properties, request as wreq, response as wresp, state,
+};
+use super::state::SharedState;
+use super::{Phase, RequestContext};
+use crate::cluster::{Cluster, Conn, PooledBody};
+
+/// Largest outbound response body a filter may receive.
+pub const MAX_OUTBOUND_BODY: usize = 1024 * 1024;
+
+/// Most metric series one filter may create.
+pub const MAX_FILTER_SERIES: usize = 1000;
+
+/// Headers a filter may not set or remove: hop-by-hop, framing, and the ones the proxy owns.
+const REFUSED: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "host",
+];
+
+/// Parses a header name from a guest and refuses the ones the proxy manages.
+pub fn guest_header_name(name: &str) -> Result<HeaderName, Error> {
+    let n = HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| Error::Invalid(format!("invalid header name {name:?}")))?;
+    if REFUSED.contains(&n.as_str()) {
+        return Err(Error::Invalid(format!(
+            "header {:?} is managed by the proxy",
+            n.as_str()
+        )));
+    }
+    Ok(n)
+}
+
+/// Parses a header value from a guest.
+pub fn guest_header_value(v: &[u8]) -> Result<HeaderValue, Error> {
+    HeaderValue::from_bytes(v).map_err(|_| Error::Invalid("invalid header value".into()))
+}
+
+/// What every instance of one filter shares.
+pub struct FilterShared {
+    /// The filter's name.
+    pub name: Arc<str>,
+    /// Its key-value state.
+    pub state: SharedState,
+    /// Its metrics.
+    pub metrics: Arc<FilterMetrics>,
+    /// Clusters it may route to and call.
+    pub clusters: HashMap<Arc<str>, Arc<Cluster>>,
+}
+
+/// The request being processed, moved into the store for one phase call.
+pub struct CallState {
+    /// The phase running.
+    pub phase: Phase,
+    /// The request head (editable in `on-request-headers`).
+    pub req: request::Parts,
+    /// The response head, in response phases.
+    pub resp: Option<response::Parts>,
+    /// The request context.
+    pub ctx: RequestContext,
+}
+
+/// A store's data.
+pub struct HostState {
+    pub(crate) wasi: WasiCtx,
+    pub(crate) table: ResourceTable,
+    pub(crate) limits: StoreLimits,
+    pub(crate) shared: Arc<FilterShared>,
+    pub(crate) call: Option<CallState>,
+    /// Epoch ticks the running call may still use (see `WasmFilter`'s deadline callback).
+    pub(crate) ticks_left: u64,
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl HostState {
+    fn call(&self) -> Option<&CallState> {
+        self.call.as_ref()
+    }
+
+    fn request_mut(&mut self) -> Result<&mut request::Parts, Error> {
+        match self.call.as_mut() {
+            Some(c) if c.phase == Phase::RequestHeaders => Ok(&mut c.req),
+            _ => Err(Error::WrongPhase),
+        }
+    }
+
+    fn response_mut(&mut self) -> Result<&mut response::Parts, Error> {
+        match self.call.as_mut() {
+            Some(CallState {
+                phase: Phase::ResponseHeaders,
+                resp: Some(r),
+                ..
+            }) => Ok(r),
+            _ => Err(Error::WrongPhase),
+        }
+    }
+}
+
+fn header_list(h: &http::HeaderMap) -> Vec<Header> {
+    h.iter()
+        .map(|(n, v)| Header {
+            name: n.as_str().to_string(),
+            value: v.as_bytes().to_vec(),
+        })
+        .collect()
+}
+
+impl super::bindings::weir::filter::types::Host for HostState {}
+
+impl wreq::Host for HostState {
+    fn method(&mut self) -> String {
+        self.call().map(|c| c.req.method.to_string()).unwrap_or_default()
+    }
+    fn path(&mut self) -> String {
+        self.call()
+            .map(|c| c.req.uri.path().to_string())
+            .unwrap_or_default()
+    }
+    fn query(&mut self) -> Option<String> {
+        self.call().and_then(|c| c.req.uri.query().map(str::to_string))
+    }
+    fn authority(&mut self) -> Option<String> {
+        let c = self.call()?;
+        c.req.uri.authority().map(|a| a.as_str().to_string()).or_else(|| {
+            c.req
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+    }
+    fn scheme(&mut self) -> String {
+        match self.call() {
+            Some(c) if c.ctx.tls.is_some() => "https".into(),
+            _ => "http".into(),
+        }
+    }
+    fn get_header(&mut self, name: String) -> Option<Vec<u8>> {
+        self.call()
+            .and_then(|c| c.req.headers.get(name.as_str()).map(|v| v.as_bytes().to_vec()))
+    }
+    fn get_header_all(&mut self, name: String) -> Vec<Vec<u8>> {
+        self.call()
+            .map(|c| {
+                c.req
+                    .headers
+                    .get_all(name.as_str())
+                    .iter()
+                    .map(|v| v.as_bytes().to_vec())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+    fn get_headers(&mut self) -> Vec<Header> {
+        self.call()
+            .map(|c| header_list(&c.req.headers))
+            .unwrap_or_default()
+    }
+    fn set_header(&mut self, name: String, value: Vec<u8>) -> Result<(), Error> {
+        let (n, v) = (guest_header_name(&name)?, guest_header_value(&value)?);
+        self.request_mut()?.headers.insert(n, v);
+        Ok(())
+    }
+    fn append_header(&mut self, name: String, value: Vec<u8>) -> Result<(), Error> {
+        let (n, v) = (guest_header_name(&name)?, guest_header_value(&value)?);
+        self.request_mut()?.headers.append(n, v);
+        Ok(())
+    }
+    fn remove_header(&mut self, name: String) -> Result<(), Error> {
+        let n = guest_header_name(&name)?;
+        self.request_mut()?.headers.remove(n);
+        Ok(())
+    }
+    fn set_path(&mut self, path_and_query: String) -> Result<(), Error> {
+        let (path, query) = match path_and_query.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (path_and_query.as_str(), None),
+        };
+        // The upstream sees the same canonical form the core routes on.
+        let canonical = crate::path::normalize(path).map_err(|e| Error::Invalid(format!("path: {e}")))?;
+        let pq = match query {
+            Some(q) => format!("{canonical}?{q}"),
+            None => canonical.into_owned(),
+        };
+        let pq: http::uri::PathAndQuery = pq.parse().map_err(|_| Error::Invalid("invalid path".into()))?;
+        let req = self.request_mut()?;
+        let mut parts = req.uri.clone().into_parts();
+        parts.path_and_query = Some(pq);
+        req.uri = http::Uri::from_parts(parts).map_err(|_| Error::Invalid("invalid path".into()))?;
+        Ok(())
+    }
+    fn set_authority(&mut self, authority: String) -> Result<(), Error> {
+        let a: http::uri::Authority = authority
+            .parse()
+            .map_err(|_| Error::Invalid(format!("invalid authority {authority:?}")))?;
+        let v = guest_header_value(a.as_str().as_bytes())?;
+        let req = self.request_mut()?;
+        if req.uri.authority().is_some() {
+            let mut parts = req.uri.clone().into_parts();
+            parts.authority = Some(a);
+            req.uri = http::Uri::from_parts(parts).map_err(|_| Error::Invalid("invalid authority".into()))?;
+        }
+        req.headers.insert(http::header::HOST, v);
+        Ok(())
+    }
+}
+
+impl wresp::Host for HostState {
+    fn status(&mut self) -> u16 {
+        self.call()
+            .and_then(|c| c.resp.as_ref())
+            .map_or(0, |r| r.status.as_u16())
+    }
+    fn set_status(&mut self, status: u16) -> Result<(), Error> {
+        let s = http::StatusCode::from_u16(status)
+            .ok()
+            .filter(|s| s.as_u16() >= 200)
+            .ok_or_else(|| Error::Invalid(format!("invalid status {status}")))?;
+        self.response_mut()?.status = s;
+        Ok(())
+    }
+    fn get_header(&mut self, name: String) -> Option<Vec<u8>> {
+        self.call()
+            .and_then(|c| c.resp.as_ref())
+            .and_then(|r| r.headers.get(name.as_str()).map(|v| v.as_bytes().to_vec()))
+    }
+    fn get_headers(&mut self) -> Vec<Header> {
+        self.call()
+            .and_then(|c| c.resp.as_ref())
+            .map(|r| header_list(&r.headers))
+            .unwrap_or_default()
+    }
+    fn set_header(&mut self, name: String, value: Vec<u8>) -> Result<(), Error> {
+        let (n, v) = (guest_header_name(&name)?, guest_header_value(&value)?);
+        self.response_mut()?.headers.insert(n, v);
+        Ok(())
+    }
+    fn append_header(&mut self, name: String, value: Vec<u8>) -> Result<(), Error> {
+        let (n, v) = (guest_header_name(&name)?, guest_header_value(&value)?);
+        self.response_mut()?.headers.append(n, v);
+        Ok(())
+    }
+    fn remove_header(&mut self, name: String) -> Result<(), Error> {
+        let n = guest_header_name(&name)?;
+        self.response_mut()?.headers.remove(n);
+        Ok(())
+    }
+}
+
+impl properties::Host for HostState {
+    fn client_address(&mut self) -> String {
+        self.call()
+            .map(|c| c.ctx.client_addr.to_string())
+            .unwrap_or_default()
+    }
+    fn peer(&mut self) -> Option<PeerIdentity> {
+        let p = self.call()?.ctx.tls.as_ref()?.peer.as_ref()?;
+        Some(PeerIdentity {
+            subject: p.subject.clone(),
+            uri_sans: p.uri_sans.clone(),
+            dns_sans: p.dns_sans.clone(),
+        })
+    }
+    fn sni(&mut self) -> Option<String> {
+        self.call()?.ctx.tls.as_ref()?.sni.clone()
+    }
+    fn listener(&mut self) -> String {
+        self.call()
+            .map(|c| c.ctx.listener.to_string())
+            .unwrap_or_default()
+    }
+    fn route(&mut self) -> Option<String> {
+        self.call()?.ctx.route.as_deref().map(str::to_string)
+    }
+    fn request_id(&mut self) -> String {
+        self.call()
+            .and_then(|c| c.ctx.request_id.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    }
+    fn cluster(&mut self) -> Option<String> {
+        self.call()?.ctx.cluster.as_deref().map(str::to_string)
+    }
+    fn set_cluster(&mut self, name: String) -> Result<(), Error> {
+        let Some((key, _)) = self.shared.clusters.get_key_value(name.as_str()) else {
+            return Err(Error::Invalid(format!("unknown cluster {name:?}")));
+        };
+        let key = key.clone();
+        match self.call.as_mut() {
+            Some(c) if c.phase == Phase::RequestHeaders => {
+                c.ctx.cluster = Some(key);
+                Ok(())
+            }
+            _ => Err(Error::WrongPhase),
+        }
+    }
+    fn set_timeout(&mut self, ms: u32) -> Result<(), Error> {
+        if ms == 0 {
+            return Err(Error::Invalid("timeout must be greater than zero".into()));
+        }
+        match self.call.as_mut() {
+            Some(c) if c.phase == Phase::RequestHeaders => {
+                c.ctx.timeout = Some(Duration::from_millis(ms.into()));
+                Ok(())
+            }
+            _ => Err(Error::WrongPhase),
+        }
+    }
+    fn filter_name(&mut self) -> String {
+        self.shared.name.to_string()
+    }
+}
+
+impl log::Host for HostState {
+    fn enabled(&mut self, level: LogLevel) -> bool {
+        match level {
+            LogLevel::Trace => tracing::enabled!(tracing::Level::TRACE),
+            LogLevel::Debug => tracing::enabled!(tracing::Level::DEBUG),
+            LogLevel::Info => tracing::enabled!(tracing::Level::INFO),
+            LogLevel::Warn => tracing::enabled!(tracing::Level::WARN),
+            LogLevel::Error => tracing::enabled!(tracing::Level::ERROR),
+        }
+    }
+    fn write(&mut self, level: LogLevel, message: String) {
+        // Bounded so a filter cannot flood the log with one call.
+        let mut message = message;
+        message.truncate(message.floor_char_boundary(4096));
+        let filter = &*self.shared.name;
+        let request_id = self
+            .call()
+            .and_then(|c| c.ctx.request_id.to_str().ok())
+            .unwrap_or("-");
+        match level {
+            LogLevel::Trace => {
+                tracing::trace!(target: "weir::filter", filter, request.id = request_id, "{message}")
+            }
+            LogLevel::Debug => {
+                tracing::debug!(target: "weir::filter", filter, request.id = request_id, "{message}")
+            }
+            LogLevel::Info => {
+                tracing::info!(target: "weir::filter", filter, request.id = request_id, "{message}")
+            }
+            LogLevel::Warn => {
+                tracing::warn!(target: "weir::filter", filter, request.id = request_id, "{message}")
+            }
+            LogLevel::Error => {
+                tracing::error!(target: "weir::filter", filter, request.id = request_id, "{message}")
+            }
+        }
+    }
+}
+
+/// Metrics a filter records, exported on `/metrics` as `weir_filter_<name>`.
+#[derive(Default)]
+pub struct FilterMetrics {
+    series: Mutex<BTreeMap<(String, String), Series>>,
+}
+
+enum Series {
+    Counter(u64),
+    Gauge(i64),
+    Histogram { count: u64, sum: f64 },
+}
+
+fn metric_name(n: &str) -> Result<String, Error> {
+    let ok = !n.is_empty()
+        && n.len() <= 64
+        && n.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if !ok {
+        return Err(Error::Invalid(format!(
+            "metric name {n:?}: use [a-z0-9_], at most 64"
+        )));
+    }
+    Ok(n.to_string())
+}
+
+fn label_set(filter: &str, labels: &[(String, String)]) -> Result<String, Error> {
+    let mut out = format!("filter=\"{filter}\"");
+    for (k, v) in labels {
+        if metric_name(k).is_err() || k == "filter" || v.len() > 128 {
+            return Err(Error::Invalid(format!("label {k:?}")));
+        }
+        let v = v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+        out.push_str(&format!(",{k}=\"{v}\""));
+    }
+    Ok(out)
+}
+
+impl FilterMetrics {
+    fn update(
+        &self,
+        name: String,
+        labels: String,
+        f: impl FnOnce(Option<&mut Series>) -> Option<Series>,
+    ) -> Result<(), Error> {
+        let mut g = self.series.lock().expect("metrics lock");
+        let key = (name, labels);
+        if let Some(s) = g.get_mut(&key) {
+            if let Some(new) = f(Some(s)) {
+                *s = new;
+            }
+            return Ok(());
+        }
+        if g.len() >= MAX_FILTER_SERIES {
+            return Err(Error::Limit(format!("more than {MAX_FILTER_SERIES} series")));
+        }
+        if let Some(new) = f(None) {
+            g.insert(key, new);
+        }
+        Ok(())
+    }
+
+    /// Appends the OpenMetrics text of every series, for `filter`.
+    pub fn encode(&self, filter: &str, out: &mut String) {
+        use std::fmt::Write;
+        let g = self.series.lock().expect("metrics lock");
+        let mut last = String::new();
+        for ((name, labels), s) in g.iter() {
+            let full = format!(
+                "weir_filter_{}_{name}",
+                filter.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+            );
+            let kind = match s {
+                Series::Counter(_) => "counter",
+                Series::Gauge(_) => "gauge",
+                Series::Histogram { .. } => "summary",
+            };
+            if full != last {
+                let _ = writeln!(out, "# TYPE {full} {kind}");
+                last.clone_from(&full);
+            }
+            let _ = match s {
+                Series::Counter(v) => writeln!(out, "{full}_total{{{labels}}} {v}"),
+                Series::Gauge(v) => writeln!(out, "{full}{{{labels}}} {v}"),
+                Series::Histogram { count, sum } => {
+                    writeln!(
+                        out,
+                        "{full}_count{{{labels}}} {count}\n{full}_sum{{{labels}}} {sum}"
+                    )
+                }
+            };
+        }
+    }
+}
+
+impl metrics::Host for HostState {
+    fn counter_add(&mut self, name: String, labels: Vec<(String, String)>, value: u64) -> Result<(), Error> {
+        let (n, l) = (metric_name(&name)?, label_set(&self.shared.name, &labels)?);
+        self.shared.metrics.update(n, l, |s| match s {
+            Some(Series::Counter(v)) => {
+                *v += value;
+                None
+            }
+            _ => Some(Series::Counter(value)),
+        })
+    }
+    fn gauge_set(&mut self, name: String, labels: Vec<(String, String)>, value: i64) -> Result<(), Error> {
+        let (n, l) = (metric_name(&name)?, label_set(&self.shared.name, &labels)?);
+        self.shared.metrics.update(n, l, |_| Some(Series::Gauge(value)))
+    }
+    fn histogram_observe(
+        &mut self,
+        name: String,
+        labels: Vec<(String, String)>,
+        value: f64,
+    ) -> Result<(), Error> {
+        let (n, l) = (metric_name(&name)?, label_set(&self.shared.name, &labels)?);
+        if !value.is_finite() {
+            return Err(Error::Invalid("value must be finite".into()));
+        }
+        self.shared.metrics.update(n, l, |s| match s {
+            Some(Series::Histogram { count, sum }) => {
+                *count += 1;
+                *sum += value;
+                None
+            }
+            _ => Some(Series::Histogram { count: 1, sum: value }),
+        })
+    }
+}
+
+impl state::Host for HostState {
+    fn get(&mut self, key: String) -> Option<state::Entry> {
+        self.shared
+            .state
+            .get(&key)
+            .map(|(value, version)| state::Entry { value, version })
+    }
+    fn set(&mut self, key: String, value: Vec<u8>, ttl_ms: Option<u64>) -> Result<(), Error> {
+        self.shared
+            .state
+            .set(&key, &value, ttl_ms.map(Duration::from_millis))
+            .map_err(|e| Error::Limit(e.to_string()))
+    }
+    fn compare_and_swap(
+        &mut self,
+        key: String,
+        expected: Option<u64>,
+        value: Vec<u8>,
+        ttl_ms: Option<u64>,
+    ) -> Result<bool, Error> {
+        self.shared
+            .state
+            .compare_and_swap(&key, expected, &value, ttl_ms.map(Duration::from_millis))
+            .map_err(|e| Error::Limit(e.to_string()))
+    }
+    fn delete(&mut self, key: String) {
+        self.shared.state.delete(&key)
+    }
+}
+
+impl outbound::Host for HostState {
+    async fn call(
+        &mut self,
+        cluster: String,
+        request: outbound::OutboundRequest,
+    ) -> Result<outbound::OutboundResponse, String> {
+        let Some(c) = self.shared.clusters.get(cluster.as_str()).cloned() else {
+            return Err(format!("unknown cluster {cluster:?}"));
+        };
+        let timeout = Duration::from_millis(u64::from(request.timeout_ms.clamp(1, 60_000)));
+        match tokio::time::timeout(timeout, outbound_call(&c, request)).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("timed out after {timeout:?}")),
+        }
+    }
+}
+
+/// One HTTP exchange with an endpoint of `cluster`, the body read whole (bounded).
+async fn outbound_call(
+    cluster: &Cluster,
+    r: outbound::OutboundRequest,
+) -> Result<outbound::OutboundResponse, String> {
+    let method = http::Method::from_bytes(r.method.as_bytes())
+        .map_err(|_| format!("invalid method {:?}", r.method))?;
+    let ep = cluster
+        .pick(&[])
+        .ok_or_else(|| format!("no healthy endpoint in cluster {:?}", &*cluster.name))?;
+    let conn = cluster
+        .checkout(&ep, false)
+        .await
+        .map_err(|e| format!("connect to {}: {e}", ep.addr))?;
+    let mut b = http::Request::builder().method(method);
+    for h in &r.headers {
+        let n = guest_header_name(&h.name).map_err(|e| format!("{e:?}"))?;
+        let v = guest_header_value(&h.value).map_err(|e| format!("{e:?}"))?;
+        b = b.header(n, v);
+    }
+    let path: http::uri::PathAndQuery = r.path.parse().map_err(|_| format!("invalid path {:?}", r.path))?;
+    let body = crate::body::full(r.body);
+    let resp = match conn {
+        Conn::Http1(c) => {
+            let req = b
+                .uri(http::Uri::from(path))
+                .header(http::header::HOST, &*ep.authority)
+                .body(body)
+                .map_err(|e| e.to_string())?;
+            let (resp, c) = c.send(req).await?;
+            let max = cluster.config.max_idle_per_endpoint;
+            let (parts, body) = resp.into_parts();
+            let body = PooledBody::new(body, c, ep.clone(), max);
+            (
+                parts,
+                http_body_util::Limited::new(body, MAX_OUTBOUND_BODY)
+                    .collect()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .to_bytes(),
+            )
+        }
+        Conn::Http1Upgradable(mut s) => {
+            let req = b
+                .uri(http::Uri::from(path))
+                .header(http::header::HOST, &*ep.authority)
+                .body(body)
+                .map_err(|e| e.to_string())?;
+            let (parts, body) = s.send_request(req).await.map_err(|e| e.to_string())?.into_parts();
+            (
+                parts,
+                http_body_util::Limited::new(body, MAX_OUTBOUND_BODY)
+                    .collect()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .to_bytes(),
+            )
+        }
+        Conn::Http2(mut s) => {
+            let scheme = if cluster.config.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            let uri = http::Uri::builder()
+                .scheme(scheme)
+                .authority(&*ep.authority)
+                .path_and_query(path)
+                .build()
+                .map_err(|e| e.to_string())?;
+            let req = b
+                .uri(uri)
+                .version(http::Version::HTTP_2)
+                .body(body)
+                .map_err(|e| e.to_string())?;
+            let (parts, body) = s.send_request(req).await.map_err(|e| e.to_string())?.into_parts();
+            (
+                parts,
+                http_body_util::Limited::new(body, MAX_OUTBOUND_BODY)
+                    .collect()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .to_bytes(),
+            )
+        }
+    };
+    let (parts, bytes) = resp;
+    Ok(outbound::OutboundResponse {
+        status: parts.status.as_u16(),
+        headers: header_list(&parts.headers),
+        body: bytes.to_vec(),
+    })
+}

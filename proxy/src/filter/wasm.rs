@@ -1,0 +1,351 @@
+//! Wasm filters: components compiled once, pre-linked (`InstancePre`), and run from a pool of
+//! warm instances, each call under a CPU deadline (epoch interruption), a memory limit and a
+//! stack limit. An instance that failed is thrown away; the next call gets a fresh one.
+//!
+//! One process has one [`WasmEngine`]: one `Engine`, one `Linker`, one epoch ticker thread.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use http::{request, response, HeaderValue, Response, StatusCode};
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Engine, Store, StoreLimitsBuilder};
+use wasmtime_wasi::WasiCtxBuilder;
+
+use super::bindings::{self, types as wt};
+use super::host::CallState;
+use super::host::{guest_header_name, guest_header_value, FilterShared, HostState};
+use super::{Action, Filter, FilterError, Phase, PhaseFuture, RequestContext};
+use crate::body;
+use crate::limits;
+use crate::metrics::Metrics;
+
+/// Per-filter limits, from config.
+#[derive(Debug, Clone, Copy)]
+pub struct FilterLimits {
+    /// CPU time one phase call may use.
+    pub cpu_budget: Duration,
+    /// Linear memory one instance may grow to, in bytes.
+    pub memory: usize,
+    /// Most live instances (the concurrency of this filter).
+    pub max_instances: usize,
+}
+
+/// The process's Wasm engine and linker.
+pub struct WasmEngine {
+    engine: Engine,
+    linker: Linker<HostState>,
+    compiled: Mutex<HashMap<std::path::PathBuf, Component>>,
+}
+
+impl WasmEngine {
+    /// Creates the engine (Cranelift, component model, epoch interruption, a stack limit),
+    /// links WASI and the filter ABI once, and starts the epoch ticker.
+    pub fn new() -> anyhow::Result<Arc<WasmEngine>> {
+        let mut cfg = wasmtime::Config::new();
+        cfg.wasm_component_model(true);
+        cfg.epoch_interruption(true);
+        cfg.max_wasm_stack(limits::DEFAULT_FILTER_STACK);
+        let engine = Engine::new(&cfg)?;
+        let mut linker = Linker::<HostState>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        bindings::Filter::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("weir-epoch".into())
+            .spawn(move || loop {
+                std::thread::sleep(limits::FILTER_EPOCH_TICK);
+                match weak.upgrade() {
+                    Some(e) => e.increment_epoch(),
+                    None => return,
+                }
+            })?;
+        Ok(Arc::new(WasmEngine {
+            engine,
+            linker,
+            compiled: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// Compiles a component file, once per path (off the request path: call at load).
+    fn component(&self, path: &Path) -> anyhow::Result<Component> {
+        if let Some(c) = self.compiled.lock().expect("compiled lock").get(path) {
+            return Ok(c.clone());
+        }
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let c = Component::new(&self.engine, &bytes)
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("{}: not a valid filter component", path.display()))?;
+        self.compiled
+            .lock()
+            .expect("compiled lock")
+            .insert(path.to_path_buf(), c.clone());
+        Ok(c)
+    }
+
+    /// Loads a filter: compiles, pre-links, checks it exports the `weir:filter@0.1.0` handler,
+    /// and initialises one instance with its config (so config errors show at load).
+    pub async fn load(
+        self: &Arc<Self>,
+        path: &Path,
+        config_json: String,
+        limits: FilterLimits,
+        shared: Arc<FilterShared>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<WasmFilter> {
+        let component = self.component(path)?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("{}: imports something Weir does not provide", path.display()))?;
+        let pre = bindings::FilterPre::new(pre)
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("{}: does not export weir:filter/handler@0.1.0", path.display()))?;
+        let filter = WasmFilter {
+            name: shared.name.clone(),
+            engine: self.clone(),
+            pre,
+            config_json,
+            limits,
+            shared,
+            idle: Mutex::new(Vec::new()),
+            live: AtomicUsize::new(0),
+            metrics,
+        };
+        let first = filter
+            .instantiate()
+            .await
+            .map_err(|e| anyhow::anyhow!("{}: {}", filter.name, e.message))?;
+        filter.checkin(first);
+        Ok(filter)
+    }
+}
+
+struct Instance {
+    store: Store<HostState>,
+    exports: bindings::Filter,
+}
+
+/// A loaded Wasm filter, with its pool of warm instances.
+pub struct WasmFilter {
+    name: Arc<str>,
+    engine: Arc<WasmEngine>,
+    pre: bindings::FilterPre<HostState>,
+    config_json: String,
+    limits: FilterLimits,
+    shared: Arc<FilterShared>,
+    idle: Mutex<Vec<Instance>>,
+    live: AtomicUsize,
+    metrics: Arc<Metrics>,
+}
+
+fn ticks(d: Duration) -> u64 {
+    (d.as_nanos() / limits::FILTER_EPOCH_TICK.as_nanos()).max(1) as u64 + 1
+}
+
+/// Names a failure for `weir_filter_errors_total{kind}`.
+fn classify(e: &wasmtime::Error) -> &'static str {
+    match e.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::Interrupt) => "timeout",
+        Some(wasmtime::Trap::StackOverflow) => "stack",
+        Some(_) => "trap",
+        None if format!("{e:#}").contains("memory") => "memory",
+        None => "trap",
+    }
+}
+
+impl WasmFilter {
+    async fn instantiate(&self) -> Result<Instance, FilterError> {
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(self.limits.memory)
+            .instances(64)
+            .tables(64)
+            .trap_on_grow_failure(true)
+            .build();
+        let state = HostState {
+            wasi: WasiCtxBuilder::new().build(),
+            table: ResourceTable::new(),
+            limits,
+            shared: self.shared.clone(),
+            call: None,
+            // Instantiation and init run the guest's start code and config parsing: a larger budget.
+            ticks_left: ticks(self.limits.cpu_budget * 10),
+        };
+        let mut store = Store::new(&self.engine.engine, state);
+        store.limiter(|s| &mut s.limits);
+        // Every tick the guest yields to the runtime, so a looping filter never holds up the
+        // other requests of its worker thread; when its budget is spent it is interrupted.
+        store.epoch_deadline_callback(|mut cx| {
+            let s = cx.data_mut();
+            if s.ticks_left <= 1 {
+                return Ok(wasmtime::UpdateDeadline::Interrupt);
+            }
+            s.ticks_left -= 1;
+            Ok(wasmtime::UpdateDeadline::Yield(1))
+        });
+        store.set_epoch_deadline(1);
+        let fail = |kind: &'static str, e: wasmtime::Error| FilterError {
+            kind,
+            message: format!("{e:#}"),
+        };
+        let exports = self
+            .pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(|e| fail(classify(&e), e))?;
+        match exports
+            .weir_filter_handler()
+            .call_init(&mut store, &self.config_json)
+            .await
+        {
+            Ok(Ok(_caps)) => {}
+            Ok(Err(msg)) => {
+                return Err(FilterError {
+                    kind: "config",
+                    message: format!("init: {msg}"),
+                })
+            }
+            Err(e) => return Err(fail(classify(&e), e)),
+        }
+        self.live.fetch_add(1, Ordering::Relaxed);
+        Ok(Instance { store, exports })
+    }
+
+    async fn checkout(&self) -> Result<Instance, FilterError> {
+        if let Some(i) = self.idle.lock().expect("idle lock").pop() {
+            return Ok(i);
+        }
+        if self.live.load(Ordering::Relaxed) >= self.limits.max_instances {
+            return Err(FilterError {
+                kind: "overload",
+                message: format!("all {} instances busy", self.limits.max_instances),
+            });
+        }
+        self.instantiate().await
+    }
+
+    fn checkin(&self, i: Instance) {
+        self.idle.lock().expect("idle lock").push(i);
+    }
+
+    fn failed(&self, e: FilterError) -> FilterError {
+        self.metrics.filter_error(&self.name, e.kind);
+        e
+    }
+
+    async fn phase(
+        &self,
+        phase: Phase,
+        req: &mut request::Parts,
+        resp: Option<&mut response::Parts>,
+        ctx: &mut RequestContext,
+    ) -> Result<Action, FilterError> {
+        let mut inst = self.checkout().await.map_err(|e| self.failed(e))?;
+        let placeholder = http::Request::new(()).into_parts().0;
+        let mut resp = resp;
+        let call = CallState {
+            phase,
+            req: std::mem::replace(req, placeholder),
+            resp: resp
+                .as_deref_mut()
+                .map(|r| std::mem::replace(r, http::Response::new(()).into_parts().0)),
+            ctx: ctx.clone(),
+        };
+        inst.store.data_mut().call = Some(call);
+        inst.store.data_mut().ticks_left = ticks(self.limits.cpu_budget);
+        inst.store.set_epoch_deadline(1);
+        let handler = inst.exports.weir_filter_handler();
+        let result = match phase {
+            Phase::ResponseHeaders => handler.call_on_response_headers(&mut inst.store).await,
+            _ => handler.call_on_request_headers(&mut inst.store).await,
+        };
+        let call = inst.store.data_mut().call.take().expect("set before the call");
+        *req = call.req;
+        if let (Some(dst), Some(src)) = (resp, call.resp) {
+            *dst = src;
+        }
+        ctx.cluster = call.ctx.cluster;
+        ctx.timeout = call.ctx.timeout;
+        match result {
+            Ok(action) => {
+                self.checkin(inst);
+                self.action(action).map_err(|e| self.failed(e))
+            }
+            Err(e) => {
+                // The instance's state may be inconsistent after a trap: it is not reused.
+                drop(inst);
+                self.live.fetch_sub(1, Ordering::Relaxed);
+                Err(self.failed(FilterError {
+                    kind: classify(&e),
+                    message: format!("{e:#}"),
+                }))
+            }
+        }
+    }
+
+    /// Turns the guest's answer into the core's, validating everything in it.
+    fn action(&self, a: wt::Action) -> Result<Action, FilterError> {
+        let invalid = |message: String| FilterError {
+            kind: "invalid",
+            message,
+        };
+        match a {
+            wt::Action::Continue => Ok(Action::Continue),
+            // The core cannot replay requests yet; the WIT documents that retry is then ignored.
+            wt::Action::Retry => Ok(Action::Continue),
+            wt::Action::Respond(r) => {
+                let status = StatusCode::from_u16(r.status)
+                    .ok()
+                    .filter(|s| s.as_u16() >= 200)
+                    .ok_or_else(|| invalid(format!("invalid status {}", r.status)))?;
+                if r.body.len() > limits::MAX_FILTER_RESPONSE_BODY {
+                    return Err(invalid(format!(
+                        "response body larger than {} bytes",
+                        limits::MAX_FILTER_RESPONSE_BODY
+                    )));
+                }
+                let mut resp = Response::new(body::full(r.body));
+                *resp.status_mut() = status;
+                for h in r.headers {
+                    let n = guest_header_name(&h.name).map_err(|e| invalid(format!("{e:?}")))?;
+                    let v: HeaderValue =
+                        guest_header_value(&h.value).map_err(|e| invalid(format!("{e:?}")))?;
+                    resp.headers_mut().append(n, v);
+                }
+                Ok(Action::Respond(resp))
+            }
+        }
+    }
+}
+
+impl Filter for WasmFilter {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn on_request_headers<'a>(
+        &'a self,
+        req: &'a mut request::Parts,
+        ctx: &'a mut RequestContext,
+    ) -> PhaseFuture<'a> {
+        Box::pin(self.phase(Phase::RequestHeaders, req, None, ctx))
+    }
+
+    fn on_response_headers<'a>(
+        &'a self,
+        resp: &'a mut response::Parts,
+        ctx: &'a mut RequestContext,
+    ) -> PhaseFuture<'a> {
+        Box::pin(async move {
+            // Response phases see the request read-only through a copy of its head.
+            let mut req = http::Request::new(()).into_parts().0;
+            self.phase(Phase::ResponseHeaders, &mut req, Some(resp), ctx)
+                .await
+        })
+    }
+}

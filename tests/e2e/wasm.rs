@@ -1,0 +1,177 @@
+//! Wasm filters built from this repo's sources (`tests/fixtures/`), end to end through the
+//! proxy: policy in the request path, and hostile filters cut off by their limits.
+
+use std::time::{Duration, Instant};
+
+use weir_tests::client::Client;
+use weir_tests::proxy::{TestProxy, ADMIN};
+use weir_tests::upstream::Upstream;
+
+const POLICY: &str = env!("WEIR_FIXTURE_POLICY");
+const HOSTILE: &str = env!("WEIR_FIXTURE_HOSTILE");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wasm_policy_filter_edits_denies_and_routes() {
+    let stable = Upstream::http1("stable").start().await;
+    let canary = Upstream::http1("canary").start().await;
+    let toml = format!(
+        r#"{ADMIN}
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+filters = [{{ name = "policy", file = "{POLICY}", config = {{ value = "yes", deny_path = "/admin" }} }}]
+[[routes]]
+cluster = "stable"
+[clusters.stable]
+endpoints = ["{}"]
+[clusters.canary]
+endpoints = ["{}"]
+"#,
+        stable.addr, canary.addr
+    );
+    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+    let mut c = Client::h1(proxy.addr("web")).await;
+
+    let r = c.get("/headers", "x").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["x-policy"],
+        "seen",
+        "a response header added by the filter"
+    );
+    let seen = String::from_utf8(weir_tests::collect(r.into_body()).await.unwrap().to_vec()).unwrap();
+    assert!(
+        seen.contains("x-filtered: yes"),
+        "a request header added by the filter: {seen}"
+    );
+
+    let r = c.get("/admin", "x").await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(
+        &weir_tests::collect(r.into_body()).await.unwrap()[..],
+        b"denied by policy\n"
+    );
+    assert_eq!(stable.hits(), 1, "a denied request never reaches the upstream");
+
+    let req = http::Request::get("/")
+        .header("host", "x")
+        .header("x-route-to", "canary")
+        .body(weir_tests::empty())
+        .unwrap();
+    let r = c.send(req).await.unwrap();
+    assert_eq!(
+        r.headers()["x-upstream"],
+        "canary",
+        "the filter chose the cluster"
+    );
+    let req = http::Request::get("/")
+        .header("host", "x")
+        .header("x-route-to", "nowhere")
+        .body(weir_tests::empty())
+        .unwrap();
+    let r = c.send(req).await.unwrap();
+    assert_eq!(
+        r.status(),
+        400,
+        "the host refused an unknown cluster and the filter said so"
+    );
+
+    let (_, m) = proxy.admin_get("/metrics").await;
+    assert!(
+        m.contains(r#"weir_filter_policy_denied_total{filter="policy",reason="path"} 1"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"weir_filter_policy_requests_total{filter="policy"} 2"#),
+        "{m}"
+    );
+    assert!(m.trim_end().ends_with("# EOF"), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_filters_are_cut_off_and_the_next_request_is_served() {
+    let up = Upstream::http1("up").start().await;
+    let modes = ["loop", "alloc", "trap", "bad-header", "huge-body"];
+    let mut toml = format!(
+        "{ADMIN}\n[filter_host]\ncpu_budget = \"50ms\"\nmemory_limit = 16777216\n[[routes]]\ncluster = \"c\"\n[clusters.c]\nendpoints = [\"{}\"]\n",
+        up.addr
+    );
+    for m in modes {
+        toml.push_str(&format!(
+            "[[listeners]]\nname = \"{m}\"\naddress = \"127.0.0.1:0\"\nfilters = [{{ name = \"{m}\", file = \"{HOSTILE}\", config = {{ mode = \"{m}\" }} }}]\n"
+        ));
+    }
+    toml.push_str(&format!(
+        "[[listeners]]\nname = \"open\"\naddress = \"127.0.0.1:0\"\nfilters = [{{ name = \"loop-open\", file = \"{HOSTILE}\", failure_policy = \"fail-open\", config = {{ mode = \"loop\" }} }}]\n"
+    ));
+    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+
+    for m in modes {
+        let mut c = Client::h1(proxy.addr(m)).await;
+        let t = Instant::now();
+        let r = c.get("/hostile", "x").await;
+        assert_eq!(r.status(), 500, "{m}: fail-closed answers 500");
+        assert_eq!(r.headers()["x-weir-error"], "filter-failed", "{m}");
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "{m}: cut off quickly, took {:?}",
+            t.elapsed()
+        );
+        for _ in 0..3 {
+            assert_eq!(
+                c.get("/", "x").await.status(),
+                200,
+                "{m}: the next request is served normally"
+            );
+        }
+    }
+    let mut o = Client::h1(proxy.addr("open")).await;
+    let r = o.get("/hostile", "x").await;
+    assert_eq!(r.status(), 200, "fail-open goes on without the filter");
+
+    let (_, metrics) = proxy.admin_get("/metrics").await;
+    for (filter, kind) in [
+        ("loop", "timeout"),
+        ("alloc", "memory"),
+        ("trap", "trap"),
+        ("bad-header", "invalid"),
+        ("huge-body", "invalid"),
+        ("loop-open", "timeout"),
+    ] {
+        let want = format!(r#"weir_filter_errors_total{{filter="{filter}",kind="{kind}"}} 1"#);
+        assert!(metrics.contains(&want), "missing {want} in:\n{metrics}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_looping_filter_does_not_hold_up_other_requests() {
+    let up = Upstream::http1("up").start().await;
+    let toml = format!(
+        r#"{ADMIN}
+[filter_host]
+cpu_budget = "300ms"
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+filters = [{{ name = "loop", file = "{HOSTILE}", config = {{ mode = "loop" }} }}]
+[[routes]]
+cluster = "c"
+[clusters.c]
+endpoints = ["{}"]
+"#,
+        up.addr
+    );
+    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+    let addr = proxy.addr("web");
+    let hostile = tokio::spawn(async move { Client::h1(addr).await.get("/hostile", "x").await.status() });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut c = Client::h1(addr).await;
+    let t = Instant::now();
+    assert_eq!(c.get("/", "x").await.status(), 200);
+    assert!(
+        t.elapsed() < Duration::from_millis(250),
+        "served while the loop runs: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(hostile.await.unwrap(), 500);
+}
