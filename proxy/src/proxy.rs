@@ -494,6 +494,8 @@ async fn forward(
     set_client_cert(&mut parts.headers, ls.forward_client_cert, conn);
     parts.headers.insert("x-request-id", ctx.request_id.clone());
 
+    // Response phases read the request head as it went upstream; copy it only if they run.
+    let mut sent_head = (!route.chain.is_empty()).then(|| crate::filter::copy_head(&parts));
     let body: Body = Limited::new(body, limits.max_request_body).boxed();
     let timeout = ctx.timeout.unwrap_or(cluster.config.request_timeout);
     let (resp, ep) = send(
@@ -526,8 +528,10 @@ async fn forward(
         return Ok(Response::from_parts(rparts, body::empty()));
     }
     strip_hop_by_hop(&mut rparts.headers, false);
-    if let Some(resp) = route.chain.on_response_headers(&mut rparts, ctx).await? {
-        return Ok(resp);
+    if let Some(req) = sent_head.as_mut() {
+        if let Some(resp) = route.chain.on_response_headers(req, &mut rparts, ctx).await? {
+            return Ok(resp);
+        }
     }
     let body = rbody.boxed();
     Ok(Response::from_parts(rparts, body))

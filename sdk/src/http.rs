@@ -187,6 +187,11 @@ impl Request {
 pub struct ResponseHead;
 
 impl ResponseHead {
+    /// The request this response answers (read-only here).
+    pub fn request(&self) -> Request {
+        Request
+    }
+
     /// The status code.
     pub fn status(&self) -> u16 {
         host::resp_status()

@@ -29,6 +29,7 @@ impl Filter for Policy {
 
     fn on_response_headers<'a>(
         &'a self,
+        _req: &'a mut http::request::Parts,
         resp: &'a mut http::response::Parts,
         _ctx: &'a mut RequestContext,
     ) -> PhaseFuture<'a> {

@@ -144,10 +144,11 @@ pub trait Filter: Send + Sync + 'static {
         Box::pin(std::future::ready(Ok(Action::Continue)))
     }
 
-    /// Runs when the upstream's response head arrived. May edit it or replace the response.
-    /// Default: continue.
+    /// Runs when the upstream's response head arrived. May edit it or replace the response;
+    /// `req` is the request head as sent upstream (read-only by contract). Default: continue.
     fn on_response_headers<'a>(
         &'a self,
+        _req: &'a mut request::Parts,
         _resp: &'a mut response::Parts,
         _ctx: &'a mut RequestContext,
     ) -> PhaseFuture<'a> {
@@ -171,6 +172,16 @@ pub struct ChainEntry {
 #[derive(Clone, Default)]
 pub struct FilterChain {
     entries: Arc<[ChainEntry]>,
+}
+
+/// A copy of a request head (what response phases read), made only for routes with filters.
+pub fn copy_head(parts: &request::Parts) -> request::Parts {
+    let mut r = http::Request::new(());
+    *r.method_mut() = parts.method.clone();
+    *r.uri_mut() = parts.uri.clone();
+    *r.version_mut() = parts.version;
+    *r.headers_mut() = parts.headers.clone();
+    r.into_parts().0
 }
 
 impl FilterChain {
@@ -233,11 +244,12 @@ impl FilterChain {
     /// Runs `on-response-headers` through the chain.
     pub async fn on_response_headers(
         &self,
+        req: &mut request::Parts,
         resp: &mut response::Parts,
         ctx: &mut RequestContext,
     ) -> Result<Option<Response<Body>>, ProxyError> {
         for e in self.entries.iter() {
-            let r = e.filter.on_response_headers(resp, ctx).await;
+            let r = e.filter.on_response_headers(req, resp, ctx).await;
             if let Some(replacement) = self.settle(e, Phase::ResponseHeaders, r)? {
                 return Ok(Some(replacement));
             }

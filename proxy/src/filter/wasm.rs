@@ -338,14 +338,10 @@ impl Filter for WasmFilter {
 
     fn on_response_headers<'a>(
         &'a self,
+        req: &'a mut request::Parts,
         resp: &'a mut response::Parts,
         ctx: &'a mut RequestContext,
     ) -> PhaseFuture<'a> {
-        Box::pin(async move {
-            // Response phases see the request read-only through a copy of its head.
-            let mut req = http::Request::new(()).into_parts().0;
-            self.phase(Phase::ResponseHeaders, &mut req, Some(resp), ctx)
-                .await
-        })
+        Box::pin(self.phase(Phase::ResponseHeaders, req, Some(resp), ctx))
     }
 }
