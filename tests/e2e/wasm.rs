@@ -175,3 +175,67 @@ endpoints = ["{}"]
     );
     assert_eq!(hostile.await.unwrap(), 500);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_log_line_lands_in_weirs_logs_tagged_with_its_name() {
+    use std::process::{Command, Stdio};
+    let up = Upstream::http1("up").start().await;
+    let port = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("weir.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[log]
+format = "json"
+[admin]
+enabled = false
+[[listeners]]
+name = "web"
+address = "127.0.0.1:{port}"
+filters = [{{ name = "policy", file = "{POLICY}", config = {{ value = "yes", deny_path = "/admin" }} }}]
+[[routes]]
+cluster = "c"
+[clusters.c]
+endpoints = ["{}"]
+"#,
+            up.addr
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("weir.log");
+    let mut child = Command::new(crate::config_errors::weir_bin())
+        .args(["run", "-c"])
+        .arg(&cfg)
+        .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let start = Instant::now();
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(start.elapsed() < Duration::from_secs(20), "weir did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = Client::h1(addr).await.get("/admin", "x").await.status();
+    assert_eq!(status, 403);
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let _ = child.wait();
+    let logs = std::fs::read_to_string(&log).unwrap();
+    let line = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["target"] == "weir::filter")
+        .unwrap_or_else(|| panic!("a filter log line in:\n{logs}"));
+    assert_eq!(line["filter"], "policy");
+    assert_eq!(line["level"], "WARN");
+    assert_eq!(line["message"], "denied /admin");
+}
