@@ -2,7 +2,9 @@
 # Weir's end-to-end load bench, on loopback, in one run:
 #   (a) wrk straight to the demo upstream  -> the ceiling: what the load generator and the
 #                                            upstream can do without any proxy;
-#   (b) wrk through Weir                   -> what Weir costs;
+#   (b) wrk through Weir                   -> what Weir costs; also through 1 and 3 Wasm
+#       filters (the `policy` test filter: reads the path and two headers, sets a header,
+#       bumps a counter), on other listeners of the same process;
 #   (c) wrk through nginx, configured as the equivalent reverse proxy (upstream keep-alive,
 #       X-Forwarded-For, one worker)      -> a well-known yardstick for that cost.
 # With --h2 it also runs h2load (h2c, prior knowledge) direct and through Weir.
@@ -107,6 +109,16 @@ if [[ "$SKIP_BUILD" != 1 ]]; then
 fi
 [[ -x "$BIN/weir" && -x "$BIN/weir-demo-upstream" ]] ||
     die "no release binaries in $BIN (run without SKIP_BUILD=1)"
+# The filter the filtered runs use, built as a user builds a filter.
+FIXTURES_TARGET="${CARGO_TARGET_DIR:-target}/wasm-fixtures"
+POLICY_WASM="$ROOT/$FIXTURES_TARGET/wasm32-wasip2/release/fixture_policy.wasm"
+[[ "$FIXTURES_TARGET" = /* ]] && POLICY_WASM="$FIXTURES_TARGET/wasm32-wasip2/release/fixture_policy.wasm"
+if [[ "$SKIP_BUILD" != 1 || ! -f "$POLICY_WASM" ]]; then
+    rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+    log "building the policy filter for wasm32-wasip2"
+    cargo build --release --target wasm32-wasip2 --manifest-path tests/fixtures/Cargo.toml \
+        --target-dir "$FIXTURES_TARGET" -p fixture-policy
+fi
 
 # --- processes and cleanup -----------------------------------------------------------------
 TMP="$(mktemp -d -t weir-bench.XXXXXX)"
@@ -148,10 +160,10 @@ wait_ok() {
     done
 }
 
-# Four distinct free loopback ports: bind them all at once to port 0 so they differ.
-read -r UP_PORT WEIR_PORT ADMIN_PORT NGINX_PORT < <(python3 -c '
+# Distinct free loopback ports: bind them all at once to port 0 so they differ.
+read -r UP_PORT WEIR_PORT ADMIN_PORT NGINX_PORT WEIR1_PORT WEIR3_PORT < <(python3 -c '
 import socket
-socks = [socket.socket() for _ in range(4)]
+socks = [socket.socket() for _ in range(6)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in socks))
@@ -166,6 +178,15 @@ PIDS+=("$!")
 wait_ok "http://127.0.0.1:$UP_PORT/" "$!" "$TMP/upstream.log"
 
 # --- Weir ----------------------------------------------------------------------------------
+# N chain entries of the policy filter, each its own filter (own instances, state, metrics).
+filter_entries() {
+    local i sep=""
+    for ((i = 1; i <= $1; i++)); do
+        printf '%s{ name = "policy-%d", file = "%s", config = { value = "yes", deny_path = "/deny" } }' \
+            "$sep" "$i" "$POLICY_WASM"
+        sep=", "
+    done
+}
 # Access log off and level warn: nginx gets `access_log off` too; logging is not what we measure.
 cat >"$TMP/weir.toml" <<EOF
 [runtime]
@@ -181,6 +202,16 @@ address = "127.0.0.1:$ADMIN_PORT"
 [[listeners]]
 name = "bench"
 address = "127.0.0.1:$WEIR_PORT"
+
+[[listeners]]
+name = "one-filter"
+address = "127.0.0.1:$WEIR1_PORT"
+filters = [$(filter_entries 1)]
+
+[[listeners]]
+name = "three-filters"
+address = "127.0.0.1:$WEIR3_PORT"
+filters = [$(filter_entries 3)]
 
 [[routes]]
 name = "all"
@@ -296,6 +327,8 @@ bench_target() {
 
 bench_target direct "http://127.0.0.1:$UP_PORT/"
 bench_target weir "http://127.0.0.1:$WEIR_PORT/"
+bench_target weir-1-filter "http://127.0.0.1:$WEIR1_PORT/"
+bench_target weir-3-filters "http://127.0.0.1:$WEIR3_PORT/"
 bench_target nginx "http://127.0.0.1:$NGINX_PORT/"
 
 # --- h2load (optional) ---------------------------------------------------------------------
@@ -348,7 +381,7 @@ report="$TMP/report.md"
     echo
     echo "| target | req/s | p50 (µs) | p99 (µs) | throughput vs direct | added p99 vs direct (µs) |"
     echo "|---|---:|---:|---:|---:|---:|"
-    for t in direct weir nginx; do
+    for t in direct weir weir-1-filter weir-3-filters nginx; do
         awk -v t="$t" -v r="${RPS[$t]}" -v p50="${P50[$t]}" -v p99="${P99[$t]}" \
             -v dr="${RPS[direct]}" -v dp99="${P99[direct]}" 'BEGIN {
                 printf "| %s | %.0f | %d | %d | %.1f %% | %+d |\n", t, r, p50, p99, 100 * r / dr, p99 - dp99
@@ -357,8 +390,12 @@ report="$TMP/report.md"
     echo
     awk -v w="${RPS[weir]}" -v n="${RPS[nginx]}" 'BEGIN { printf "weir/nginx throughput ratio: %.2f\n", w / n }'
     echo
+    awk -v w="${RPS[weir]}" -v a="${RPS[weir-1-filter]}" -v b="${RPS[weir-3-filters]}" 'BEGIN {
+        printf "filter chain cost (throughput vs no filter): 1 filter %.1f %%, 3 filters %.1f %%\n", 100 * (1 - a / w), 100 * (1 - b / w)
+    }'
+    echo
     echo "weir added p99: $((P99[weir] - P99[direct])) µs, nginx added p99: $((P99[nginx] - P99[direct])) µs"
-    for t in direct weir nginx; do
+    for t in direct weir weir-1-filter weir-3-filters nginx; do
         if ((ERRS[$t] > 0)); then
             echo
             echo "**warning:** $t had ${ERRS[$t]} socket errors or non-2xx/3xx responses (see wrk output)"

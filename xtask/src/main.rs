@@ -187,7 +187,8 @@ fn demo() -> Result<()> {
     }
     eprintln!(
         "\nWeir quickstart: gateway on http://127.0.0.1:8080, admin on http://127.0.0.1:9901\n\
-         try:  curl -s localhost:8080/\n      curl -s localhost:8080/headers\n      \
+         try:  curl -s localhost:8080/\n      curl -s localhost:8080/headers   (see x-hello: world, added by the Wasm filter)\n      \
+         curl -si localhost:8080/admin     (403 from the filter)\n      \
          curl -s --http2-prior-knowledge localhost:8080/\n      curl -s localhost:9901/metrics\n\
          Ctrl-C stops it.\n"
     );
