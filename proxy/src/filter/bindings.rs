@@ -12,4 +12,4 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
-pub use weir::filter::types;
+pub use self::weir::filter::types;
