@@ -4,27 +4,18 @@
 use std::time::Duration;
 
 use weir_tests::client::{raw_exchange, raw_status, Client};
-use weir_tests::proxy::{TestProxy, ADMIN};
+use weir_tests::proxy::{start_one_route, TestProxy, ADMIN};
 use weir_tests::upstream::Upstream;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_requests_are_refused_and_others_keep_being_served() {
     let up = Upstream::http1("up").start().await;
-    let toml = format!(
-        r#"{ADMIN}
-[[listeners]]
-name = "web"
-address = "127.0.0.1:0"
-limits = {{ max_header_bytes = 16384, max_request_body = 1024, max_uri_bytes = 2048 }}
-[[routes]]
-path_prefix = "/"
-cluster = "c"
-[clusters.c]
-endpoints = ["{}"]
-"#,
-        up.addr
-    );
-    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+    let proxy = start_one_route(
+        up.addr,
+        r#"limits = { max_header_bytes = 16384, max_request_body = 1024, max_uri_bytes = 2048 }"#,
+        "",
+    )
+    .await;
     let addr = proxy.addr("web");
     // A well-behaved keep-alive client, opened before the attacks and used between them.
     let mut good = Client::h1(addr).await;
@@ -91,20 +82,7 @@ endpoints = ["{}"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_is_cut_by_the_header_timeout() {
     let up = Upstream::http1("up").start().await;
-    let toml = format!(
-        r#"{ADMIN}
-[[listeners]]
-name = "web"
-address = "127.0.0.1:0"
-limits = {{ header_read_timeout = "300ms" }}
-[[routes]]
-cluster = "c"
-[clusters.c]
-endpoints = ["{}"]
-"#,
-        up.addr
-    );
-    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+    let proxy = start_one_route(up.addr, r#"limits = { header_read_timeout = "300ms" }"#, "").await;
     let t = std::time::Instant::now();
     let (_, closed) = raw_exchange(
         proxy.addr("web"),

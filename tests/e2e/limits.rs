@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weir_tests::client::{raw_status, Client};
-use weir_tests::proxy::{TestProxy, ADMIN};
+use weir_tests::proxy::{start_one_route, TestProxy, ADMIN};
 use weir_tests::upstream::Upstream;
 
 async fn read_head(s: &mut tokio::net::TcpStream) -> String {
@@ -23,20 +23,7 @@ async fn read_head(s: &mut tokio::net::TcpStream) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_closed() {
     let up = Upstream::http1("up").start().await;
-    let toml = format!(
-        r#"{ADMIN}
-[[listeners]]
-name = "web"
-address = "127.0.0.1:0"
-limits = {{ idle_timeout = "300ms" }}
-[[routes]]
-cluster = "c"
-[clusters.c]
-endpoints = ["{}"]
-"#,
-        up.addr
-    );
-    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+    let proxy = start_one_route(up.addr, r#"limits = { idle_timeout = "300ms" }"#, "").await;
     // HTTP/2: a connection with no stream open for the idle timeout gets GOAWAY and closes.
     let tcp = tokio::net::TcpStream::connect(proxy.addr("web")).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http2::handshake(
@@ -72,20 +59,7 @@ endpoints = ["{}"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connection_cap_holds_new_connections_until_one_closes() {
     let up = Upstream::http1("up").start().await;
-    let toml = format!(
-        r#"{ADMIN}
-[[listeners]]
-name = "web"
-address = "127.0.0.1:0"
-limits = {{ max_connections = 1 }}
-[[routes]]
-cluster = "c"
-[clusters.c]
-endpoints = ["{}"]
-"#,
-        up.addr
-    );
-    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+    let proxy = start_one_route(up.addr, r#"limits = { max_connections = 1 }"#, "").await;
     let addr = proxy.addr("web");
     let mut first = Client::h1(addr).await;
     assert_eq!(first.get("/", "x").await.status(), 200);

@@ -86,3 +86,18 @@ impl Drop for TestProxy {
 
 /// The admin block every test config uses: on, on a fresh port.
 pub const ADMIN: &str = "[admin]\naddress = \"127.0.0.1:0\"\n[log]\naccess_log = false\n";
+
+/// The config most tests need: listener `web` on a fresh port routing everything to cluster
+/// `c` at `upstream`. `listener` lines are added to the listener table, `cluster` lines to the
+/// cluster table.
+pub fn one_route(upstream: std::net::SocketAddr, listener: &str, cluster: &str) -> String {
+    format!(
+        "{ADMIN}\n[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\n{listener}\n\
+         [[routes]]\ncluster = \"c\"\n[clusters.c]\nendpoints = [\"{upstream}\"]\n{cluster}\n"
+    )
+}
+
+/// Starts a proxy with [`one_route`]'s config.
+pub async fn start_one_route(upstream: std::net::SocketAddr, listener: &str, cluster: &str) -> TestProxy {
+    TestProxy::start(&one_route(upstream, listener, cluster), Path::new(".")).await
+}

@@ -132,6 +132,23 @@ impl HostState {
     }
 }
 
+/// Sets (or appends) a header a guest named, after checking name and value.
+fn put(h: &mut http::HeaderMap, name: &str, value: &[u8], append: bool) -> Result<(), Error> {
+    let (n, v) = (guest_header_name(name)?, guest_header_value(value)?);
+    if append {
+        h.append(n, v);
+    } else {
+        h.insert(n, v);
+    }
+    Ok(())
+}
+
+/// Removes a header a guest named, after checking the name.
+fn take(h: &mut http::HeaderMap, name: &str) -> Result<(), Error> {
+    h.remove(guest_header_name(name)?);
+    Ok(())
+}
+
 fn header_list(h: &http::HeaderMap) -> Vec<Header> {
     h.iter()
         .map(|(n, v)| Header {
@@ -193,19 +210,13 @@ impl wreq::Host for HostState {
             .unwrap_or_default()
     }
     fn set_header(&mut self, name: String, value: Vec<u8>) -> Result<(), Error> {
-        let (n, v) = (guest_header_name(&name)?, guest_header_value(&value)?);
-        self.request_mut()?.headers.insert(n, v);
-        Ok(())
+        put(&mut self.request_mut()?.headers, &name, &value, false)
     }
     fn append_header(&mut self, name: String, value: Vec<u8>) -> Result<(), Error> {
-        let (n, v) = (guest_header_name(&name)?, guest_header_value(&value)?);
-        self.request_mut()?.headers.append(n, v);
-        Ok(())
+        put(&mut self.request_mut()?.headers, &name, &value, true)
     }
     fn remove_header(&mut self, name: String) -> Result<(), Error> {
-        let n = guest_header_name(&name)?;
-        self.request_mut()?.headers.remove(n);
-        Ok(())
+        take(&mut self.request_mut()?.headers, &name)
     }
     fn set_path(&mut self, path_and_query: String) -> Result<(), Error> {
         let (path, query) = match path_and_query.split_once('?') {
@@ -267,19 +278,13 @@ impl wresp::Host for HostState {
             .unwrap_or_default()
     }
     fn set_header(&mut self, name: String, value: Vec<u8>) -> Result<(), Error> {
-        let (n, v) = (guest_header_name(&name)?, guest_header_value(&value)?);
-        self.response_mut()?.headers.insert(n, v);
-        Ok(())
+        put(&mut self.response_mut()?.headers, &name, &value, false)
     }
     fn append_header(&mut self, name: String, value: Vec<u8>) -> Result<(), Error> {
-        let (n, v) = (guest_header_name(&name)?, guest_header_value(&value)?);
-        self.response_mut()?.headers.append(n, v);
-        Ok(())
+        put(&mut self.response_mut()?.headers, &name, &value, true)
     }
     fn remove_header(&mut self, name: String) -> Result<(), Error> {
-        let n = guest_header_name(&name)?;
-        self.response_mut()?.headers.remove(n);
-        Ok(())
+        take(&mut self.response_mut()?.headers, &name)
     }
 }
 
