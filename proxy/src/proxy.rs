@@ -495,7 +495,10 @@ async fn forward(
     parts.headers.insert("x-request-id", ctx.request_id.clone());
 
     // Response phases read the request head as it went upstream; copy it only if they run.
-    let mut sent_head = (!route.chain.is_empty()).then(|| crate::filter::copy_head(&parts));
+    let mut sent_head = route
+        .chain
+        .wants(crate::filter::Phase::ResponseHeaders)
+        .then(|| crate::filter::copy_head(&parts));
     let body: Body = Limited::new(body, limits.max_request_body).boxed();
     let timeout = ctx.timeout.unwrap_or(cluster.config.request_timeout);
     let (resp, ep) = send(

@@ -80,7 +80,7 @@ pub trait Filter: Sized + 'static {
     /// The request head arrived and a route was chosen: inspect or edit the request, choose
     /// the cluster ([`crate::props::set_cluster`]), or answer. Default: continue.
     fn on_request_headers(&self, _req: &Request) -> Action {
-        Action::Continue
+        Action::NotImplemented
     }
 
     /// A request body chunk (only if `capabilities().request_body` is not `None`).
@@ -92,7 +92,7 @@ pub trait Filter: Sized + 'static {
     /// The response head arrived: edit it, answer instead, or ask for a retry.
     /// Default: continue.
     fn on_response_headers(&self, _resp: &ResponseHead) -> Action {
-        Action::Continue
+        Action::NotImplemented
     }
 
     /// A response body chunk (only if `capabilities().response_body` is not `None`).
@@ -164,14 +164,25 @@ pub mod runtime {
         })
     }
 
-    /// `on-request-headers`, typed.
+    /// `on-request-headers`, typed (a default phase reads as `Continue`).
     pub fn request_headers_typed<F: Filter>() -> Action {
+        visible(request_headers_raw::<F>())
+    }
+
+    fn request_headers_raw<F: Filter>() -> Action {
         with::<F, _>(|f| f.on_request_headers(&Request))
+    }
+
+    fn visible(a: Action) -> Action {
+        match a {
+            Action::NotImplemented => Action::Continue,
+            a => a,
+        }
     }
 
     /// `on-request-headers` export.
     pub fn on_request_headers<F: Filter>() -> wt::Action {
-        request_headers_typed::<F>().into_wit()
+        request_headers_raw::<F>().into_wit()
     }
 
     /// `on-request-body`, typed.
@@ -184,14 +195,18 @@ pub mod runtime {
         body_action(request_body_typed::<F>(&chunk, eos))
     }
 
-    /// `on-response-headers`, typed.
+    /// `on-response-headers`, typed (a default phase reads as `Continue`).
     pub fn response_headers_typed<F: Filter>() -> Action {
+        visible(response_headers_raw::<F>())
+    }
+
+    fn response_headers_raw<F: Filter>() -> Action {
         with::<F, _>(|f| f.on_response_headers(&ResponseHead))
     }
 
     /// `on-response-headers` export.
     pub fn on_response_headers<F: Filter>() -> wt::Action {
-        response_headers_typed::<F>().into_wit()
+        response_headers_raw::<F>().into_wit()
     }
 
     /// `on-response-body`, typed.

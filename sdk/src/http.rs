@@ -100,6 +100,10 @@ pub enum Action {
     /// From `on_response_headers` only: send the request again, to another endpoint when the
     /// cluster has one.
     Retry,
+    /// What the trait's default phases return: the phase is not implemented, so the host
+    /// stops calling it. Filters return [`Action::Continue`] instead.
+    #[doc(hidden)]
+    NotImplemented,
 }
 
 impl Action {
@@ -108,6 +112,7 @@ impl Action {
             Action::Continue => wt::Action::Continue,
             Action::Respond(r) => wt::Action::Respond(r.into_wit()),
             Action::Retry => wt::Action::Retry,
+            Action::NotImplemented => wt::Action::NotImplemented,
         }
     }
 }

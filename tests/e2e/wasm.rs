@@ -239,3 +239,59 @@ endpoints = ["{}"]
     assert_eq!(line["level"], "WARN");
     assert_eq!(line["message"], "denied /admin");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn phases_a_filter_does_not_implement_are_not_called_again() {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use weir::filter::{Filter, Phase};
+    weir_tests::init();
+    let engine = weir::filter::wasm::WasmEngine::new().unwrap();
+    let load = |name: &'static str, path: &'static str, json: &'static str| {
+        let engine = engine.clone();
+        async move {
+            let shared = Arc::new(weir::filter::host::FilterShared {
+                name: name.into(),
+                state: Default::default(),
+                metrics: Default::default(),
+                clusters: HashMap::new(),
+            });
+            let limits = weir::filter::wasm::FilterLimits {
+                cpu_budget: Duration::from_millis(50),
+                memory: 16 << 20,
+                max_instances: 4,
+            };
+            let metrics = Arc::new(weir::metrics::Metrics::new());
+            engine
+                .load(path.as_ref(), json.into(), limits, shared, metrics)
+                .await
+                .unwrap()
+        }
+    };
+    // The hostile filter implements only on-request-headers.
+    let f = load("hostile", HOSTILE, r#"{"mode": "trap"}"#).await;
+    let head = || http::Request::get("/x").body(()).unwrap().into_parts().0;
+    let mut ctx = weir::filter::RequestContext {
+        listener: "l".into(),
+        route: None,
+        cluster: None,
+        timeout: None,
+        client_addr: "127.0.0.1:1".parse().unwrap(),
+        tls: None,
+        request_id: http::HeaderValue::from_static("id"),
+    };
+    assert!(f.wants(Phase::RequestHeaders) && f.wants(Phase::ResponseHeaders));
+    let mut resp = http::Response::new(()).into_parts().0;
+    f.on_response_headers(&mut head(), &mut resp, &mut ctx)
+        .await
+        .unwrap();
+    assert!(
+        !f.wants(Phase::ResponseHeaders),
+        "the default phase told the host to stop calling it"
+    );
+    f.on_request_headers(&mut head(), &mut ctx).await.unwrap();
+    assert!(
+        f.wants(Phase::RequestHeaders),
+        "an implemented phase keeps being called"
+    );
+}

@@ -157,6 +157,12 @@ pub trait Filter: Send + Sync + 'static {
 
     /// Runs once when the response ended (or failed). Default: nothing.
     fn on_log(&self, _ctx: &RequestContext, _summary: &LogSummary) {}
+
+    /// Whether the filter (still) wants `phase` called; the core skips work for phases no
+    /// filter of a chain wants. Default: every phase.
+    fn wants(&self, _phase: Phase) -> bool {
+        true
+    }
 }
 
 /// A filter in a chain with its failure policy.
@@ -202,6 +208,11 @@ impl FilterChain {
         self.entries.is_empty()
     }
 
+    /// Whether any filter of the chain wants `phase`.
+    pub fn wants(&self, phase: Phase) -> bool {
+        self.entries.iter().any(|e| e.filter.wants(phase))
+    }
+
     fn settle(
         &self,
         e: &ChainEntry,
@@ -233,6 +244,9 @@ impl FilterChain {
         ctx: &mut RequestContext,
     ) -> Result<Option<Response<Body>>, ProxyError> {
         for e in self.entries.iter() {
+            if !e.filter.wants(Phase::RequestHeaders) {
+                continue;
+            }
             let r = e.filter.on_request_headers(req, ctx).await;
             if let Some(resp) = self.settle(e, Phase::RequestHeaders, r)? {
                 return Ok(Some(resp));
@@ -249,6 +263,9 @@ impl FilterChain {
         ctx: &mut RequestContext,
     ) -> Result<Option<Response<Body>>, ProxyError> {
         for e in self.entries.iter() {
+            if !e.filter.wants(Phase::ResponseHeaders) {
+                continue;
+            }
             let r = e.filter.on_response_headers(req, resp, ctx).await;
             if let Some(replacement) = self.settle(e, Phase::ResponseHeaders, r)? {
                 return Ok(Some(replacement));

@@ -116,6 +116,7 @@ impl WasmEngine {
             idle: Mutex::new(Vec::new()),
             live: AtomicUsize::new(0),
             metrics,
+            skipped: std::sync::atomic::AtomicU8::new(0),
         };
         let first = filter
             .instantiate()
@@ -142,6 +143,16 @@ pub struct WasmFilter {
     idle: Mutex<Vec<Instance>>,
     live: AtomicUsize,
     metrics: Arc<Metrics>,
+    /// Phases the filter said it does not implement (bit per phase): never called again.
+    skipped: std::sync::atomic::AtomicU8,
+}
+
+fn phase_bit(p: Phase) -> u8 {
+    match p {
+        Phase::RequestHeaders => 1,
+        Phase::ResponseHeaders => 2,
+        Phase::Log => 4,
+    }
 }
 
 fn ticks(d: Duration) -> u64 {
@@ -281,6 +292,11 @@ impl WasmFilter {
         ctx.cluster = call.ctx.cluster;
         ctx.timeout = call.ctx.timeout;
         match result {
+            Ok(wt::Action::NotImplemented) => {
+                self.checkin(inst);
+                self.skipped.fetch_or(phase_bit(phase), Ordering::Relaxed);
+                Ok(Action::Continue)
+            }
             Ok(action) => {
                 self.checkin(inst);
                 self.action(action).map_err(|e| self.failed(e))
@@ -304,7 +320,7 @@ impl WasmFilter {
             message,
         };
         match a {
-            wt::Action::Continue => Ok(Action::Continue),
+            wt::Action::Continue | wt::Action::NotImplemented => Ok(Action::Continue),
             // The core cannot replay requests yet; the WIT documents that retry is then ignored.
             wt::Action::Retry => Ok(Action::Continue),
             wt::Action::Respond(r) => {
@@ -335,6 +351,10 @@ impl WasmFilter {
 impl Filter for WasmFilter {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn wants(&self, phase: Phase) -> bool {
+        self.skipped.load(Ordering::Relaxed) & phase_bit(phase) == 0
     }
 
     fn on_request_headers<'a>(
