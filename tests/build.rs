@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const FIXTURES: &[&str] = &["policy", "hostile", "noop"];
+const FIXTURES: &[&str] = &["policy", "hostile", "noop", "rewrite"];
 
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());

@@ -295,6 +295,9 @@ pub struct FilterHostConfig {
     pub memory_limit: u64,
     /// Most live instances per filter (requests it serves at once).
     pub max_instances: usize,
+    /// Most bytes gathered for a buffered body filter, and kept of a request body for a
+    /// retry.
+    pub body_buffer: u64,
 }
 
 impl Default for FilterHostConfig {
@@ -304,6 +307,7 @@ impl Default for FilterHostConfig {
             cpu_budget: limits::DEFAULT_FILTER_CPU_BUDGET,
             memory_limit: limits::DEFAULT_FILTER_MEMORY,
             max_instances: limits::DEFAULT_FILTER_MAX_INSTANCES,
+            body_buffer: limits::DEFAULT_FILTER_BODY_BUFFER,
         }
     }
 }
@@ -703,11 +707,27 @@ impl Config {
                 "must be greater than zero".into(),
             );
         }
-        if self.filter_host.max_instances == 0 {
-            push("filter_host.max_instances".into(), "must be at least 1".into());
+        if self.filter_host.max_instances == 0
+            || self.filter_host.max_instances > limits::FILTER_POOL_INSTANCES as usize
+        {
+            push(
+                "filter_host.max_instances".into(),
+                format!("must be between 1 and {}", limits::FILTER_POOL_INSTANCES),
+            );
         }
-        if self.filter_host.memory_limit < 1024 * 1024 {
-            push("filter_host.memory_limit".into(), "must be at least 1 MiB".into());
+        if self.filter_host.memory_limit < 1024 * 1024
+            || self.filter_host.memory_limit > limits::FILTER_POOL_MEMORY
+        {
+            push(
+                "filter_host.memory_limit".into(),
+                format!(
+                    "must be between 1 MiB and {} MiB",
+                    limits::FILTER_POOL_MEMORY >> 20
+                ),
+            );
+        }
+        if self.filter_host.body_buffer == 0 {
+            push("filter_host.body_buffer".into(), "must be at least 1 byte".into());
         }
         if issues.is_empty() {
             // Files exist; now check they hold what they should (PEM that parses, keys that match).

@@ -104,3 +104,21 @@ pub const DEFAULT_FILTER_MAX_INSTANCES: usize = 256;
 
 /// Largest body of a response a filter makes itself.
 pub const MAX_FILTER_RESPONSE_BODY: usize = 1024 * 1024;
+
+/// Most bytes of a body the filter host gathers for a buffered body filter, and of a request
+/// body it keeps for a retry (Envoy's default per-request buffer is also 1 MiB). Larger
+/// buffered bodies are refused (413 for requests, 502 for responses); larger requests are
+/// not retried.
+pub const DEFAULT_FILTER_BODY_BUFFER: u64 = 1024 * 1024;
+
+/// Most times one request is sent upstream because filters asked for a retry (the first
+/// attempt included): a filter bug cannot loop a request forever.
+pub const MAX_ATTEMPTS: u32 = 5;
+
+/// Wasm instances the pooling allocator holds across every filter of the process: the sum of
+/// the filters' live instances may not exceed it.
+pub const FILTER_POOL_INSTANCES: u32 = 1000;
+
+/// Largest linear memory a pooled Wasm instance slot holds (`filter_host.memory_limit` may not
+/// exceed it).
+pub const FILTER_POOL_MEMORY: u64 = 1024 * 1024 * 1024;

@@ -3,16 +3,20 @@
 //! Order of work for each request: framing checks the parser lets through → canonical path →
 //! route → `on-request-headers` → hop-by-hop removal and `X-Forwarded-*` → endpoint choice and
 //! connection (connect failures try another endpoint: the request was never sent) → response
-//! head within the timeout → hop-by-hop removal → `on-response-headers` → body streamed back,
-//! observed for the access log and metrics. Bodies are never buffered.
+//! head within the timeout → hop-by-hop removal → `on-response-headers` (a retry sends the
+//! kept request again, to another endpoint) → body streamed back, observed for the access log
+//! and metrics. Bodies are buffered only for a filter that asks for it, and request bodies are
+//! kept (reference-counted chunks, up to `filter_host.body_buffer`) only when a response
+//! filter could ask for a retry.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
@@ -24,9 +28,10 @@ use crate::cluster::{describe, Cluster, Conn, Endpoint, PooledBody};
 use crate::config::{Config, FilterEntry, ForwardedMode, ListenerLimits};
 use crate::error::ProxyError;
 use crate::filter::host::{FilterMetrics, FilterShared};
+use crate::filter::pipeline::{self, Pipeline, Stop};
 use crate::filter::state::SharedState;
 use crate::filter::wasm::{FilterLimits, WasmEngine, WasmFilter};
-use crate::filter::{ChainEntry, FilterChain, LogSummary, RequestContext};
+use crate::filter::{ChainEntry, FilterChain, Heads, LogSummary, Phase, RequestContext, Verdict};
 use crate::limits;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::route::{Route, RouteTable};
@@ -43,6 +48,8 @@ pub struct Gateway {
     pub access_log: bool,
     /// Process metrics.
     pub metrics: Arc<Metrics>,
+    /// Most bytes gathered for body filters and kept for retries.
+    pub body_buffer: u64,
 }
 
 /// Per-listener request-path state.
@@ -104,6 +111,7 @@ impl Gateway {
             listeners,
             access_log: config.log.access_log,
             metrics: metrics.clone(),
+            body_buffer: config.filter_host.body_buffer,
         })
     }
 }
@@ -286,8 +294,8 @@ pub async fn handle(
         request_id,
     };
     let method = req.method().clone();
-    // Only the access log needs the raw target after the request moved on.
-    let target = gw.access_log.then(|| req.uri().clone());
+    // The access log and the log phase read the target after the request moved on.
+    let target = Some(req.uri().clone());
     let version = req.version();
     let mut x = Exchange {
         metrics: ls.unrouted.clone(),
@@ -375,14 +383,20 @@ impl OnComplete for Completion {
                 complete,
             );
         }
-        if !self.chain.is_empty() {
+        if !self.chain.is_empty() && self.chain.wants(crate::filter::Phase::Log) {
             let summary = LogSummary {
                 status: self.status,
                 bytes,
                 duration,
                 upstream: self.upstream,
+                method: self.method,
+                target: self.target,
             };
-            self.chain.on_log(&self.ctx, &summary);
+            let (chain, ctx) = (self.chain, self.ctx);
+            // The response is sent: the log phase runs beside the connection, not in its way.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move { chain.on_log(&ctx, &summary).await });
+            }
         }
     }
 }
@@ -494,50 +508,178 @@ async fn forward(
     set_client_cert(&mut parts.headers, ls.forward_client_cert, conn);
     parts.headers.insert("x-request-id", ctx.request_id.clone());
 
-    // Response phases read the request head as it went upstream; copy it only if they run.
-    let mut sent_head = route
-        .chain
-        .wants(crate::filter::Phase::ResponseHeaders)
-        .then(|| crate::filter::copy_head(&parts));
-    let body: Body = Limited::new(body, limits.max_request_body).boxed();
-    let timeout = ctx.timeout.unwrap_or(cluster.config.request_timeout);
-    let (resp, ep) = send(
-        &cluster,
-        route,
-        parts,
-        body,
-        client_host,
-        upgrade.is_some(),
-        timeout,
-        x,
-    )
-    .await?;
-
-    let (mut rparts, rbody) = resp.into_parts();
-    if rparts.status == StatusCode::SWITCHING_PROTOCOLS {
-        let (Some(proto), Some(down), UpstreamBody::Incoming(rbody)) = (upgrade, on_upgrade, rbody) else {
-            return Err(ProxyError::Upstream {
-                addr: ep.addr,
-                reason: "unrequested 101 response".into(),
-            });
-        };
-        let up = hyper::upgrade::on(Response::from_parts(rparts.clone(), rbody));
-        strip_hop_by_hop(&mut rparts.headers, false);
-        rparts
-            .headers
-            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        rparts.headers.insert(header::UPGRADE, proto);
-        tokio::spawn(tunnel(down, up, ep.addr));
-        return Ok(Response::from_parts(rparts, body::empty()));
-    }
-    strip_hop_by_hop(&mut rparts.headers, false);
-    if let Some(req) = sent_head.as_mut() {
-        if let Some(resp) = route.chain.on_response_headers(req, &mut rparts, ctx).await? {
-            return Ok(resp);
+    let chain = &route.chain;
+    let buffer = gw.body_buffer as usize;
+    let mut body: Body = Limited::new(body, limits.max_request_body).boxed();
+    // Request body filters: gathered first when one buffers, else streamed on the way.
+    let mut body_stop = None;
+    if !http_body::Body::is_end_stream(&body) && chain.wants_body(Phase::RequestBody) {
+        let heads = Arc::new(Heads {
+            req: crate::filter::copy_head(&parts),
+            resp: None,
+        });
+        if let Some(pipe) = Pipeline::new(chain, Phase::RequestBody, heads, ctx, buffer) {
+            if pipe.buffers() {
+                let (data, trailers) = match pipe.gather(body).await {
+                    Ok(d) => d,
+                    Err(stop) => return stopped(stop, Phase::RequestBody, None),
+                };
+                set_length(&mut parts.headers, &data, trailers.is_some());
+                body = pipeline::body_of(data, trailers);
+            } else {
+                parts.headers.remove(header::CONTENT_LENGTH);
+                let slot = Arc::new(Mutex::new(None));
+                body = pipe.stream(body, slot.clone());
+                body_stop = Some(slot);
+            }
         }
     }
-    let body = rbody.boxed();
-    Ok(Response::from_parts(rparts, body))
+
+    // Response phases read the request head as it went upstream; copy it only if they run.
+    let response_body_filters = chain.wants_body(Phase::ResponseBody);
+    let response_filters = chain.wants(Phase::ResponseHeaders);
+    let mut sent_head = (response_filters || response_body_filters).then(|| crate::filter::copy_head(&parts));
+    // A response filter may ask for a retry: keep the body for a replay (up to the buffer).
+    let replay = (response_filters && upgrade.is_none()).then(|| {
+        let (b, h) = pipeline::recorded(std::mem::replace(&mut body, body::empty()), buffer);
+        body = b;
+        h
+    });
+    let timeout = ctx.timeout.unwrap_or(cluster.config.request_timeout);
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut attempt = 1u32;
+    let mut next = Some((parts, body));
+    loop {
+        let (parts, body) = next.take().expect("set for every attempt");
+        let sent = send(
+            &cluster,
+            route,
+            parts,
+            body,
+            client_host.clone(),
+            upgrade.is_some(),
+            timeout,
+            &tried,
+            x,
+        )
+        .await;
+        // A streamed request body filter that stopped the body decides the answer.
+        if let Some(stop) = body_stop
+            .as_ref()
+            .and_then(|s| s.lock().expect("stop lock").take())
+        {
+            return stopped(stop, Phase::RequestBody, x.upstream);
+        }
+        let (resp, ep) = sent?;
+
+        let (mut rparts, rbody) = resp.into_parts();
+        if rparts.status == StatusCode::SWITCHING_PROTOCOLS {
+            let (Some(proto), Some(down), UpstreamBody::Incoming(rbody)) = (upgrade, on_upgrade, rbody)
+            else {
+                return Err(ProxyError::Upstream {
+                    addr: ep.addr,
+                    reason: "unrequested 101 response".into(),
+                });
+            };
+            let up = hyper::upgrade::on(Response::from_parts(rparts.clone(), rbody));
+            strip_hop_by_hop(&mut rparts.headers, false);
+            rparts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            rparts.headers.insert(header::UPGRADE, proto);
+            tokio::spawn(tunnel(down, up, ep.addr));
+            return Ok(Response::from_parts(rparts, body::empty()));
+        }
+        strip_hop_by_hop(&mut rparts.headers, false);
+        if let (Some(req), true) = (sent_head.as_mut(), response_filters) {
+            match chain.on_response_headers(req, &mut rparts, ctx).await? {
+                Verdict::Continue => {}
+                Verdict::Respond(resp) => return Ok(resp),
+                Verdict::Retry => match replay.as_ref().and_then(|r| r.body()) {
+                    Some(again) if attempt < limits::MAX_ATTEMPTS => {
+                        attempt += 1;
+                        tried.push(ep.addr);
+                        tracing::debug!(upstream.addr = %ep.addr, attempt, request.id = show(&ctx.request_id), "retry asked by a filter");
+                        // Like Envoy's x-envoy-attempt-count: the upstream and the response
+                        // filters of the next attempt see which attempt it is.
+                        req.headers
+                            .insert("x-weir-attempt-count", HeaderValue::from(attempt));
+                        next = Some((crate::filter::copy_head(req), again));
+                        continue;
+                    }
+                    _ => {
+                        tracing::debug!(
+                            attempt,
+                            request.id = show(&ctx.request_id),
+                            "retry asked but not possible (attempts spent or body not kept)"
+                        );
+                    }
+                },
+            }
+        }
+        let mut rbody = rbody.boxed();
+        if response_body_filters && !http_body::Body::is_end_stream(&rbody) {
+            let heads = Arc::new(Heads {
+                req: sent_head.take().expect("copied when response body filters run"),
+                resp: Some(copy_response_head(&rparts)),
+            });
+            if let Some(pipe) = Pipeline::new(chain, Phase::ResponseBody, heads, ctx, buffer) {
+                if pipe.buffers() {
+                    let (data, trailers) = match pipe.gather(rbody).await {
+                        Ok(d) => d,
+                        Err(stop) => return stopped(stop, Phase::ResponseBody, Some(ep.addr)),
+                    };
+                    set_length(&mut rparts.headers, &data, trailers.is_some());
+                    rbody = pipeline::body_of(data, trailers);
+                } else {
+                    rparts.headers.remove(header::CONTENT_LENGTH);
+                    // A response stopped mid-stream can only be cut: the head has left.
+                    rbody = pipe.stream(rbody, Arc::new(Mutex::new(None)));
+                }
+            }
+        }
+        return Ok(Response::from_parts(rparts, rbody));
+    }
+}
+
+/// The length header of a body a filter pipeline gathered (and possibly rewrote).
+fn set_length(h: &mut HeaderMap, data: &Bytes, trailers: bool) {
+    if trailers {
+        // HTTP/1.1 carries trailers only in chunked bodies.
+        h.remove(header::CONTENT_LENGTH);
+    } else {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(data.len()));
+    }
+}
+
+fn copy_response_head(p: &http::response::Parts) -> http::response::Parts {
+    let mut r = Response::new(());
+    *r.status_mut() = p.status;
+    *r.version_mut() = p.version;
+    *r.headers_mut() = p.headers.clone();
+    r.into_parts().0
+}
+
+/// The answer when a body pipeline stopped.
+fn stopped(stop: Stop, phase: Phase, upstream: Option<SocketAddr>) -> Result<Response<Body>, ProxyError> {
+    let unspecified = || SocketAddr::from(([0, 0, 0, 0], 0));
+    match (stop, phase) {
+        (Stop::Respond(r), _) => Ok(r),
+        (Stop::Failed(e), _) => Err(e),
+        (Stop::TooLarge(n), Phase::RequestBody) => Err(ProxyError::BodyTooLarge(n as u64)),
+        (Stop::TooLarge(n), _) => Err(ProxyError::Upstream {
+            addr: upstream.unwrap_or_else(unspecified),
+            reason: format!("response body larger than the filter buffer of {n} bytes"),
+        }),
+        (Stop::Body(e), Phase::RequestBody) => match e.downcast_ref::<body::BodyTooLarge>() {
+            Some(t) => Err(ProxyError::BodyTooLarge(t.limit)),
+            None => Err(ProxyError::BadRequest("request body failed")),
+        },
+        (Stop::Body(e), _) => Err(ProxyError::Upstream {
+            addr: upstream.unwrap_or_else(unspecified),
+            reason: format!("response body failed: {e}"),
+        }),
+    }
 }
 
 fn ls_metrics_for(gw: &Gateway, ls: &ListenerState, route: &Route, cluster: &str) -> RouteMetrics {
@@ -557,17 +699,32 @@ async fn send(
     client_host: Option<HeaderValue>,
     upgrade: bool,
     timeout: Duration,
+    avoid: &[SocketAddr],
     x: &mut Exchange,
 ) -> Result<(Response<UpstreamBody>, Arc<Endpoint>), ProxyError> {
-    let mut tried: Vec<SocketAddr> = Vec::new();
+    // A retry goes to an endpoint not tried yet when the cluster has one.
+    let mut tried: Vec<SocketAddr> = avoid.to_vec();
+    let mut connects = 0;
     let mut last_err = None;
     let (ep, conn) = loop {
-        if tried.len() >= limits::CONNECT_ATTEMPTS {
+        if connects >= limits::CONNECT_ATTEMPTS {
             break Err(last_err.expect("set after a failed attempt"));
         }
-        let Some(ep) = cluster.pick(&tried) else {
+        let picked = match cluster.pick(&tried) {
+            None if connects == 0 && !avoid.is_empty() => {
+                // Every endpoint was tried: at least not the one that just failed.
+                tried = avoid[avoid.len() - 1..].to_vec();
+                cluster.pick(&tried).or_else(|| {
+                    tried.clear();
+                    cluster.pick(&tried)
+                })
+            }
+            p => p,
+        };
+        let Some(ep) = picked else {
             break Err(last_err.unwrap_or_else(|| ProxyError::NoHealthyEndpoint(cluster.name.to_string())));
         };
+        connects += 1;
         tried.push(ep.addr);
         match cluster.checkout(&ep, upgrade).await {
             Ok(c) => break Ok((ep, c)),

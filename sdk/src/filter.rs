@@ -101,8 +101,11 @@ pub trait Filter: Sized + 'static {
         BodyAction::Continue
     }
 
-    /// The exchange finished: for logs and metrics. Default: nothing.
-    fn on_log(&self, _summary: &Summary) {}
+    /// The exchange finished: for logs and metrics. Default: nothing (and the host stops
+    /// calling it).
+    fn on_log(&self, _summary: &Summary) {
+        runtime::LOG_DEFAULT.with(|d| d.set(true));
+    }
 }
 
 /// The glue [`crate::export_filter!`] calls; generic over the author's filter type.
@@ -116,6 +119,8 @@ pub mod runtime {
     thread_local! {
         // One filter value per instance, built by `init`.
         static FILTER: RefCell<Option<Box<dyn Any>>> = const { RefCell::new(None) };
+        // Set by the default `on_log`: the filter does not implement it.
+        pub(crate) static LOG_DEFAULT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     }
 
     fn with<F: Filter, R>(f: impl FnOnce(&F) -> R) -> R {
@@ -224,14 +229,16 @@ pub mod runtime {
         with::<F, _>(|f| f.on_log(s))
     }
 
-    /// `on-log` export.
-    pub fn on_log<F: Filter>(s: wt::Summary) {
+    /// `on-log` export: false when the filter left `on_log` to its default.
+    pub fn on_log<F: Filter>(s: wt::Summary) -> bool {
         let s = Summary {
             status: s.status,
             bytes_sent: s.bytes_sent,
             duration_us: s.duration_us,
             upstream: s.upstream,
         };
-        log_typed::<F>(&s)
+        LOG_DEFAULT.with(|d| d.set(false));
+        log_typed::<F>(&s);
+        !LOG_DEFAULT.with(|d| d.get())
     }
 }

@@ -125,7 +125,7 @@ macro_rules! export_filter {
             ) -> $crate::wit::weir::filter::types::BodyAction {
                 $crate::__private::runtime::on_response_body::<$filter>(chunk, end_of_stream)
             }
-            fn on_log(summary: $crate::wit::weir::filter::types::Summary) {
+            fn on_log(summary: $crate::wit::weir::filter::types::Summary) -> bool {
                 $crate::__private::runtime::on_log::<$filter>(summary)
             }
         }

@@ -3,6 +3,7 @@
 mod admin;
 mod bad_input;
 mod balance;
+mod bodies;
 mod config_errors;
 mod drain;
 mod failures;

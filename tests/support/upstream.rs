@@ -38,6 +38,7 @@ pub struct Upstream {
     delay: Duration,
     addr: Option<SocketAddr>,
     client_ca: Option<std::path::PathBuf>,
+    status: Option<StatusCode>,
 }
 
 /// A running upstream; stops when dropped.
@@ -82,6 +83,7 @@ impl Upstream {
             delay: Duration::ZERO,
             addr: None,
             client_ca: None,
+            status: None,
         }
     }
 
@@ -102,6 +104,12 @@ impl Upstream {
     /// With TLS, require a client certificate signed by this CA (mTLS).
     pub fn require_client_cert(mut self, ca: &std::path::Path) -> Self {
         self.client_ca = Some(ca.to_path_buf());
+        self
+    }
+
+    /// Answer every request with this status (a failing endpoint).
+    pub fn status(mut self, status: u16) -> Self {
+        self.status = Some(StatusCode::from_u16(status).expect("a valid status"));
         self
     }
 
@@ -133,6 +141,7 @@ impl Upstream {
             tokio_rustls::TlsAcceptor::from(crate::pki::server_config(leaf, alpn, self.client_ca.as_deref()))
         });
         let (name, proto, delay, h, n) = (self.name, self.proto, self.delay, hits.clone(), conns.clone());
+        let status = self.status;
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
@@ -143,7 +152,7 @@ impl Upstream {
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         h.fetch_add(1, Ordering::SeqCst);
-                        respond(req, name, delay)
+                        respond(req, name, delay, status)
                     });
                     let mut b = auto::Builder::new(TokioExecutor::new());
                     if proto == Proto::Http2 {
@@ -177,6 +186,7 @@ async fn respond(
     mut req: Request<Incoming>,
     name: &'static str,
     delay: Duration,
+    status: Option<StatusCode>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
@@ -268,6 +278,9 @@ async fn respond(
     };
     resp.headers_mut()
         .insert("x-upstream", HeaderValue::from_static(name));
+    if let Some(s) = status {
+        *resp.status_mut() = s;
+    }
     Ok(resp)
 }
 

@@ -22,7 +22,7 @@ use super::bindings::weir::filter::{
     log, metrics, outbound, properties, request as wreq, response as wresp, state,
 };
 use super::state::SharedState;
-use super::{Phase, RequestContext};
+use super::{Heads, Phase, RequestContext};
 use crate::cluster::{Cluster, Conn, PooledBody};
 
 /// Largest outbound response body a filter may receive.
@@ -84,8 +84,25 @@ pub struct CallState {
     pub req: request::Parts,
     /// The response head, in response phases.
     pub resp: Option<response::Parts>,
+    /// In body phases: the heads, read-only (`req` and `resp` are then empty).
+    pub heads: Option<Arc<Heads>>,
     /// The request context.
     pub ctx: RequestContext,
+}
+
+impl CallState {
+    /// The request head this call reads.
+    pub fn req(&self) -> &request::Parts {
+        self.heads.as_ref().map_or(&self.req, |h| &h.req)
+    }
+
+    /// The response head this call reads, in response phases.
+    pub fn resp(&self) -> Option<&response::Parts> {
+        match &self.heads {
+            Some(h) => h.resp.as_ref(),
+            None => self.resp.as_ref(),
+        }
+    }
 }
 
 /// A store's data.
@@ -162,25 +179,31 @@ impl super::bindings::weir::filter::types::Host for HostState {}
 
 impl wreq::Host for HostState {
     fn method(&mut self) -> String {
-        self.call().map(|c| c.req.method.to_string()).unwrap_or_default()
+        self.call()
+            .map(|c| c.req().method.to_string())
+            .unwrap_or_default()
     }
     fn path(&mut self) -> String {
         self.call()
-            .map(|c| c.req.uri.path().to_string())
+            .map(|c| c.req().uri.path().to_string())
             .unwrap_or_default()
     }
     fn query(&mut self) -> Option<String> {
-        self.call().and_then(|c| c.req.uri.query().map(str::to_string))
+        self.call().and_then(|c| c.req().uri.query().map(str::to_string))
     }
     fn authority(&mut self) -> Option<String> {
         let c = self.call()?;
-        c.req.uri.authority().map(|a| a.as_str().to_string()).or_else(|| {
-            c.req
-                .headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
+        c.req()
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| {
+                c.req()
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+            })
     }
     fn scheme(&mut self) -> String {
         match self.call() {
@@ -190,12 +213,12 @@ impl wreq::Host for HostState {
     }
     fn get_header(&mut self, name: String) -> Option<Vec<u8>> {
         self.call()
-            .and_then(|c| c.req.headers.get(name.as_str()).map(|v| v.as_bytes().to_vec()))
+            .and_then(|c| c.req().headers.get(name.as_str()).map(|v| v.as_bytes().to_vec()))
     }
     fn get_header_all(&mut self, name: String) -> Vec<Vec<u8>> {
         self.call()
             .map(|c| {
-                c.req
+                c.req()
                     .headers
                     .get_all(name.as_str())
                     .iter()
@@ -206,7 +229,7 @@ impl wreq::Host for HostState {
     }
     fn get_headers(&mut self) -> Vec<Header> {
         self.call()
-            .map(|c| header_list(&c.req.headers))
+            .map(|c| header_list(&c.req().headers))
             .unwrap_or_default()
     }
     fn set_header(&mut self, name: String, value: Vec<u8>) -> Result<(), Error> {
@@ -255,7 +278,7 @@ impl wreq::Host for HostState {
 impl wresp::Host for HostState {
     fn status(&mut self) -> u16 {
         self.call()
-            .and_then(|c| c.resp.as_ref())
+            .and_then(|c| c.resp())
             .map_or(0, |r| r.status.as_u16())
     }
     fn set_status(&mut self, status: u16) -> Result<(), Error> {
@@ -268,12 +291,12 @@ impl wresp::Host for HostState {
     }
     fn get_header(&mut self, name: String) -> Option<Vec<u8>> {
         self.call()
-            .and_then(|c| c.resp.as_ref())
+            .and_then(|c| c.resp())
             .and_then(|r| r.headers.get(name.as_str()).map(|v| v.as_bytes().to_vec()))
     }
     fn get_headers(&mut self) -> Vec<Header> {
         self.call()
-            .and_then(|c| c.resp.as_ref())
+            .and_then(|c| c.resp())
             .map(|r| header_list(&r.headers))
             .unwrap_or_default()
     }

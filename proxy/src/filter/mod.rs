@@ -10,9 +10,15 @@
 //! request head ──▶ route table ──▶ on-request-headers (chain order) ──▶ upstream
 //!                                        │ respond ──▶ client
 //!                                        │ error ──▶ fail-closed: 500 / fail-open: skip filter
+//! request body ──▶ on-request-body (filters that asked for it) ──▶ upstream
 //! upstream head ──▶ on-response-headers (chain order) ──▶ client
+//!                                        │ retry ──▶ the request again, another endpoint
+//! response body ──▶ on-response-body (filters that asked for it) ──▶ client
 //! response end ──▶ on-log (every filter, errors only logged)
 //! ```
+//!
+//! Bodies never enter a filter that did not ask for them ([`Filter::body_mode`]); the body
+//! pipeline is in [`pipeline`].
 
 use std::fmt;
 use std::future::Future;
@@ -21,6 +27,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{request, response, Response};
 
 use crate::body::Body;
@@ -29,6 +36,7 @@ use crate::tls::TlsInfo;
 
 pub mod bindings;
 pub mod host;
+pub mod pipeline;
 pub mod state;
 pub mod wasm;
 
@@ -36,14 +44,24 @@ pub mod wasm;
 /// without blocking the proxy.
 pub type PhaseFuture<'a> = Pin<Box<dyn Future<Output = Result<Action, FilterError>> + Send + 'a>>;
 
+/// What the log phase returns.
+pub type LogFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+/// What a body phase returns.
+pub type BodyFuture<'a> = Pin<Box<dyn Future<Output = Result<BodyAction, FilterError>> + Send + 'a>>;
+
 /// The phases of a request, named alike in WIT, the SDK, logs and metric labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Phase {
     /// The request head arrived and a route was found.
     RequestHeaders,
+    /// A request body chunk (or the whole body) passes.
+    RequestBody,
     /// The upstream's response head arrived.
     ResponseHeaders,
+    /// A response body chunk (or the whole body) passes.
+    ResponseBody,
     /// The response finished; for logs and metrics only.
     Log,
 }
@@ -53,7 +71,9 @@ impl Phase {
     pub fn as_str(self) -> &'static str {
         match self {
             Phase::RequestHeaders => "on-request-headers",
+            Phase::RequestBody => "on-request-body",
             Phase::ResponseHeaders => "on-response-headers",
+            Phase::ResponseBody => "on-response-body",
             Phase::Log => "on-log",
         }
     }
@@ -92,6 +112,44 @@ pub enum Action {
     Continue,
     /// Answer the client with this response now; later filters and the upstream are skipped.
     Respond(Response<Body>),
+    /// From a response phase: drop this response and send the request again, to another
+    /// endpoint when the cluster has one. Treated as `Continue` when the request cannot be
+    /// replayed (its body was larger than the replay buffer) or the attempts are spent.
+    Retry,
+}
+
+/// How a filter wants a body.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BodyMode {
+    /// The body streams past without entering the filter.
+    #[default]
+    None,
+    /// Each chunk is handed to the filter as it arrives.
+    Streamed,
+    /// The whole body is gathered (up to the filter host's buffer limit) and handed over once.
+    Buffered,
+}
+
+/// What a body phase decides about its chunk.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum BodyAction {
+    /// Pass the chunk on unchanged.
+    Continue,
+    /// Pass these bytes instead.
+    Replace(Bytes),
+    /// Request body only: answer the client with this response instead of the upstream's.
+    Respond(Response<Body>),
+}
+
+/// The heads a body phase may read: the request as sent upstream, and in response body
+/// phases the response head as sent to the client.
+#[derive(Debug)]
+pub struct Heads {
+    /// The request head.
+    pub req: request::Parts,
+    /// The response head (response body phases).
+    pub resp: Option<response::Parts>,
 }
 
 /// What a failing filter's request gets.
@@ -126,6 +184,10 @@ pub struct LogSummary {
     pub duration: Duration,
     /// The upstream endpoint, if one was used.
     pub upstream: Option<SocketAddr>,
+    /// The request's method.
+    pub method: http::Method,
+    /// The request's target, as the client sent it.
+    pub target: Option<http::Uri>,
 }
 
 /// One filter, of any kind (a Wasm component, later a proxy-wasm module, or native Rust).
@@ -155,8 +217,41 @@ pub trait Filter: Send + Sync + 'static {
         Box::pin(std::future::ready(Ok(Action::Continue)))
     }
 
-    /// Runs once when the response ended (or failed). Default: nothing.
-    fn on_log(&self, _ctx: &RequestContext, _summary: &LogSummary) {}
+    /// How the filter wants the body of `phase` ([`Phase::RequestBody`] or
+    /// [`Phase::ResponseBody`]). Default: not at all, so the body streams past.
+    fn body_mode(&self, _phase: Phase) -> BodyMode {
+        BodyMode::None
+    }
+
+    /// Runs for a request body chunk (the whole body in [`BodyMode::Buffered`]); the last
+    /// call has `end_of_stream`, possibly with an empty chunk. Default: continue.
+    fn on_request_body<'a>(
+        &'a self,
+        _chunk: Bytes,
+        _end_of_stream: bool,
+        _heads: &'a Arc<Heads>,
+        _ctx: &'a RequestContext,
+    ) -> BodyFuture<'a> {
+        Box::pin(std::future::ready(Ok(BodyAction::Continue)))
+    }
+
+    /// Runs for a response body chunk, as [`Filter::on_request_body`]. `Respond` is not
+    /// allowed here (the response head may have left already). Default: continue.
+    fn on_response_body<'a>(
+        &'a self,
+        _chunk: Bytes,
+        _end_of_stream: bool,
+        _heads: &'a Arc<Heads>,
+        _ctx: &'a RequestContext,
+    ) -> BodyFuture<'a> {
+        Box::pin(std::future::ready(Ok(BodyAction::Continue)))
+    }
+
+    /// Runs once when the response ended (or failed), off the request path (the response is
+    /// already sent); errors are only logged and counted. Default: nothing.
+    fn on_log<'a>(&'a self, _ctx: &'a RequestContext, _summary: &'a LogSummary) -> LogFuture<'a> {
+        Box::pin(std::future::ready(()))
+    }
 
     /// Whether the filter (still) wants `phase` called; the core skips work for phases no
     /// filter of a chain wants. Default: every phase.
@@ -172,6 +267,34 @@ pub struct ChainEntry {
     pub filter: Arc<dyn Filter>,
     /// What happens when it fails.
     pub policy: FailurePolicy,
+}
+
+impl ChainEntry {
+    /// Applies the failure policy to a failed call: `Ok` goes on without the filter
+    /// (fail-open), `Err` is the request's error (fail-closed). The failure is logged.
+    pub fn failed(&self, phase: Phase, err: FilterError) -> Result<(), ProxyError> {
+        let name = self.filter.name();
+        tracing::warn!(filter = name, phase = %phase, error = %err, policy = ?self.policy, "filter failed");
+        match self.policy {
+            FailurePolicy::FailOpen => Ok(()),
+            FailurePolicy::FailClosed => Err(ProxyError::Filter {
+                filter: name.to_string(),
+                phase: phase.as_str(),
+                reason: err.to_string(),
+            }),
+        }
+    }
+}
+
+/// What a header phase of the whole chain decided.
+#[derive(Debug)]
+pub enum Verdict {
+    /// Go on.
+    Continue,
+    /// Answer with this response.
+    Respond(Response<Body>),
+    /// Send the request again (response phase only).
+    Retry,
 }
 
 /// An ordered list of filters; cloning it is cheap (requests keep one for their log phase).
@@ -213,27 +336,37 @@ impl FilterChain {
         self.entries.iter().any(|e| e.filter.wants(phase))
     }
 
+    /// Whether any filter of the chain wants the body of `phase`.
+    pub fn wants_body(&self, phase: Phase) -> bool {
+        self.entries
+            .iter()
+            .any(|e| e.filter.body_mode(phase) != BodyMode::None)
+    }
+
+    /// The entries, in order.
+    pub fn entries(&self) -> &[ChainEntry] {
+        &self.entries
+    }
+
     fn settle(
         &self,
         e: &ChainEntry,
         phase: Phase,
         r: Result<Action, FilterError>,
-    ) -> Result<Option<Response<Body>>, ProxyError> {
+    ) -> Result<Verdict, ProxyError> {
         match r {
-            Ok(Action::Continue) => Ok(None),
-            Ok(Action::Respond(resp)) => Ok(Some(resp)),
-            Err(err) => {
-                let name = e.filter.name();
-                tracing::warn!(filter = name, phase = %phase, error = %err, policy = ?e.policy, "filter failed");
-                match e.policy {
-                    FailurePolicy::FailOpen => Ok(None),
-                    FailurePolicy::FailClosed => Err(ProxyError::Filter {
-                        filter: name.to_string(),
-                        phase: phase.as_str(),
-                        reason: err.to_string(),
-                    }),
-                }
-            }
+            Ok(Action::Continue) => Ok(Verdict::Continue),
+            Ok(Action::Respond(resp)) => Ok(Verdict::Respond(resp)),
+            Ok(Action::Retry) if phase == Phase::ResponseHeaders => Ok(Verdict::Retry),
+            Ok(Action::Retry) => self.settle(
+                e,
+                phase,
+                Err(FilterError {
+                    kind: "invalid",
+                    message: format!("retry is not an answer of {phase}"),
+                }),
+            ),
+            Err(err) => e.failed(phase, err).map(|()| Verdict::Continue),
         }
     }
 
@@ -248,36 +381,40 @@ impl FilterChain {
                 continue;
             }
             let r = e.filter.on_request_headers(req, ctx).await;
-            if let Some(resp) = self.settle(e, Phase::RequestHeaders, r)? {
+            if let Verdict::Respond(resp) = self.settle(e, Phase::RequestHeaders, r)? {
                 return Ok(Some(resp));
             }
         }
         Ok(None)
     }
 
-    /// Runs `on-response-headers` through the chain.
+    /// Runs `on-response-headers` through the chain, up to the first filter that answers or
+    /// asks for a retry.
     pub async fn on_response_headers(
         &self,
         req: &mut request::Parts,
         resp: &mut response::Parts,
         ctx: &mut RequestContext,
-    ) -> Result<Option<Response<Body>>, ProxyError> {
+    ) -> Result<Verdict, ProxyError> {
         for e in self.entries.iter() {
             if !e.filter.wants(Phase::ResponseHeaders) {
                 continue;
             }
             let r = e.filter.on_response_headers(req, resp, ctx).await;
-            if let Some(replacement) = self.settle(e, Phase::ResponseHeaders, r)? {
-                return Ok(Some(replacement));
+            match self.settle(e, Phase::ResponseHeaders, r)? {
+                Verdict::Continue => {}
+                v => return Ok(v),
             }
         }
-        Ok(None)
+        Ok(Verdict::Continue)
     }
 
-    /// Runs `on-log` on every filter.
-    pub fn on_log(&self, ctx: &RequestContext, summary: &LogSummary) {
+    /// Runs `on-log` on every filter that wants it.
+    pub async fn on_log(&self, ctx: &RequestContext, summary: &LogSummary) {
         for e in self.entries.iter() {
-            e.filter.on_log(ctx, summary);
+            if e.filter.wants(Phase::Log) {
+                e.filter.on_log(ctx, summary).await;
+            }
         }
     }
 }

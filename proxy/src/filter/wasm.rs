@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use bytes::Bytes;
 use http::{request, response, HeaderValue, Response, StatusCode};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Engine, Store, StoreLimitsBuilder};
@@ -19,7 +20,10 @@ use wasmtime_wasi::WasiCtxBuilder;
 use super::bindings::{self, types as wt};
 use super::host::CallState;
 use super::host::{guest_header_name, guest_header_value, FilterShared, HostState};
-use super::{Action, Filter, FilterError, Phase, PhaseFuture, RequestContext};
+use super::{
+    Action, BodyAction, BodyFuture, BodyMode, Filter, FilterError, Heads, LogFuture, LogSummary, Phase,
+    PhaseFuture, RequestContext,
+};
 use crate::body;
 use crate::limits;
 use crate::metrics::Metrics;
@@ -50,6 +54,18 @@ impl WasmEngine {
         cfg.wasm_component_model(true);
         cfg.epoch_interruption(true);
         cfg.max_wasm_stack(limits::DEFAULT_FILTER_STACK);
+        // The pooling allocator: instance slots (memories, tables, fiber stacks) are reserved
+        // once and recycled, so replacing a failed instance or warming a new filter version
+        // costs a slot reset, not fresh mappings.
+        let n = limits::FILTER_POOL_INSTANCES;
+        let mut pool = wasmtime::PoolingAllocationConfig::default();
+        pool.total_component_instances(n)
+            .total_core_instances(n * 4)
+            .total_memories(n * 2)
+            .total_tables(n * 4)
+            .total_stacks(n)
+            .max_memory_size(limits::FILTER_POOL_MEMORY as usize);
+        cfg.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&cfg)?;
         let mut linker = Linker::<HostState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
@@ -106,7 +122,7 @@ impl WasmEngine {
         let pre = bindings::FilterPre::new(pre)
             .map_err(anyhow::Error::from)
             .with_context(|| format!("{}: does not export weir:filter/handler@0.1.0", path.display()))?;
-        let filter = WasmFilter {
+        let mut filter = WasmFilter {
             name: shared.name.clone(),
             engine: self.clone(),
             pre,
@@ -117,11 +133,13 @@ impl WasmEngine {
             live: AtomicUsize::new(0),
             metrics,
             skipped: std::sync::atomic::AtomicU8::new(0),
+            body_modes: [BodyMode::None; 2],
         };
-        let first = filter
+        let (first, caps) = filter
             .instantiate()
             .await
             .map_err(|e| anyhow::anyhow!("{}: {}", filter.name, e.message))?;
+        filter.body_modes = [body_mode(caps.request_body), body_mode(caps.response_body)];
         filter.checkin(first);
         Ok(filter)
     }
@@ -145,14 +163,42 @@ pub struct WasmFilter {
     metrics: Arc<Metrics>,
     /// Phases the filter said it does not implement (bit per phase): never called again.
     skipped: std::sync::atomic::AtomicU8,
+    /// What `init` asked for the request and the response body.
+    body_modes: [BodyMode; 2],
 }
 
 fn phase_bit(p: Phase) -> u8 {
     match p {
         Phase::RequestHeaders => 1,
-        Phase::ResponseHeaders => 2,
-        Phase::Log => 4,
+        Phase::RequestBody => 2,
+        Phase::ResponseHeaders => 4,
+        Phase::ResponseBody => 8,
+        Phase::Log => 16,
     }
+}
+
+fn body_mode(m: wt::BodyMode) -> BodyMode {
+    match m {
+        wt::BodyMode::None => BodyMode::None,
+        wt::BodyMode::Streamed => BodyMode::Streamed,
+        wt::BodyMode::Buffered => BodyMode::Buffered,
+    }
+}
+
+/// One call into a guest.
+enum Call<'a> {
+    RequestHeaders,
+    ResponseHeaders,
+    RequestBody(&'a [u8], bool),
+    ResponseBody(&'a [u8], bool),
+    Log(wt::Summary),
+}
+
+/// A guest's answer.
+enum Answer {
+    Head(wt::Action),
+    Body(wt::BodyAction),
+    Log(bool),
 }
 
 fn ticks(d: Duration) -> u64 {
@@ -171,7 +217,7 @@ fn classify(e: &wasmtime::Error) -> &'static str {
 }
 
 impl WasmFilter {
-    async fn instantiate(&self) -> Result<Instance, FilterError> {
+    async fn instantiate(&self) -> Result<(Instance, wt::Capabilities), FilterError> {
         let limits = StoreLimitsBuilder::new()
             .memory_size(self.limits.memory)
             .instances(64)
@@ -214,17 +260,16 @@ impl WasmFilter {
             .call_init(&mut store, &self.config_json)
             .await
         {
-            Ok(Ok(_caps)) => {}
-            Ok(Err(msg)) => {
-                return Err(FilterError {
-                    kind: "config",
-                    message: format!("init: {msg}"),
-                })
+            Ok(Ok(caps)) => {
+                self.live.fetch_add(1, Ordering::Relaxed);
+                Ok((Instance { store, exports }, caps))
             }
-            Err(e) => return Err(fail(classify(&e), e)),
+            Ok(Err(msg)) => Err(FilterError {
+                kind: "config",
+                message: format!("init: {msg}"),
+            }),
+            Err(e) => Err(fail(classify(&e), e)),
         }
-        self.live.fetch_add(1, Ordering::Relaxed);
-        Ok(Instance { store, exports })
     }
 
     async fn checkout(&self) -> Result<Instance, FilterError> {
@@ -237,7 +282,7 @@ impl WasmFilter {
                 message: format!("all {} instances busy", self.limits.max_instances),
             });
         }
-        self.instantiate().await
+        self.instantiate().await.map(|(i, _)| i)
     }
 
     /// Takes a warm instance from the pool and puts it back: what every phase call pays on
@@ -258,6 +303,59 @@ impl WasmFilter {
         e
     }
 
+    /// Runs one guest call on a pooled instance with `state` in the store; returns the state
+    /// (always: a fail-open request goes on with its heads) and the answer. A failed instance
+    /// is dropped, never reused.
+    async fn run(&self, state: CallState, call: Call<'_>) -> (CallState, Result<Answer, FilterError>) {
+        let mut inst = match self.checkout().await {
+            Ok(i) => i,
+            Err(e) => return (state, Err(self.failed(e))),
+        };
+        inst.store.data_mut().call = Some(state);
+        inst.store.data_mut().ticks_left = ticks(self.limits.cpu_budget);
+        inst.store.set_epoch_deadline(1);
+        let handler = inst.exports.weir_filter_handler();
+        let result = match call {
+            Call::RequestHeaders => handler
+                .call_on_request_headers(&mut inst.store)
+                .await
+                .map(Answer::Head),
+            Call::ResponseHeaders => handler
+                .call_on_response_headers(&mut inst.store)
+                .await
+                .map(Answer::Head),
+            Call::RequestBody(chunk, eos) => handler
+                .call_on_request_body(&mut inst.store, chunk, eos)
+                .await
+                .map(Answer::Body),
+            Call::ResponseBody(chunk, eos) => handler
+                .call_on_response_body(&mut inst.store, chunk, eos)
+                .await
+                .map(Answer::Body),
+            Call::Log(summary) => handler
+                .call_on_log(&mut inst.store, &summary)
+                .await
+                .map(Answer::Log),
+        };
+        let state = inst.store.data_mut().call.take().expect("set before the call");
+        match result {
+            Ok(answer) => {
+                self.checkin(inst);
+                (state, Ok(answer))
+            }
+            Err(e) => {
+                // The instance's state may be inconsistent after a trap: it is not reused.
+                drop(inst);
+                self.live.fetch_sub(1, Ordering::Relaxed);
+                let e = self.failed(FilterError {
+                    kind: classify(&e),
+                    message: format!("{e:#}"),
+                });
+                (state, Err(e))
+            }
+        }
+    }
+
     async fn phase(
         &self,
         phase: Phase,
@@ -265,51 +363,84 @@ impl WasmFilter {
         resp: Option<&mut response::Parts>,
         ctx: &mut RequestContext,
     ) -> Result<Action, FilterError> {
-        let mut inst = self.checkout().await.map_err(|e| self.failed(e))?;
         let placeholder = http::Request::new(()).into_parts().0;
         let mut resp = resp;
-        let call = CallState {
+        let state = CallState {
             phase,
             req: std::mem::replace(req, placeholder),
             resp: resp
                 .as_deref_mut()
                 .map(|r| std::mem::replace(r, http::Response::new(()).into_parts().0)),
+            heads: None,
             ctx: ctx.clone(),
         };
-        inst.store.data_mut().call = Some(call);
-        inst.store.data_mut().ticks_left = ticks(self.limits.cpu_budget);
-        inst.store.set_epoch_deadline(1);
-        let handler = inst.exports.weir_filter_handler();
-        let result = match phase {
-            Phase::ResponseHeaders => handler.call_on_response_headers(&mut inst.store).await,
-            _ => handler.call_on_request_headers(&mut inst.store).await,
+        let call = match phase {
+            Phase::ResponseHeaders => Call::ResponseHeaders,
+            _ => Call::RequestHeaders,
         };
-        let call = inst.store.data_mut().call.take().expect("set before the call");
-        *req = call.req;
-        if let (Some(dst), Some(src)) = (resp, call.resp) {
+        // The heads come back even when the guest failed: a fail-open request goes on.
+        let (state, answer) = self.run(state, call).await;
+        *req = state.req;
+        if let (Some(dst), Some(src)) = (resp, state.resp) {
             *dst = src;
         }
-        ctx.cluster = call.ctx.cluster;
-        ctx.timeout = call.ctx.timeout;
-        match result {
-            Ok(wt::Action::NotImplemented) => {
-                self.checkin(inst);
+        ctx.cluster = state.ctx.cluster;
+        ctx.timeout = state.ctx.timeout;
+        match answer {
+            Ok(Answer::Head(wt::Action::NotImplemented)) => {
                 self.skipped.fetch_or(phase_bit(phase), Ordering::Relaxed);
                 Ok(Action::Continue)
             }
-            Ok(action) => {
-                self.checkin(inst);
-                self.action(action).map_err(|e| self.failed(e))
+            Ok(Answer::Head(action)) => self.action(action).map_err(|e| self.failed(e)),
+            Ok(_) => unreachable!("a head phase answers an action"),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn body_phase(
+        &self,
+        phase: Phase,
+        chunk: Bytes,
+        eos: bool,
+        heads: &Arc<Heads>,
+        ctx: &RequestContext,
+    ) -> Result<BodyAction, FilterError> {
+        let state = CallState {
+            phase,
+            req: http::Request::new(()).into_parts().0,
+            resp: None,
+            heads: Some(heads.clone()),
+            ctx: ctx.clone(),
+        };
+        let call = match phase {
+            Phase::RequestBody => Call::RequestBody(&chunk, eos),
+            _ => Call::ResponseBody(&chunk, eos),
+        };
+        let answer = self.run(state, call).await.1?;
+        let invalid = |message: String| {
+            self.failed(FilterError {
+                kind: "invalid",
+                message,
+            })
+        };
+        match answer {
+            Answer::Body(wt::BodyAction::Continue) => Ok(BodyAction::Continue),
+            Answer::Body(wt::BodyAction::Replace(b)) => {
+                if b.len() > limits::MAX_FILTER_RESPONSE_BODY.max(chunk.len() * 2) {
+                    return Err(invalid(format!(
+                        "replacement of {} bytes for a chunk of {}",
+                        b.len(),
+                        chunk.len()
+                    )));
+                }
+                Ok(BodyAction::Replace(Bytes::from(b)))
             }
-            Err(e) => {
-                // The instance's state may be inconsistent after a trap: it is not reused.
-                drop(inst);
-                self.live.fetch_sub(1, Ordering::Relaxed);
-                Err(self.failed(FilterError {
-                    kind: classify(&e),
-                    message: format!("{e:#}"),
-                }))
-            }
+            Answer::Body(wt::BodyAction::Respond(r)) => match self.action(wt::Action::Respond(r)) {
+                Ok(Action::Respond(resp)) => Ok(BodyAction::Respond(resp)),
+                Ok(_) => unreachable!("a response stays a response"),
+                Err(e) => Err(self.failed(e)),
+            },
+            _ => unreachable!("a body phase answers a body action"),
         }
     }
 
@@ -321,8 +452,7 @@ impl WasmFilter {
         };
         match a {
             wt::Action::Continue | wt::Action::NotImplemented => Ok(Action::Continue),
-            // The core cannot replay requests yet; the WIT documents that retry is then ignored.
-            wt::Action::Retry => Ok(Action::Continue),
+            wt::Action::Retry => Ok(Action::Retry),
             wt::Action::Respond(r) => {
                 let status = StatusCode::from_u16(r.status)
                     .ok()
@@ -355,6 +485,65 @@ impl Filter for WasmFilter {
 
     fn wants(&self, phase: Phase) -> bool {
         self.skipped.load(Ordering::Relaxed) & phase_bit(phase) == 0
+    }
+
+    fn on_log<'a>(&'a self, ctx: &'a RequestContext, summary: &'a LogSummary) -> LogFuture<'a> {
+        Box::pin(async move {
+            // The log phase reads the request line; the head itself is gone with the request.
+            let mut head = http::Request::new(());
+            *head.method_mut() = summary.method.clone();
+            if let Some(t) = &summary.target {
+                *head.uri_mut() = t.clone();
+            }
+            let state = CallState {
+                phase: Phase::Log,
+                req: head.into_parts().0,
+                resp: None,
+                heads: None,
+                ctx: ctx.clone(),
+            };
+            let s = wt::Summary {
+                status: summary.status,
+                bytes_sent: summary.bytes,
+                duration_us: summary.duration.as_micros() as u64,
+                upstream: summary.upstream.map(|a| a.to_string()),
+            };
+            match self.run(state, Call::Log(s)).await.1 {
+                Ok(Answer::Log(false)) => {
+                    self.skipped.fetch_or(phase_bit(Phase::Log), Ordering::Relaxed);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(filter = %self.name, error = %e, "filter failed in on-log"),
+            }
+        })
+    }
+
+    fn body_mode(&self, phase: Phase) -> BodyMode {
+        match phase {
+            Phase::RequestBody => self.body_modes[0],
+            Phase::ResponseBody => self.body_modes[1],
+            _ => BodyMode::None,
+        }
+    }
+
+    fn on_request_body<'a>(
+        &'a self,
+        chunk: Bytes,
+        end_of_stream: bool,
+        heads: &'a Arc<Heads>,
+        ctx: &'a RequestContext,
+    ) -> BodyFuture<'a> {
+        Box::pin(self.body_phase(Phase::RequestBody, chunk, end_of_stream, heads, ctx))
+    }
+
+    fn on_response_body<'a>(
+        &'a self,
+        chunk: Bytes,
+        end_of_stream: bool,
+        heads: &'a Arc<Heads>,
+        ctx: &'a RequestContext,
+    ) -> BodyFuture<'a> {
+        Box::pin(self.body_phase(Phase::ResponseBody, chunk, end_of_stream, heads, ctx))
     }
 
     fn on_request_headers<'a>(

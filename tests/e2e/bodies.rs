@@ -1,0 +1,184 @@
+//! Body phases and retries of Wasm filters, end to end: bodies rewritten on the way up and
+//! down (streamed and buffered), a body denied before the upstream sees it, and a retry that
+//! a filter asks for landing on the cluster's other endpoint with the request body replayed.
+
+use weir_tests::client::Client;
+use weir_tests::proxy::{one_route, TestProxy, ADMIN};
+use weir_tests::upstream::Upstream;
+use weir_tests::{collect, full};
+
+const REWRITE: &str = env!("WEIR_FIXTURE_REWRITE");
+
+fn rewrite(config: &str) -> String {
+    format!("filters = [{{ name = \"rewrite\", file = \"{REWRITE}\", config = {{ {config} }} }}]")
+}
+
+async fn post(c: &mut Client, path: &str, body: impl Into<bytes::Bytes>) -> (u16, http::HeaderMap, String) {
+    let req = http::Request::post(path)
+        .header("host", "x")
+        .body(full(body))
+        .unwrap();
+    let r = c.send(req).await.unwrap();
+    let (parts, body) = r.into_parts();
+    let body = String::from_utf8(collect(body).await.unwrap().to_vec()).unwrap();
+    (parts.status.as_u16(), parts.headers, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buffered_request_body_is_rewritten_or_denied_before_the_upstream() {
+    let up = Upstream::http1("up").start().await;
+    let cfg = one_route(
+        up.addr,
+        &rewrite(r#"request_body = "buffer", deny_marker = "secret""#),
+        "",
+    );
+    let proxy = TestProxy::start(&cfg, std::path::Path::new(".")).await;
+    for mut c in [
+        Client::h1(proxy.addr("web")).await,
+        Client::h2c(proxy.addr("web")).await,
+    ] {
+        let (status, _, body) = post(&mut c, "/echo", "hello body").await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            body, "HELLO BODY|whole",
+            "the filter saw the whole body once and rewrote it"
+        );
+
+        let hits = up.hits();
+        let (status, _, body) = post(&mut c, "/echo", "this has a secret in it").await;
+        assert_eq!((status, body.as_str()), (403, "body denied\n"));
+        assert_eq!(
+            up.hits(),
+            hits,
+            "a body denied while buffered never reaches the upstream"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_request_body_is_rewritten_chunk_by_chunk() {
+    let up = Upstream::http2("up").start().await;
+    let cfg = one_route(
+        up.addr,
+        &rewrite(r#"request_body = "stream""#),
+        "protocol = \"http2\"",
+    );
+    let proxy = TestProxy::start(&cfg, std::path::Path::new(".")).await;
+    let mut c = Client::h1(proxy.addr("web")).await;
+    let sent = "abcdefgh".repeat(128 * 1024); // 1 MiB
+    let (status, _, body) = post(&mut c, "/echo", sent.clone()).await;
+    assert_eq!(status, 200);
+    assert_eq!(body.len(), sent.len());
+    assert_eq!(
+        body,
+        sent.to_ascii_uppercase(),
+        "every chunk passed the filter, in order"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_bodies_are_rewritten_streamed_and_buffered() {
+    let up = Upstream::http1("up").start().await;
+    for mode in ["stream", "buffer"] {
+        let cfg = one_route(up.addr, &rewrite(&format!("response_body = \"{mode}\"")), "");
+        let proxy = TestProxy::start(&cfg, std::path::Path::new(".")).await;
+        let mut c = Client::h1(proxy.addr("web")).await;
+        let r = c.get("/headers", "x").await;
+        assert_eq!(r.status(), 200);
+        let length = r.headers().get("content-length").cloned();
+        let body = String::from_utf8(collect(r.into_body()).await.unwrap().to_vec()).unwrap();
+        assert!(body.starts_with("GET /HEADERS"), "{mode}: rewritten: {body}");
+        assert!(
+            body.ends_with("|end"),
+            "{mode}: the last call had end-of-stream: {body}"
+        );
+        if mode == "buffer" {
+            assert_eq!(
+                length.unwrap().to_str().unwrap(),
+                body.len().to_string(),
+                "a gathered body gets its new length"
+            );
+        }
+        // Bodies a filter does not want stream past: a second request on the same
+        // connection still works after the rewritten one.
+        let r = c.get("/headers", "x").await;
+        assert_eq!(r.status(), 200);
+        proxy.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_lands_on_the_second_endpoint_with_the_body_replayed() {
+    let bad = Upstream::http1("bad").status(503).start().await;
+    let good = Upstream::http1("good").start().await;
+    let toml = format!(
+        "{ADMIN}\n[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\n{}\n\
+         [[routes]]\ncluster = \"c\"\n[clusters.c]\nendpoints = [\"{}\", \"{}\"]\n",
+        rewrite("retry_on = 503"),
+        bad.addr,
+        good.addr
+    );
+    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+    let mut c = Client::h1(proxy.addr("web")).await;
+    let mut retried = 0;
+    for i in 0..10 {
+        let payload = format!("payload {i}");
+        let (status, h, body) = post(&mut c, "/echo", payload.clone()).await;
+        assert_eq!(status, 200, "request {i}: the retry hid the failing endpoint");
+        assert_eq!(h["x-upstream"], "good");
+        assert_eq!(body, payload, "request {i}: the body was replayed whole");
+        if h["x-attempt"] == "2" {
+            retried += 1;
+        } else {
+            assert_eq!(h["x-attempt"], "1");
+        }
+    }
+    assert!(
+        retried >= 3,
+        "round robin sent some first attempts to the bad endpoint: {retried}"
+    );
+    assert_eq!(
+        bad.hits(),
+        retried,
+        "each retried request tried the bad endpoint once"
+    );
+
+    let (_, m) = proxy.admin_get("/metrics").await;
+    assert!(
+        m.contains(&format!(
+            "weir_filter_rewrite_retries_total{{filter=\"rewrite\"}} {retried}"
+        )),
+        "{m}"
+    );
+    // The log phase runs after the response; give it a moment.
+    let mut logged = false;
+    for _ in 0..50 {
+        let (_, m) = proxy.admin_get("/metrics").await;
+        if m.contains("weir_filter_rewrite_logged_total{filter=\"rewrite\",status=\"200\"} 10") {
+            logged = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(logged, "on-log ran once per request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_stop_after_the_attempt_cap_when_every_endpoint_fails() {
+    let a = Upstream::http1("a").status(503).start().await;
+    let b = Upstream::http1("b").status(503).start().await;
+    let toml = format!(
+        "{ADMIN}\n[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\n{}\n\
+         [[routes]]\ncluster = \"c\"\n[clusters.c]\nendpoints = [\"{}\", \"{}\"]\n",
+        rewrite("retry_on = 503"),
+        a.addr,
+        b.addr
+    );
+    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+    let mut c = Client::h1(proxy.addr("web")).await;
+    let r = c.get("/", "x").await;
+    assert_eq!(r.status(), 503, "the last attempt's answer goes to the client");
+    assert_eq!(r.headers()["x-attempt"], "5");
+    assert_eq!(a.hits() + b.hits(), 5, "at most 5 attempts per request");
+    assert!(a.hits() >= 2 && b.hits() >= 2, "attempts alternate endpoints");
+}
