@@ -1,5 +1,5 @@
 //! The admin listener: `/live`, `/ready`, `/metrics` (Prometheus text), `/config` (the
-//! effective config, secrets redacted). Loopback by default; HTTP/1.1 only.
+//! effective config, secrets redacted), `/filters` (loaded filters and reload status). Loopback by default; HTTP/1.1 only.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -13,15 +13,15 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::body::{self, Body};
-use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::reload::Control;
 
 /// What the admin endpoints read.
 pub struct AdminState {
     /// Process metrics.
     pub metrics: Arc<Metrics>,
-    /// The effective config.
-    pub config: Arc<Config>,
+    /// The config in service and the reload status.
+    pub control: Arc<Control>,
     /// False while draining: `/ready` answers 503 so load balancers stop sending.
     pub ready: Arc<AtomicBool>,
 }
@@ -79,7 +79,17 @@ fn route(req: Request<Incoming>, state: &AdminState) -> Response<Body> {
             r
         }
         "/config" => {
-            let json = serde_json::to_string_pretty(&state.config.redacted_json()).unwrap_or_default();
+            let json = serde_json::to_string_pretty(&state.control.config.load().redacted_json())
+                .unwrap_or_default();
+            let mut r = Response::new(body::full(json + "\n"));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            r
+        }
+        "/filters" => {
+            let json = serde_json::to_string_pretty(&state.control.status()).unwrap_or_default();
             let mut r = Response::new(body::full(json + "\n"));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -89,7 +99,7 @@ fn route(req: Request<Incoming>, state: &AdminState) -> Response<Body> {
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /live /ready /metrics /config\n",
+            "not found: try /live /ready /metrics /config /filters\n",
         ),
     }
 }

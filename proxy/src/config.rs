@@ -905,3 +905,17 @@ endpoints = ["127.0.0.1:9000"]
         assert_eq!(v["a"]["c"], 1);
     }
 }
+
+impl ClusterConfig {
+    /// The files the cluster's TLS reads (CA bundle, client certificate and key), when set.
+    pub fn tls_files(&self) -> Vec<&Path> {
+        match &self.tls {
+            Some(t) => [&t.ca, &t.cert, &t.key]
+                .into_iter()
+                .flatten()
+                .map(PathBuf::as_path)
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+}

@@ -6,11 +6,12 @@
 //! # Layout
 //! - [`config`]: `weir.toml`, typed and validated; [`limits`]: every default limit.
 //! - [`server`]: the process (bind, serve, drain); [`listener`]: accept, TLS, HTTP serving.
+//! - [`reload`]: hot reload of config, filters and certificates.
 //! - [`tls`]: rustls configs, SNI, mTLS identities; [`framing`]: HTTP/1 smuggling guard.
 //! - [`proxy`]: the request path; [`route`]: the route table; [`path`]: canonical paths.
 //! - [`cluster`]: endpoints, DNS, ejection, connection pools; [`balance`]: RR and peak-EWMA.
 //! - [`filter`]: the filter chain seam; [`error`]: error causes and their statuses.
-//! - [`admin`]: `/ready`, `/live`, `/metrics`, `/config`; [`metrics`]: Prometheus series.
+//! - [`admin`]: `/ready`, `/live`, `/metrics`, `/config`, `/filters`; [`metrics`]: series.
 //! - [`body`]: body type and wrappers; [`log`]: tracing setup.
 
 pub mod admin;
@@ -27,6 +28,7 @@ pub mod log;
 pub mod metrics;
 pub mod path;
 pub mod proxy;
+pub mod reload;
 pub mod route;
 pub mod server;
 pub mod tls;

@@ -122,3 +122,7 @@ pub const FILTER_POOL_INSTANCES: u32 = 1000;
 /// Largest linear memory a pooled Wasm instance slot holds (`filter_host.memory_limit` may not
 /// exceed it).
 pub const FILTER_POOL_MEMORY: u64 = 1024 * 1024 * 1024;
+
+/// Quiet time after the last file change before a reload: an editor's save or a ConfigMap
+/// update (several renames) becomes one reload.
+pub const RELOAD_DEBOUNCE: Duration = Duration::from_millis(100);

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -28,11 +29,12 @@ pub struct BoundListener {
     /// The socket. Only the accept loop holds it, so closing it refuses new connections at
     /// once even while connections are still draining.
     pub tcp: TcpListener,
-    rt: Arc<ListenerRt>,
+    /// What new connections use; a reload stores a new one (limits, certificates).
+    pub rt: Arc<ArcSwap<ListenerRt>>,
 }
 
 /// What connection tasks of a listener share.
-struct ListenerRt {
+pub struct ListenerRt {
     name: Arc<str>,
     tls: Option<TlsAcceptor>,
     limits: ListenerLimits,
@@ -57,6 +59,22 @@ impl BoundListener {
         socket.set_reuseaddr(true)?;
         socket.bind(cfg.address)?;
         let tcp = socket.listen(1024)?;
+        Ok(BoundListener {
+            name: cfg.name.as_str().into(),
+            tcp,
+            rt: Arc::new(ArcSwap::from_pointee(ListenerRt::new(cfg, tls))),
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.tcp.local_addr().expect("bound socket has an address")
+    }
+}
+
+impl ListenerRt {
+    /// The TLS and HTTP settings of a listener's config.
+    pub fn new(cfg: &ListenerConfig, tls: Option<Arc<rustls::ServerConfig>>) -> ListenerRt {
         let builder = |limits: &ListenerLimits| {
             let mut b = auto::Builder::new(TokioExecutor::new());
             b.http1()
@@ -76,44 +94,37 @@ impl BoundListener {
                 .enable_connect_protocol();
             b
         };
-        let name: Arc<str> = cfg.name.as_str().into();
-        let rt = ListenerRt {
-            name: name.clone(),
+        ListenerRt {
+            name: cfg.name.as_str().into(),
             tls: tls.map(TlsAcceptor::from),
             auto: builder(&cfg.limits),
             h1: builder(&cfg.limits).http1_only(),
             h2: builder(&cfg.limits).http2_only(),
             limits: cfg.limits.clone(),
-        };
-        Ok(BoundListener {
-            name,
-            tcp,
-            rt: Arc::new(rt),
-        })
-    }
-
-    /// The bound address.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.tcp.local_addr().expect("bound socket has an address")
+        }
     }
 }
 
 /// Accepts and serves connections until `drain` turns true; then stops accepting (new
 /// connections are refused) and asks every open connection to finish gracefully. Each
 /// connection task holds a clone of `done`, so the caller knows when all have ended.
+/// `stop` (a reload removed or moved the listener) only stops accepting: open connections
+/// finish on their own.
 pub async fn serve(
     listener: BoundListener,
     shared: Arc<Shared>,
     mut drain: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
     done: mpsc::Sender<()>,
 ) {
     let BoundListener { name, tcp, rt } = listener;
-    let slots = Arc::new(Semaphore::new(rt.limits.max_connections));
+    let slots = Arc::new(Semaphore::new(rt.load().limits.max_connections));
     let (gauge, accepted) = shared.metrics.listener(&name);
     loop {
         let permit = tokio::select! {
             p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
             _ = drain.changed() => break,
+            _ = stop.changed() => break,
         };
         let (tcp, peer) = tokio::select! {
             r = tcp.accept() => match r {
@@ -126,10 +137,11 @@ pub async fn serve(
                 }
             },
             _ = drain.changed() => break,
+            _ = stop.changed() => break,
         };
         accepted.inc();
         let (l, s, d, done, gauge) = (
-            rt.clone(),
+            rt.load_full(),
             shared.clone(),
             drain.clone(),
             done.clone(),

@@ -68,7 +68,9 @@ fn main() -> ExitCode {
         }
     };
     let result = rt.block_on(async {
-        let proxy = Proxy::bind(config).await?;
+        let proxy = Proxy::bind_file(path.clone())
+            .await?
+            .watch(weir::limits::RELOAD_DEBOUNCE);
         proxy.run(shutdown_signal()).await
     });
     match result {

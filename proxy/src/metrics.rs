@@ -45,6 +45,11 @@ struct FilterErrorLabels {
     kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    result: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -61,6 +66,7 @@ pub struct Metrics {
     connections_total: Family<ListenerLabels, Counter>,
     connect_errors: Family<ClusterLabels, Counter>,
     filter_errors: Family<FilterErrorLabels, Counter>,
+    reloads: Family<ReloadLabels, Counter>,
     filters: std::sync::Mutex<Vec<(Arc<str>, std::sync::Weak<crate::filter::host::FilterMetrics>)>>,
 }
 
@@ -101,6 +107,15 @@ impl Metrics {
         let connections_total = Family::<ListenerLabels, Counter>::default();
         let connect_errors = Family::<ClusterLabels, Counter>::default();
         let filter_errors = Family::<FilterErrorLabels, Counter>::default();
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        // Both results exist from the start, so a dashboard sees 0 rather than no series.
+        let _ = reloads.get_or_create(&ReloadLabels { result: "ok" });
+        let _ = reloads.get_or_create(&ReloadLabels { result: "error" });
+        root.register(
+            "reload",
+            "Reloads of config, filters or certificates that changed something, by result",
+            reloads.clone(),
+        );
         let http = root.sub_registry_with_prefix("http");
         http.register("requests", "Responses sent downstream", requests.clone());
         http.register_with_unit(
@@ -140,6 +155,7 @@ impl Metrics {
             connections_total,
             connect_errors,
             filter_errors,
+            reloads,
             filters: std::sync::Mutex::new(Vec::new()),
         }
     }
@@ -195,6 +211,11 @@ impl Metrics {
                 kind,
             })
             .inc();
+    }
+
+    /// Counts a reload attempt that changed something (`ok`) or failed (`error`).
+    pub fn reload(&self, result: &'static str) {
+        self.reloads.get_or_create(&ReloadLabels { result }).inc();
     }
 
     /// Exports a filter's own metrics while it is loaded.

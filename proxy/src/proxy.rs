@@ -27,10 +27,8 @@ use crate::body::{self, Body, Limited, Observed, OnComplete};
 use crate::cluster::{describe, Cluster, Conn, Endpoint, PooledBody};
 use crate::config::{Config, FilterEntry, ForwardedMode, ListenerLimits};
 use crate::error::ProxyError;
-use crate::filter::host::{FilterMetrics, FilterShared};
 use crate::filter::pipeline::{self, Pipeline, Stop};
-use crate::filter::state::SharedState;
-use crate::filter::wasm::{FilterLimits, WasmEngine, WasmFilter};
+use crate::filter::wasm::WasmEngine;
 use crate::filter::{ChainEntry, FilterChain, Heads, LogSummary, Phase, RequestContext, Verdict};
 use crate::limits;
 use crate::metrics::{Metrics, RouteMetrics};
@@ -71,30 +69,33 @@ pub struct ListenerState {
 }
 
 impl Gateway {
-    /// Builds the data plane of a config; clusters start resolving DNS in the background.
-    pub async fn build(
+    /// Assembles a generation from its parts: `clusters` built (or kept) by the caller, and
+    /// every chain entry's filter in `filters` by entry name.
+    pub fn assemble(
         config: &Config,
         metrics: &Arc<Metrics>,
-        chains: &std::collections::HashMap<String, FilterChain>,
-    ) -> anyhow::Result<Gateway> {
-        let mut clusters = std::collections::HashMap::new();
-        for (name, c) in &config.clusters {
-            let cluster = Arc::new(Cluster::new(name, c, config, metrics.clone())?);
-            cluster.refresh_dns().await;
-            tokio::spawn(Cluster::maintain(Arc::downgrade(&cluster)));
-            clusters.insert(Arc::from(name.as_str()), cluster);
-        }
-        let mut loader = FilterLoader::new(config, metrics, &clusters);
+        clusters: std::collections::HashMap<Arc<str>, Arc<Cluster>>,
+        filters: &std::collections::HashMap<String, Arc<dyn crate::filter::Filter>>,
+        native: &std::collections::HashMap<String, FilterChain>,
+    ) -> Gateway {
+        let entries = |list: &[FilterEntry]| -> Vec<ChainEntry> {
+            list.iter()
+                .map(|e| ChainEntry {
+                    filter: filters[&e.name].clone(),
+                    policy: e.failure_policy,
+                })
+                .collect()
+        };
         let mut listeners = std::collections::HashMap::new();
-        for (li, l) in config.listeners.iter().enumerate() {
+        for l in &config.listeners {
             // The listener's chain: native filters handed in (embedders, tests), then Wasm.
-            let native = chains.get(&l.name).cloned().unwrap_or_default();
-            let listener_chain = native.then(loader.entries(&format!("listeners[{li}]"), &l.filters).await?);
-            let mut route_chains = Vec::new();
-            for (ri, r) in config.routes.iter().enumerate() {
-                route_chains
-                    .push(listener_chain.then(loader.entries(&format!("routes[{ri}]"), &r.filters).await?));
-            }
+            let native = native.get(&l.name).cloned().unwrap_or_default();
+            let listener_chain = native.then(entries(&l.filters));
+            let route_chains: Vec<FilterChain> = config
+                .routes
+                .iter()
+                .map(|r| listener_chain.then(entries(&r.filters)))
+                .collect();
             let state = ListenerState {
                 name: l.name.as_str().into(),
                 routes: RouteTable::build(config, &l.name, metrics, |i| route_chains[i].clone()),
@@ -106,96 +107,18 @@ impl Gateway {
             };
             listeners.insert(Arc::from(l.name.as_str()), Arc::new(state));
         }
-        Ok(Gateway {
+        Gateway {
             clusters,
             listeners,
             access_log: config.log.access_log,
             metrics: metrics.clone(),
             body_buffer: config.filter_host.body_buffer,
-        })
-    }
-}
-
-/// Loads the Wasm filters of a config: one [`WasmFilter`] per distinct entry name, shared by
-/// every chain that names it (same instances, state and metrics).
-struct FilterLoader<'a> {
-    config: &'a Config,
-    metrics: &'a Arc<Metrics>,
-    clusters: &'a std::collections::HashMap<Arc<str>, Arc<Cluster>>,
-    loaded: std::collections::HashMap<String, Arc<WasmFilter>>,
-}
-
-impl<'a> FilterLoader<'a> {
-    fn new(
-        config: &'a Config,
-        metrics: &'a Arc<Metrics>,
-        clusters: &'a std::collections::HashMap<Arc<str>, Arc<Cluster>>,
-    ) -> Self {
-        FilterLoader {
-            config,
-            metrics,
-            clusters,
-            loaded: std::collections::HashMap::new(),
         }
-    }
-
-    async fn entries(&mut self, at: &str, entries: &[FilterEntry]) -> anyhow::Result<Vec<ChainEntry>> {
-        let mut out = Vec::new();
-        for (k, e) in entries.iter().enumerate() {
-            let filter = match self.loaded.get(&e.name) {
-                Some(f) => f.clone(),
-                None => {
-                    let f = Arc::new(self.load(e).await.map_err(|err| {
-                        anyhow::anyhow!(
-                            "{}: {at}.filters[{k}] ({}): {err:#}",
-                            self.config.source_name,
-                            e.name
-                        )
-                    })?);
-                    self.loaded.insert(e.name.clone(), f.clone());
-                    f
-                }
-            };
-            out.push(ChainEntry {
-                filter,
-                policy: e.failure_policy,
-            });
-        }
-        Ok(out)
-    }
-
-    async fn load(&self, e: &FilterEntry) -> anyhow::Result<WasmFilter> {
-        let engine = wasm_engine()?;
-        let fm = Arc::new(FilterMetrics::default());
-        let name: Arc<str> = e.name.as_str().into();
-        self.metrics.register_filter(name.clone(), &fm);
-        let shared = Arc::new(FilterShared {
-            name,
-            state: SharedState::default(),
-            metrics: fm,
-            clusters: self.clusters.clone(),
-        });
-        let fh = &self.config.filter_host;
-        let limits = FilterLimits {
-            cpu_budget: fh.cpu_budget,
-            memory: usize::try_from(fh.memory_limit).unwrap_or(usize::MAX),
-            max_instances: fh.max_instances,
-        };
-        let json = serde_json::to_string(&e.config)?;
-        engine
-            .load(
-                &self.config.filter_path(&e.file),
-                json,
-                limits,
-                shared,
-                self.metrics.clone(),
-            )
-            .await
     }
 }
 
 /// The process's one Wasm engine (one epoch ticker, one compile cache), made on first use.
-fn wasm_engine() -> anyhow::Result<Arc<WasmEngine>> {
+pub fn wasm_engine() -> anyhow::Result<Arc<WasmEngine>> {
     static ENGINE: std::sync::OnceLock<Arc<WasmEngine>> = std::sync::OnceLock::new();
     if let Some(e) = ENGINE.get() {
         return Ok(e.clone());

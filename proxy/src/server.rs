@@ -1,11 +1,13 @@
-//! The process: binds every listener and the admin API, serves, and on shutdown stops
-//! accepting, drains in-flight requests up to a deadline, and returns.
+//! The process: binds every listener and the admin API, serves, reloads on change, and on
+//! shutdown stops accepting, drains in-flight requests up to a deadline, and returns.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
@@ -15,16 +17,16 @@ use tokio::sync::{mpsc, watch};
 use crate::admin::{self, AdminState};
 use crate::config::Config;
 use crate::filter::FilterChain;
-use crate::listener::{self, BoundListener};
-use crate::metrics::Metrics;
-use crate::proxy::{Gateway, Shared};
+use crate::listener::{self, BoundListener, ListenerRt};
+use crate::proxy::Shared;
+use crate::reload::{Control, ListenerApply, PrepareFuture, Prepared};
 
 /// A configured, bound proxy. Tests bind with port 0 and read the addresses back.
 pub struct Proxy {
-    config: Arc<Config>,
-    shared: Arc<Shared>,
-    listeners: Vec<BoundListener>,
+    control: Arc<Control>,
+    listeners: Arc<Listeners>,
     admin: Option<TcpListener>,
+    watch: Option<Duration>,
 }
 
 impl Proxy {
@@ -38,23 +40,28 @@ impl Proxy {
         config: Config,
         chains: HashMap<String, FilterChain>,
     ) -> anyhow::Result<Proxy> {
+        Self::bind_from(config, None, chains).await
+    }
+
+    /// Loads `path` and binds it; with [`Proxy::watch`], changes to the file (and to the
+    /// filters and certificates it names) are applied while serving.
+    pub async fn bind_file(path: PathBuf) -> anyhow::Result<Proxy> {
+        let config = Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+        Self::bind_from(config, Some(path), HashMap::new()).await
+    }
+
+    async fn bind_from(
+        config: Config,
+        path: Option<PathBuf>,
+        chains: HashMap<String, FilterChain>,
+    ) -> anyhow::Result<Proxy> {
         crate::tls::install_default_provider();
-        let metrics = Arc::new(Metrics::new());
-        let gateway = Gateway::build(&config, &metrics, &chains).await?;
-        let mut listeners = Vec::new();
-        for (i, l) in config.listeners.iter().enumerate() {
-            let tls = match &l.tls {
-                Some(t) => Some(crate::tls::server_config(t, &config)?),
-                None => None,
-            };
-            let bound = BoundListener::bind(l, tls).await.with_context(|| {
-                format!(
-                    "{}: listeners[{i}].address: cannot bind {}",
-                    config.source_name, l.address
-                )
-            })?;
-            listeners.push(bound);
-        }
+        let listeners = Arc::new(Listeners::default());
+        // Sockets first: a port in use is reported before any filter compiles.
+        let plan = listeners.plan(&config).await?;
+        let control = Control::start(config, path, chains).await?;
+        listeners.commit_plan(plan);
+        let config = control.config.load_full();
         let admin = if config.admin.enabled {
             Some(TcpListener::bind(config.admin.address).await.with_context(|| {
                 format!(
@@ -65,24 +72,34 @@ impl Proxy {
         } else {
             None
         };
-        let shared = Arc::new(Shared {
-            gateway: ArcSwap::from_pointee(gateway),
-            metrics,
-        });
         Ok(Proxy {
-            config: Arc::new(config),
-            shared,
+            control,
             listeners,
             admin,
+            watch: None,
         })
+    }
+
+    /// Reloads on changes to the config file, the filter directory and the TLS files, after
+    /// `debounce` of quiet.
+    pub fn watch(mut self, debounce: Duration) -> Self {
+        self.watch = Some(debounce);
+        self
+    }
+
+    /// The reload control (for embedders and tests: reload on demand, read the status).
+    pub fn control(&self) -> Arc<Control> {
+        self.control.clone()
+    }
+
+    /// Reloads now, as a file change would.
+    pub async fn reload(&self) -> anyhow::Result<crate::reload::Outcome> {
+        self.control.reload(&*self.listeners).await
     }
 
     /// The bound address of a listener.
     pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
-        self.listeners
-            .iter()
-            .find(|l| &*l.name == name)
-            .map(BoundListener::local_addr)
+        self.listeners.local_addr(name)
     }
 
     /// The bound admin address.
@@ -96,30 +113,34 @@ impl Proxy {
         let (drain_tx, drain_rx) = watch::channel(false);
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
         let ready = Arc::new(AtomicBool::new(true));
-        for l in self.listeners {
-            tracing::info!(listener = %l.name, address = %l.local_addr(), "listening");
-            tokio::spawn(listener::serve(
-                l,
-                self.shared.clone(),
-                drain_rx.clone(),
-                done_tx.clone(),
-            ));
-        }
-        drop(done_tx);
+        self.listeners.serve(ServeCtx {
+            shared: self.control.shared.clone(),
+            drain: drain_rx,
+            done: done_tx,
+        });
         let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
         if let Some(a) = self.admin {
             tracing::info!(address = %a.local_addr()?, "admin listening");
             let state = Arc::new(AdminState {
-                metrics: self.shared.metrics.clone(),
-                config: self.config.clone(),
+                metrics: self.control.shared.metrics.clone(),
+                control: self.control.clone(),
                 ready: ready.clone(),
             });
             tokio::spawn(admin::serve(a, state, admin_stop_rx));
         }
+        let watcher = self.watch.map(|debounce| {
+            let apply: Arc<dyn ListenerApply> = self.listeners.clone();
+            tokio::spawn(crate::reload::watch(self.control.clone(), apply, debounce))
+        });
         shutdown.await;
-        let deadline = self.config.runtime.drain_timeout;
+        if let Some(w) = watcher {
+            w.abort();
+        }
+        let deadline = self.control.config.load().runtime.drain_timeout;
         tracing::info!(deadline = ?deadline, "shutting down: draining connections");
         ready.store(false, Ordering::Relaxed);
+        // Closing the serve context drops its `done` sender: only connections hold one now.
+        self.listeners.close();
         let _ = drain_tx.send(true);
         match tokio::time::timeout(deadline, done_rx.recv()).await {
             Ok(_) => tracing::info!("drained"),
@@ -127,5 +148,167 @@ impl Proxy {
         }
         let _ = admin_stop_tx.send(true);
         Ok(())
+    }
+}
+
+/// What a serving listener needs from the process.
+struct ServeCtx {
+    shared: Arc<Shared>,
+    drain: watch::Receiver<bool>,
+    done: mpsc::Sender<()>,
+}
+
+struct Running {
+    /// The configured address (port 0 stays 0: the listener is not moved).
+    address: SocketAddr,
+    local: SocketAddr,
+    rt: Arc<ArcSwap<ListenerRt>>,
+    stop: watch::Sender<bool>,
+}
+
+/// The listeners of the process, by name; reloads add, move, re-set and remove them.
+#[derive(Default)]
+pub struct Listeners {
+    inner: Mutex<ListenersInner>,
+}
+
+#[derive(Default)]
+struct ListenersInner {
+    running: HashMap<String, Running>,
+    /// Bound before `run` started, with their stop signal.
+    pending: Vec<(BoundListener, watch::Receiver<bool>)>,
+    serve: Option<ServeCtx>,
+}
+
+/// A reload's listener changes.
+struct Plan {
+    start: Vec<(SocketAddr, BoundListener)>,
+    stop: Vec<String>,
+    store: Vec<(Arc<ArcSwap<ListenerRt>>, ListenerRt)>,
+}
+
+impl Listeners {
+    fn local_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.inner
+            .lock()
+            .expect("listeners lock")
+            .running
+            .get(name)
+            .map(|r| r.local)
+    }
+
+    async fn plan(&self, config: &Config) -> anyhow::Result<Plan> {
+        let current: HashMap<String, (SocketAddr, Arc<ArcSwap<ListenerRt>>)> = self
+            .inner
+            .lock()
+            .expect("listeners lock")
+            .running
+            .iter()
+            .map(|(n, r)| (n.clone(), (r.address, r.rt.clone())))
+            .collect();
+        let mut plan = Plan {
+            start: Vec::new(),
+            stop: Vec::new(),
+            store: Vec::new(),
+        };
+        for (i, l) in config.listeners.iter().enumerate() {
+            let tls = match &l.tls {
+                Some(t) => Some(
+                    crate::tls::server_config(t, config)
+                        .with_context(|| format!("{}: listeners[{i}].tls", config.source_name))?,
+                ),
+                None => None,
+            };
+            match current.get(&l.name) {
+                Some((addr, rt)) if *addr == l.address => {
+                    plan.store.push((rt.clone(), ListenerRt::new(l, tls)))
+                }
+                old => {
+                    let bound = BoundListener::bind(l, tls).await.with_context(|| {
+                        format!(
+                            "{}: listeners[{i}].address: cannot bind {}",
+                            config.source_name, l.address
+                        )
+                    })?;
+                    if old.is_some() {
+                        plan.stop.push(l.name.clone());
+                    }
+                    plan.start.push((l.address, bound));
+                }
+            }
+        }
+        for name in current.keys() {
+            if !config.listeners.iter().any(|l| &l.name == name) {
+                plan.stop.push(name.clone());
+            }
+        }
+        Ok(plan)
+    }
+
+    fn commit_plan(&self, plan: Plan) {
+        let mut inner = self.inner.lock().expect("listeners lock");
+        for (rt, new) in plan.store {
+            rt.store(Arc::new(new));
+        }
+        for name in plan.stop {
+            if let Some(r) = inner.running.remove(&name) {
+                tracing::info!(listener = %name, address = %r.local, "listener stopped by reload");
+                let _ = r.stop.send(true);
+            }
+        }
+        for (address, bound) in plan.start {
+            let (stop_tx, stop_rx) = watch::channel(false);
+            let name = bound.name.to_string();
+            inner.running.insert(
+                name,
+                Running {
+                    address,
+                    local: bound.local_addr(),
+                    rt: bound.rt.clone(),
+                    stop: stop_tx,
+                },
+            );
+            match &inner.serve {
+                Some(ctx) => spawn_serve(bound, ctx, stop_rx),
+                None => inner.pending.push((bound, stop_rx)),
+            }
+        }
+    }
+
+    fn serve(&self, ctx: ServeCtx) {
+        let mut inner = self.inner.lock().expect("listeners lock");
+        for (bound, stop) in std::mem::take(&mut inner.pending) {
+            spawn_serve(bound, &ctx, stop);
+        }
+        inner.serve = Some(ctx);
+    }
+
+    fn close(&self) {
+        let mut inner = self.inner.lock().expect("listeners lock");
+        inner.serve = None;
+        inner.pending.clear();
+    }
+}
+
+fn spawn_serve(bound: BoundListener, ctx: &ServeCtx, stop: watch::Receiver<bool>) {
+    tracing::info!(listener = %bound.name, address = %bound.local_addr(), "listening");
+    tokio::spawn(listener::serve(
+        bound,
+        ctx.shared.clone(),
+        ctx.drain.clone(),
+        stop,
+        ctx.done.clone(),
+    ));
+}
+
+impl ListenerApply for Listeners {
+    fn prepare<'a>(&'a self, config: &'a Config) -> PrepareFuture<'a> {
+        Box::pin(async move { self.plan(config).await.map(|p| Box::new(p) as Prepared) })
+    }
+
+    fn commit(&self, prepared: Prepared) {
+        if let Ok(plan) = prepared.downcast::<Plan>() {
+            self.commit_plan(*plan);
+        }
     }
 }

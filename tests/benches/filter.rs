@@ -3,7 +3,6 @@
 //! the path and two headers, sets one header, bumps a counter) against the same logic in
 //! native Rust. `cargo bench -p weir-tests --bench filter`.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -20,7 +19,7 @@ async fn load(engine: &Arc<WasmEngine>, name: &str, path: &str, json: &str) -> W
         name: name.into(),
         state: SharedState::default(),
         metrics: Arc::new(FilterMetrics::default()),
-        clusters: HashMap::new(),
+        clusters: Default::default(),
     });
     let limits = FilterLimits {
         cpu_budget: std::time::Duration::from_millis(20),
@@ -28,7 +27,7 @@ async fn load(engine: &Arc<WasmEngine>, name: &str, path: &str, json: &str) -> W
         max_instances: 16,
     };
     engine
-        .load(
+        .load_file(
             path.as_ref(),
             json.into(),
             limits,

@@ -242,7 +242,6 @@ endpoints = ["{}"]
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn phases_a_filter_does_not_implement_are_not_called_again() {
-    use std::collections::HashMap;
     use std::sync::Arc;
     use weir::filter::{Filter, Phase};
     weir_tests::init();
@@ -254,7 +253,7 @@ async fn phases_a_filter_does_not_implement_are_not_called_again() {
                 name: name.into(),
                 state: Default::default(),
                 metrics: Default::default(),
-                clusters: HashMap::new(),
+                clusters: Default::default(),
             });
             let limits = weir::filter::wasm::FilterLimits {
                 cpu_budget: Duration::from_millis(50),
@@ -263,7 +262,7 @@ async fn phases_a_filter_does_not_implement_are_not_called_again() {
             };
             let metrics = Arc::new(weir::metrics::Metrics::new());
             engine
-                .load(path.as_ref(), json.into(), limits, shared, metrics)
+                .load_file(path.as_ref(), json.into(), limits, shared, metrics)
                 .await
                 .unwrap()
         }

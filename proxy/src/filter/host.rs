@@ -73,7 +73,7 @@ pub struct FilterShared {
     /// Its metrics.
     pub metrics: Arc<FilterMetrics>,
     /// Clusters it may route to and call.
-    pub clusters: HashMap<Arc<str>, Arc<Cluster>>,
+    pub clusters: arc_swap::ArcSwap<HashMap<Arc<str>, Arc<Cluster>>>,
 }
 
 /// The request being processed, moved into the store for one phase call.
@@ -346,7 +346,13 @@ impl properties::Host for HostState {
         self.call()?.ctx.cluster.as_deref().map(str::to_string)
     }
     fn set_cluster(&mut self, name: String) -> Result<(), Error> {
-        let Some((key, _)) = self.shared.clusters.get_key_value(name.as_str()) else {
+        let Some((key, _)) = self
+            .shared
+            .clusters
+            .load()
+            .get_key_value(name.as_str())
+            .map(|(k, v)| (k.clone(), v.clone()))
+        else {
             return Err(Error::Invalid(format!("unknown cluster {name:?}")));
         };
         let key = key.clone();
@@ -580,7 +586,7 @@ impl outbound::Host for HostState {
         cluster: String,
         request: outbound::OutboundRequest,
     ) -> Result<outbound::OutboundResponse, String> {
-        let Some(c) = self.shared.clusters.get(cluster.as_str()).cloned() else {
+        let Some(c) = self.shared.clusters.load().get(cluster.as_str()).cloned() else {
             return Err(format!("unknown cluster {cluster:?}"));
         };
         let timeout = Duration::from_millis(u64::from(request.timeout_ms.clamp(1, 60_000)));

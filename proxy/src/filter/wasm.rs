@@ -5,7 +5,6 @@
 //! One process has one [`WasmEngine`]: one `Engine`, one `Linker`, one epoch ticker thread.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -39,11 +38,38 @@ pub struct FilterLimits {
     pub max_instances: usize,
 }
 
+/// The export every filter of this ABI version has.
+pub const ABI_HANDLER: &str = "weir:filter/handler@0.1.0";
+
+/// The sha256 of some bytes, as `sha256:<hex>` (the OCI digest form).
+pub fn digest(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    let d = sha2::Sha256::digest(bytes);
+    let mut s = String::with_capacity(71);
+    s.push_str("sha256:");
+    for b in d {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+/// Tells apart what is not a component before the compiler does, with a clearer message.
+fn check_header(what: &str, bytes: &[u8]) -> anyhow::Result<()> {
+    match bytes.get(..8) {
+        Some([0, b'a', b's', b'm', 1, 0, 0, 0]) => {
+            anyhow::bail!("{what}: a core Wasm module, not a component: build with `--target wasm32-wasip2`")
+        }
+        Some([0, b'a', b's', b'm', _, _, 1, 0]) => Ok(()),
+        _ => anyhow::bail!("{what}: not a WebAssembly file"),
+    }
+}
+
 /// The process's Wasm engine and linker.
 pub struct WasmEngine {
     engine: Engine,
     linker: Linker<HostState>,
-    compiled: Mutex<HashMap<std::path::PathBuf, Component>>,
+    /// Compiled components by digest.
+    compiled: Mutex<HashMap<String, Component>>,
 }
 
 impl WasmEngine {
@@ -87,41 +113,91 @@ impl WasmEngine {
         }))
     }
 
-    /// Compiles a component file, once per path (off the request path: call at load).
-    fn component(&self, path: &Path) -> anyhow::Result<Component> {
-        if let Some(c) = self.compiled.lock().expect("compiled lock").get(path) {
+    /// The compiled component of these bytes (`digest` is their sha256): from the cache, or
+    /// compiled on the blocking pool (compiling takes milliseconds to seconds and must never
+    /// stall a request worker). `what` names the source in errors.
+    pub async fn component(&self, what: &str, bytes: Arc<[u8]>, digest: &str) -> anyhow::Result<Component> {
+        if let Some(c) = self.compiled.lock().expect("compiled lock").get(digest) {
             return Ok(c.clone());
         }
-        let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let c = Component::new(&self.engine, &bytes)
+        check_header(what, &bytes)?;
+        let engine = self.engine.clone();
+        let c = tokio::task::spawn_blocking(move || Component::new(&engine, &bytes))
+            .await
+            .context("the compile task failed")?
             .map_err(anyhow::Error::from)
-            .with_context(|| format!("{}: not a valid filter component", path.display()))?;
+            .with_context(|| format!("{what}: does not compile as a component"))?;
+        self.check_world(what, &c)?;
         self.compiled
             .lock()
             .expect("compiled lock")
-            .insert(path.to_path_buf(), c.clone());
+            .insert(digest.to_string(), c.clone());
         Ok(c)
     }
 
-    /// Loads a filter: compiles, pre-links, checks it exports the `weir:filter@0.1.0` handler,
-    /// and initialises one instance with its config (so config errors show at load).
-    pub async fn load(
+    /// Drops compiled components no longer in use (after a reload).
+    pub fn retain_compiled(&self, in_use: &std::collections::HashSet<String>) {
+        self.compiled
+            .lock()
+            .expect("compiled lock")
+            .retain(|d, _| in_use.contains(d));
+    }
+
+    /// Checks the component exports a `weir:filter` handler of a version this host runs.
+    fn check_world(&self, what: &str, c: &Component) -> anyhow::Result<()> {
+        let ty = c.component_type();
+        let exports: Vec<String> = ty.exports(&self.engine).map(|(n, _)| n.to_string()).collect();
+        if exports.iter().any(|n| n == ABI_HANDLER) {
+            return Ok(());
+        }
+        match exports.iter().find(|n| n.starts_with("weir:filter/handler@")) {
+            Some(other) => anyhow::bail!(
+                "{what}: built for {other}, but this Weir runs {ABI_HANDLER}: rebuild it with a matching weir-sdk"
+            ),
+            None => anyhow::bail!(
+                "{what}: not a Weir filter: it exports {exports:?}, not {ABI_HANDLER}"
+            ),
+        }
+    }
+
+    /// Reads, compiles and loads a filter file (benches, tests, embedders).
+    pub async fn load_file(
         self: &Arc<Self>,
-        path: &Path,
+        path: &std::path::Path,
         config_json: String,
         limits: FilterLimits,
         shared: Arc<FilterShared>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<WasmFilter> {
-        let component = self.component(path)?;
+        let what = path.display().to_string();
+        let bytes: Arc<[u8]> = std::fs::read(path)
+            .with_context(|| format!("cannot read {what}"))?
+            .into();
+        let d = digest(&bytes);
+        let component = self.component(&what, bytes, &d).await?;
+        self.load(&what, &component, config_json, limits, shared, metrics)
+            .await
+    }
+
+    /// Loads a filter from its compiled component: pre-links, and initialises one instance
+    /// with its config (so config errors show at load).
+    pub async fn load(
+        self: &Arc<Self>,
+        what: &str,
+        component: &Component,
+        config_json: String,
+        limits: FilterLimits,
+        shared: Arc<FilterShared>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<WasmFilter> {
         let pre = self
             .linker
-            .instantiate_pre(&component)
+            .instantiate_pre(component)
             .map_err(anyhow::Error::from)
-            .with_context(|| format!("{}: imports something Weir does not provide", path.display()))?;
+            .with_context(|| format!("{what}: imports something Weir does not provide"))?;
         let pre = bindings::FilterPre::new(pre)
             .map_err(anyhow::Error::from)
-            .with_context(|| format!("{}: does not export weir:filter/handler@0.1.0", path.display()))?;
+            .with_context(|| format!("{what}: does not export {ABI_HANDLER}"))?;
         let mut filter = WasmFilter {
             name: shared.name.clone(),
             engine: self.clone(),

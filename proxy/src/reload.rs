@@ -1,0 +1,565 @@
+//! Hot reload: the config file, the filters and the certificates change under a running proxy
+//! without a restart and without failing a request.
+//!
+//! Every reload resolves the whole input again: the config file (validated as at start), each
+//! filter's bytes and each TLS file's bytes, identified by content (sha256), not by file
+//! events. So an editor's rename, an in-place write and a Kubernetes ConfigMap's `..data`
+//! symlink swap all look alike, and a reload that finds nothing new does nothing.
+//!
+//! What changed is built off the request path (components compile on the blocking pool), then
+//! the new [`Gateway`] generation is swapped in atomically. Requests in flight keep the
+//! generation they started with, and the old generation (its filter instances, its memory) is
+//! released when its last request ends. What did not change is kept: clusters keep their
+//! pools and latency estimates, filters their warm instances, and every filter keeps its shared
+//! state and metrics across versions.
+//!
+//! A bad input never replaces a good one: a filter that does not load keeps its last good
+//! version in service; a config that does not validate keeps the whole running config. Each
+//! reload is counted (`weir_reload_total{result}`) and the last error is shown on `/filters`.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+
+use crate::cluster::Cluster;
+use crate::config::{Config, FilterEntry};
+use crate::filter::host::{FilterMetrics, FilterShared};
+use crate::filter::state::SharedState;
+use crate::filter::wasm::{digest, FilterLimits, WasmFilter};
+use crate::filter::{Filter, FilterChain};
+use crate::metrics::Metrics;
+use crate::proxy::{wasm_engine, Gateway, Shared};
+
+/// What `/filters` shows of one loaded filter.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FilterInfo {
+    /// The chain entry name.
+    pub name: String,
+    /// Where it comes from (a file path, or a registry reference).
+    pub source: String,
+    /// sha256 of the component in service.
+    pub digest: String,
+    /// Reload generation that loaded the version in service.
+    pub generation: u64,
+    /// When the version in service was loaded (RFC 3339, UTC).
+    pub loaded_at: String,
+    /// The last failure to load a newer version, if the version in service is not the newest.
+    pub last_error: Option<String>,
+}
+
+/// What `/filters` shows of reloads.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ReloadStatus {
+    /// Generations applied (1 = the start).
+    pub generation: u64,
+    /// When the last reload attempt ended.
+    pub last_attempt_at: Option<String>,
+    /// Why the last reload attempt failed, if it did.
+    pub last_error: Option<String>,
+    /// Every loaded filter.
+    pub filters: Vec<FilterInfo>,
+}
+
+/// A filter as loaded, with what identifies its version.
+struct Loaded {
+    /// digest + config + limits: equal keys are the same filter.
+    key: String,
+    filter: Arc<WasmFilter>,
+    info: FilterInfo,
+}
+
+/// A cluster as built, with what identifies its config.
+struct BuiltCluster {
+    key: String,
+    cluster: Arc<Cluster>,
+}
+
+/// What the running generation was built from.
+#[derive(Default)]
+struct Applied {
+    fingerprint: String,
+    generation: u64,
+    filters: HashMap<String, Loaded>,
+    /// Per filter name, across versions: state, metrics, the clusters it may call.
+    shared: HashMap<String, Arc<FilterShared>>,
+    clusters: HashMap<String, BuiltCluster>,
+}
+
+/// How a reload ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Nothing changed since the last generation.
+    Unchanged,
+    /// A new generation is in service (some filters may have kept their old version: see
+    /// the errors).
+    Applied {
+        /// Errors of filters that kept their old version.
+        errors: Vec<String>,
+    },
+}
+
+/// Builds generations and swaps them in; one per process.
+pub struct Control {
+    /// The data plane the listeners serve.
+    pub shared: Arc<Shared>,
+    /// The config in service.
+    pub config: ArcSwap<Config>,
+    path: Option<PathBuf>,
+    native: HashMap<String, FilterChain>,
+    applied: tokio::sync::Mutex<Applied>,
+    status: Mutex<ReloadStatus>,
+}
+
+/// The current time as RFC 3339 (seconds, UTC).
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+impl Control {
+    /// Builds the first generation of `config` (read from `path`, when it came from a file).
+    /// Any error is fatal here: there is no good version to keep.
+    pub async fn start(
+        config: Config,
+        path: Option<PathBuf>,
+        native: HashMap<String, FilterChain>,
+    ) -> anyhow::Result<Arc<Control>> {
+        let metrics = Arc::new(Metrics::new());
+        let mut applied = Applied::default();
+        let fingerprint = fingerprint(&config, path.as_deref());
+        let gateway = build(&config, &metrics, &native, &mut applied, 1, false).await?.0;
+        applied.fingerprint = fingerprint;
+        applied.generation = 1;
+        let status = ReloadStatus {
+            generation: 1,
+            filters: applied.filters.values().map(|l| l.info.clone()).collect(),
+            ..ReloadStatus::default()
+        };
+        Ok(Arc::new(Control {
+            shared: Arc::new(Shared {
+                gateway: ArcSwap::from_pointee(gateway),
+                metrics,
+            }),
+            config: ArcSwap::from_pointee(config),
+            path,
+            native,
+            applied: tokio::sync::Mutex::new(applied),
+            status: Mutex::new(status),
+        }))
+    }
+
+    /// The reload status for `/filters`.
+    pub fn status(&self) -> ReloadStatus {
+        let mut s = self.status.lock().expect("status lock").clone();
+        s.filters.sort_by(|a, b| a.name.cmp(&b.name));
+        s
+    }
+
+    /// The files and directories a watcher should follow: the config file's directory, the
+    /// filter directory, and each TLS file's directory.
+    pub fn watched_dirs(&self) -> Vec<PathBuf> {
+        let config = self.config.load();
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        let mut add = |p: &Path| {
+            let d = if p.is_dir() {
+                p.to_path_buf()
+            } else {
+                p.parent().map(Path::to_path_buf).unwrap_or_default()
+            };
+            let d = if d.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                d
+            };
+            if !dirs.contains(&d) {
+                dirs.push(d);
+            }
+        };
+        if let Some(p) = &self.path {
+            add(p);
+        }
+        add(&config.resolve(&config.filter_host.dir));
+        for f in input_files(&config) {
+            add(&f);
+        }
+        dirs
+    }
+
+    /// Reloads: re-reads the config (when it came from a file) and every input, and applies
+    /// what changed. `listeners` applies listener changes (bind first, commit after the swap).
+    pub async fn reload(&self, listeners: &dyn ListenerApply) -> anyhow::Result<Outcome> {
+        let mut applied = self.applied.lock().await;
+        let result = self.reload_locked(&mut applied, listeners).await;
+        let metrics = &self.shared.metrics;
+        let mut status = self.status.lock().expect("status lock");
+        status.last_attempt_at = Some(now_rfc3339());
+        match &result {
+            Ok(Outcome::Unchanged) => {}
+            Ok(Outcome::Applied { errors }) => {
+                metrics.reload(if errors.is_empty() { "ok" } else { "error" });
+                status.last_error = (!errors.is_empty()).then(|| errors.join("; "));
+            }
+            Err(e) => {
+                metrics.reload("error");
+                status.last_error = Some(format!("{e:#}"));
+            }
+        }
+        status.generation = applied.generation;
+        status.filters = applied.filters.values().map(|l| l.info.clone()).collect();
+        match &result {
+            Ok(Outcome::Applied { errors }) if errors.is_empty() => {
+                tracing::info!(generation = applied.generation, "reloaded")
+            }
+            Ok(Outcome::Applied { errors }) => {
+                tracing::warn!(generation = applied.generation, errors = ?errors, "reloaded; some filters kept their previous version")
+            }
+            Ok(Outcome::Unchanged) => tracing::debug!("reload: nothing changed"),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "reload failed; the running config stays in service")
+            }
+        }
+        result
+    }
+
+    async fn reload_locked(
+        &self,
+        applied: &mut Applied,
+        listeners: &dyn ListenerApply,
+    ) -> anyhow::Result<Outcome> {
+        let config = match &self.path {
+            Some(p) => Config::load(p).map_err(|e| anyhow::anyhow!("{e}"))?,
+            None => (**self.config.load()).clone(),
+        };
+        let fp = fingerprint(&config, self.path.as_deref());
+        if fp == applied.fingerprint {
+            return Ok(Outcome::Unchanged);
+        }
+        let generation = applied.generation + 1;
+        // Work on a copy: a failure half-way leaves the running state untouched.
+        let mut next = Applied {
+            fingerprint: String::new(),
+            generation: applied.generation,
+            filters: std::mem::take(&mut applied.filters),
+            shared: applied.shared.clone(),
+            clusters: std::mem::take(&mut applied.clusters),
+        };
+        let built = build(
+            &config,
+            &self.shared.metrics,
+            &self.native,
+            &mut next,
+            generation,
+            true,
+        )
+        .await;
+        let (gateway, errors) = match built {
+            Ok(g) => g,
+            Err(e) => {
+                applied.filters = next.filters;
+                applied.clusters = next.clusters;
+                return Err(e);
+            }
+        };
+        let prepared = match listeners.prepare(&config).await {
+            Ok(p) => p,
+            Err(e) => {
+                applied.filters = next.filters;
+                applied.clusters = next.clusters;
+                return Err(e);
+            }
+        };
+        self.shared.gateway.store(Arc::new(gateway));
+        listeners.commit(prepared);
+        self.config.store(Arc::new(config));
+        next.fingerprint = fp;
+        next.generation = generation;
+        *applied = next;
+        let in_use: HashSet<String> = applied.filters.values().map(|l| l.info.digest.clone()).collect();
+        if let Ok(engine) = wasm_engine() {
+            engine.retain_compiled(&in_use);
+        }
+        Ok(Outcome::Applied { errors })
+    }
+}
+
+/// Listener changes of a reload, applied in two steps so that a bind failure aborts the
+/// reload before anything is swapped.
+pub trait ListenerApply: Send + Sync {
+    /// Binds new or moved listeners and builds new settings; nothing is served yet.
+    fn prepare<'a>(&'a self, config: &'a Config) -> PrepareFuture<'a>;
+    /// Starts what `prepare` bound, stops what left, and hands new settings to the rest.
+    fn commit(&self, prepared: Prepared);
+}
+
+/// What [`ListenerApply::prepare`] made, for its `commit`.
+pub type Prepared = Box<dyn std::any::Any + Send>;
+
+/// What [`ListenerApply::prepare`] returns.
+pub type PrepareFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<Prepared>> + Send + 'a>>;
+
+/// For reloads without listeners to change (embedders that serve themselves).
+pub struct NoListeners;
+
+impl ListenerApply for NoListeners {
+    fn prepare<'a>(&'a self, _config: &'a Config) -> PrepareFuture<'a> {
+        Box::pin(async { Ok(Box::new(()) as Prepared) })
+    }
+    fn commit(&self, _prepared: Prepared) {}
+}
+
+/// Every file a config's generation is built from, besides the config itself and filters.
+fn input_files(config: &Config) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = Vec::new();
+    for l in &config.listeners {
+        if let Some(t) = &l.tls {
+            out.push(config.resolve(&t.cert));
+            out.push(config.resolve(&t.key));
+            for s in &t.sni {
+                out.push(config.resolve(&s.cert));
+                out.push(config.resolve(&s.key));
+            }
+            if let Some(ca) = &t.client_ca {
+                out.push(config.resolve(ca));
+            }
+        }
+        for f in &l.filters {
+            out.push(config.filter_path(&f.file));
+        }
+    }
+    for r in &config.routes {
+        for f in &r.filters {
+            out.push(config.filter_path(&f.file));
+        }
+    }
+    for c in config.clusters.values() {
+        out.extend(c.tls_files().into_iter().map(|p| config.resolve(p)));
+    }
+    out
+}
+
+/// One digest over everything a generation is built from.
+fn fingerprint(config: &Config, path: Option<&Path>) -> String {
+    let mut all = String::new();
+    match path {
+        Some(p) => all.push_str(&digest(&std::fs::read(p).unwrap_or_default())),
+        None => all.push_str(&digest(format!("{config:?}").as_bytes())),
+    }
+    for f in input_files(config) {
+        all.push_str(&f.display().to_string());
+        all.push_str(&digest(&std::fs::read(&f).unwrap_or_default()));
+    }
+    digest(all.as_bytes())
+}
+
+/// Builds a generation, keeping from `applied` what did not change. With `keep_on_error`, a
+/// filter that fails to load keeps its previous version and the error is returned beside the
+/// gateway; without (at start), any error fails the build.
+async fn build(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    native: &HashMap<String, FilterChain>,
+    applied: &mut Applied,
+    generation: u64,
+    keep_on_error: bool,
+) -> anyhow::Result<(Gateway, Vec<String>)> {
+    // Clusters: kept when their config and files are the same.
+    let mut clusters: HashMap<Arc<str>, Arc<Cluster>> = HashMap::new();
+    let mut built_clusters = HashMap::new();
+    for (name, c) in &config.clusters {
+        let mut key = serde_json::to_string(c).unwrap_or_default();
+        for f in c.tls_files() {
+            key.push_str(&digest(&std::fs::read(config.resolve(f)).unwrap_or_default()));
+        }
+        let cluster = match applied.clusters.get(name) {
+            Some(b) if b.key == key => b.cluster.clone(),
+            _ => {
+                let cluster = Arc::new(
+                    Cluster::new(name, c, config, metrics.clone())
+                        .with_context(|| format!("{}: clusters.{name}", config.source_name))?,
+                );
+                cluster.refresh_dns().await;
+                tokio::spawn(Cluster::maintain(Arc::downgrade(&cluster)));
+                cluster
+            }
+        };
+        clusters.insert(Arc::from(name.as_str()), cluster.clone());
+        built_clusters.insert(name.clone(), BuiltCluster { key, cluster });
+    }
+    let clusters_arc = Arc::new(clusters.clone());
+
+    // Filters: one per entry name (the first entry of a name defines it).
+    let mut entries: Vec<(String, &FilterEntry)> = Vec::new();
+    for (li, l) in config.listeners.iter().enumerate() {
+        for (k, e) in l.filters.iter().enumerate() {
+            entries.push((format!("listeners[{li}].filters[{k}]"), e));
+        }
+    }
+    for (ri, r) in config.routes.iter().enumerate() {
+        for (k, e) in r.filters.iter().enumerate() {
+            entries.push((format!("routes[{ri}].filters[{k}]"), e));
+        }
+    }
+    let mut filters: HashMap<String, Arc<dyn Filter>> = HashMap::new();
+    let mut loaded: HashMap<String, Loaded> = HashMap::new();
+    let mut errors = Vec::new();
+    for (at, e) in entries {
+        if loaded.contains_key(&e.name) {
+            continue;
+        }
+        let shared = applied
+            .shared
+            .entry(e.name.clone())
+            .or_insert_with(|| {
+                let fm = Arc::new(FilterMetrics::default());
+                metrics.register_filter(e.name.as_str().into(), &fm);
+                Arc::new(FilterShared {
+                    name: e.name.as_str().into(),
+                    state: SharedState::default(),
+                    metrics: fm,
+                    clusters: ArcSwap::new(clusters_arc.clone()),
+                })
+            })
+            .clone();
+        shared.clusters.store(clusters_arc.clone());
+        let source = config.filter_path(&e.file);
+        let what = format!("{}: {at} ({}): {}", config.source_name, e.name, source.display());
+        match load(
+            config,
+            e,
+            &source,
+            &what,
+            shared,
+            metrics,
+            applied.filters.get(&e.name),
+            generation,
+        )
+        .await
+        {
+            Ok(l) => {
+                loaded.insert(e.name.clone(), l);
+            }
+            Err(err) => {
+                let msg = format!("{err:#}");
+                match applied.filters.remove(&e.name) {
+                    Some(mut old) if keep_on_error => {
+                        tracing::warn!(filter = %e.name, error = %msg, "filter not reloaded; its previous version stays in service");
+                        old.info.last_error = Some(msg.clone());
+                        errors.push(msg);
+                        loaded.insert(e.name.clone(), old);
+                    }
+                    _ => return Err(anyhow::anyhow!(msg)),
+                }
+            }
+        }
+    }
+    for (name, l) in &loaded {
+        filters.insert(name.clone(), l.filter.clone());
+    }
+    let gateway = Gateway::assemble(config, metrics, clusters, &filters, native);
+    applied.filters = loaded;
+    applied.clusters = built_clusters;
+    Ok((gateway, errors))
+}
+
+/// Loads one filter entry, or keeps `old` when its bytes, config and limits are the same.
+#[allow(clippy::too_many_arguments)]
+async fn load(
+    config: &Config,
+    e: &FilterEntry,
+    source: &Path,
+    what: &str,
+    shared: Arc<FilterShared>,
+    metrics: &Arc<Metrics>,
+    old: Option<&Loaded>,
+    generation: u64,
+) -> anyhow::Result<Loaded> {
+    let bytes: Arc<[u8]> = std::fs::read(source)
+        .with_context(|| format!("{what}: cannot read"))?
+        .into();
+    let d = digest(&bytes);
+    let fh = &config.filter_host;
+    let limits = FilterLimits {
+        cpu_budget: fh.cpu_budget,
+        memory: usize::try_from(fh.memory_limit).unwrap_or(usize::MAX),
+        max_instances: fh.max_instances,
+    };
+    let json = serde_json::to_string(&e.config)?;
+    let key = format!("{d} {json} {limits:?}");
+    if let Some(old) = old.filter(|o| o.key == key) {
+        let mut info = old.info.clone();
+        info.last_error = None;
+        return Ok(Loaded {
+            key,
+            filter: old.filter.clone(),
+            info,
+        });
+    }
+    let engine = wasm_engine()?;
+    let component = engine.component(what, bytes, &d).await?;
+    let filter = engine
+        .load(what, &component, json, limits, shared, metrics.clone())
+        .await?;
+    Ok(Loaded {
+        key,
+        filter: Arc::new(filter),
+        info: FilterInfo {
+            name: e.name.clone(),
+            source: source.display().to_string(),
+            digest: d,
+            generation,
+            loaded_at: now_rfc3339(),
+            last_error: None,
+        },
+    })
+}
+
+/// Watches the inputs' directories and reloads after changes settle (debounced): a burst of
+/// writes (an editor, a ConfigMap update) is one reload. Runs until the process ends.
+pub async fn watch(control: Arc<Control>, listeners: Arc<dyn ListenerApply>, debounce: Duration) {
+    use notify::Watcher as _;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut watcher = match notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if ev.is_ok() {
+            let _ = tx.send(());
+        }
+    }) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch files; hot reload is off");
+            return;
+        }
+    };
+    let mut watching: HashSet<PathBuf> = HashSet::new();
+    let mut follow = |w: &mut notify::RecommendedWatcher, dirs: Vec<PathBuf>| {
+        for d in dirs {
+            if watching.contains(&d) {
+                continue;
+            }
+            match w.watch(&d, notify::RecursiveMode::NonRecursive) {
+                Ok(()) => {
+                    tracing::debug!(dir = %d.display(), "watching");
+                    watching.insert(d);
+                }
+                Err(e) => tracing::warn!(dir = %d.display(), error = %e, "cannot watch"),
+            }
+        }
+    };
+    follow(&mut watcher, control.watched_dirs());
+    while rx.recv().await.is_some() {
+        // Settle: wait until no event came for `debounce`.
+        loop {
+            match tokio::time::timeout(debounce, rx.recv()).await {
+                Ok(Some(())) => continue,
+                Ok(None) => return,
+                Err(_) => break,
+            }
+        }
+        let _ = control.reload(&*listeners).await;
+        // A new config may name new directories.
+        follow(&mut watcher, control.watched_dirs());
+    }
+}
