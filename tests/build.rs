@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const FIXTURES: &[&str] = &["policy", "hostile", "noop", "rewrite"];
+const FIXTURES: &[&str] = &["policy", "hostile", "noop", "rewrite", "swap-a", "swap-b"];
 
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
@@ -44,11 +44,11 @@ fn main() {
     for name in FIXTURES {
         let wasm = target
             .join("wasm32-wasip2/release")
-            .join(format!("fixture_{name}.wasm"));
+            .join(format!("fixture_{}.wasm", name.replace('-', "_")));
         assert!(wasm.is_file(), "{} was not built", wasm.display());
         println!(
             "cargo:rustc-env=WEIR_FIXTURE_{}={}",
-            name.to_uppercase(),
+            name.to_uppercase().replace('-', "_"),
             wasm.display()
         );
     }

@@ -10,5 +10,6 @@ mod failures;
 mod filters;
 mod limits;
 mod protocols;
+mod reload;
 mod tls;
 mod wasm;

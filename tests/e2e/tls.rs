@@ -3,23 +3,9 @@
 
 use weir_tests::client::{tls_connect, Client};
 use weir_tests::collect;
-use weir_tests::pki::{client_config, Pki};
+use weir_tests::pki::{client_config, peer_cn, Pki};
 use weir_tests::proxy::{TestProxy, ADMIN};
 use weir_tests::upstream::Upstream;
-
-fn peer_cn(s: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> String {
-    let der = s.get_ref().1.peer_certificates().unwrap()[0].clone();
-    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
-    let cn = cert
-        .subject()
-        .iter_common_name()
-        .next()
-        .unwrap()
-        .as_str()
-        .unwrap()
-        .to_string();
-    cn
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sni_picks_the_certificate() {

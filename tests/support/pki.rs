@@ -121,3 +121,17 @@ pub fn server_config(
     cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
     std::sync::Arc::new(cfg)
 }
+
+/// The common name of the certificate a TLS server presented.
+pub fn peer_cn(s: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> String {
+    let der = s.get_ref().1.peer_certificates().expect("a server certificate")[0].clone();
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).expect("a parsable certificate");
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    cn
+}

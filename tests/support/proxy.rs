@@ -48,6 +48,45 @@ impl TestProxy {
         }
     }
 
+    /// Loads the config file at `path` and serves it with hot reload on (the way `weir run`
+    /// does), reloading after `debounce` of quiet.
+    pub async fn start_file(
+        path: &Path,
+        debounce: std::time::Duration,
+    ) -> (TestProxy, std::sync::Arc<weir::reload::Control>) {
+        crate::init();
+        let proxy = weir::Proxy::bind_file(path.to_path_buf())
+            .await
+            .expect("bind proxy")
+            .watch(debounce);
+        let control = proxy.control();
+        let names: Vec<String> = control
+            .config
+            .load()
+            .listeners
+            .iter()
+            .map(|l| l.name.clone())
+            .collect();
+        let addrs = names
+            .iter()
+            .map(|n| (n.clone(), proxy.listener_addr(n).unwrap()))
+            .collect();
+        let admin = proxy.admin_addr();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(proxy.run(async move {
+            let _ = rx.await;
+        }));
+        (
+            TestProxy {
+                addrs,
+                admin,
+                stop: Some(tx),
+                task: Some(task),
+            },
+            control,
+        )
+    }
+
     /// The address of listener `name`.
     pub fn addr(&self, name: &str) -> SocketAddr {
         self.addrs[name]
