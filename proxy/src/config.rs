@@ -809,6 +809,20 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
+impl ClusterConfig {
+    /// The files the cluster's TLS reads (CA bundle, client certificate and key), when set.
+    pub fn tls_files(&self) -> Vec<&Path> {
+        match &self.tls {
+            Some(t) => [&t.ca, &t.cert, &t.key]
+                .into_iter()
+                .flatten()
+                .map(PathBuf::as_path)
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -906,16 +920,3 @@ endpoints = ["127.0.0.1:9000"]
     }
 }
 
-impl ClusterConfig {
-    /// The files the cluster's TLS reads (CA bundle, client certificate and key), when set.
-    pub fn tls_files(&self) -> Vec<&Path> {
-        match &self.tls {
-            Some(t) => [&t.ca, &t.cert, &t.key]
-                .into_iter()
-                .flatten()
-                .map(PathBuf::as_path)
-                .collect(),
-            None => Vec::new(),
-        }
-    }
-}
