@@ -40,6 +40,9 @@ pub struct Config {
     /// Where filters live and the limits every filter runs under.
     #[serde(default)]
     pub filter_host: FilterHostConfig,
+    /// OCI registries that filters named `oci://...` are pulled from.
+    #[serde(default)]
+    pub registry: RegistryConfig,
     /// Directory relative paths in this file are resolved against (the file's directory).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -312,13 +315,71 @@ impl Default for FilterHostConfig {
     }
 }
 
+/// Pulling filters from OCI registries.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// Where pulled filters are kept by digest (relative to this file); a restart with the
+    /// registry down starts from it.
+    pub cache_dir: PathBuf,
+    /// How often a tag is checked for a new version.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Time one pull or check may take.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Per registry host (`host` or `host:port`): TLS, plain HTTP, credentials.
+    pub hosts: BTreeMap<String, RegistryHost>,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            cache_dir: PathBuf::from("weir-cache"),
+            poll_interval: limits::DEFAULT_REGISTRY_POLL,
+            timeout: limits::DEFAULT_REGISTRY_TIMEOUT,
+            hosts: BTreeMap::new(),
+        }
+    }
+}
+
+/// How to reach one registry host.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryHost {
+    /// Use plain HTTP (only for this host, and only when set).
+    pub insecure: bool,
+    /// CA bundle (PEM) to verify the registry's certificate with, besides the system roots.
+    pub ca: Option<PathBuf>,
+    /// Basic auth user.
+    pub username: Option<String>,
+    /// Basic auth password.
+    pub password: Option<String>,
+    /// Environment variable holding the basic auth password.
+    pub password_env: Option<String>,
+    /// Bearer token.
+    pub token: Option<String>,
+    /// Environment variable holding the bearer token.
+    pub token_env: Option<String>,
+}
+
+/// Where a chain entry's filter comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FilterSource {
+    /// A file (resolved against `filter_host.dir`).
+    File(PathBuf),
+    /// An OCI artifact.
+    Oci(crate::registry::OciRef),
+}
+
 /// One filter in a chain.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FilterEntry {
     /// The filter's name: logs, metrics, errors; entries with the same name share state.
     pub name: String,
-    /// The component (`.wasm`), relative to `filter_host.dir`.
+    /// The component: a `.wasm` file relative to `filter_host.dir`, or an OCI reference
+    /// `oci://HOST[:PORT]/REPO:TAG` or `oci://HOST[:PORT]/REPO@sha256:DIGEST`.
     pub file: PathBuf,
     /// What a failing call does to the request: `fail-closed` (500) or `fail-open` (skip).
     #[serde(default)]
@@ -726,6 +787,41 @@ impl Config {
                 ),
             );
         }
+        if self.registry.poll_interval.is_zero() {
+            push(
+                "registry.poll_interval".into(),
+                "must be greater than zero".into(),
+            );
+        }
+        if self.registry.timeout.is_zero() {
+            push("registry.timeout".into(), "must be greater than zero".into());
+        }
+        for (host, h) in &self.registry.hosts {
+            let at = format!("registry.hosts.{host:?}");
+            if let Some(ca) = &h.ca {
+                self.check_file(&mut push, format!("{at}.ca"), ca);
+            }
+            let password = h.password.is_some() || h.password_env.is_some();
+            if h.username.is_some() != password {
+                push(
+                    at.clone(),
+                    "username and password (or password_env) go together".into(),
+                );
+            }
+            if (h.token.is_some() || h.token_env.is_some()) && h.username.is_some() {
+                push(at.clone(), "either basic credentials or a token, not both".into());
+            }
+            for (field, var) in [("password_env", &h.password_env), ("token_env", &h.token_env)] {
+                if let Some(v) = var {
+                    if std::env::var_os(v).is_none() {
+                        push(
+                            format!("{at}.{field}"),
+                            format!("environment variable {v} is not set"),
+                        );
+                    }
+                }
+            }
+        }
         if self.filter_host.body_buffer == 0 {
             push("filter_host.body_buffer".into(), "must be at least 1 byte".into());
         }
@@ -743,6 +839,14 @@ impl Config {
         }
     }
 
+    /// Where a chain entry's filter comes from.
+    pub fn filter_source(&self, e: &FilterEntry) -> Result<FilterSource, String> {
+        match e.file.to_str().filter(|s| s.starts_with("oci://")) {
+            Some(r) => crate::registry::OciRef::parse(r).map(FilterSource::Oci),
+            None => Ok(FilterSource::File(self.filter_path(&e.file))),
+        }
+    }
+
     /// Where a filter entry's file is.
     pub fn filter_path(&self, file: &Path) -> PathBuf {
         if file.is_absolute() {
@@ -757,12 +861,13 @@ impl Config {
             if f.name.is_empty() {
                 push(format!("{at}.filters[{k}].name"), "must not be empty".into());
             }
-            let full = self.filter_path(&f.file);
-            if !full.is_file() {
-                push(
+            match self.filter_source(f) {
+                Ok(FilterSource::File(full)) if !full.is_file() => push(
                     format!("{at}.filters[{k}].file"),
                     format!("file not found: {}", full.display()),
-                );
+                ),
+                Ok(_) => {}
+                Err(e) => push(format!("{at}.filters[{k}].file"), e),
             }
         }
     }
@@ -919,4 +1024,3 @@ endpoints = ["127.0.0.1:9000"]
         assert_eq!(v["a"]["c"], 1);
     }
 }
-

@@ -28,6 +28,7 @@ pub mod log;
 pub mod metrics;
 pub mod path;
 pub mod proxy;
+pub mod registry;
 pub mod reload;
 pub mod route;
 pub mod server;

@@ -126,3 +126,13 @@ pub const FILTER_POOL_MEMORY: u64 = 1024 * 1024 * 1024;
 /// Quiet time after the last file change before a reload: an editor's save or a ConfigMap
 /// update (several renames) becomes one reload.
 pub const RELOAD_DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// How often a registry tag is checked for a new filter version (Istio's WasmPlugin checks on
+/// each config push; a poll is the pull-only equivalent).
+pub const DEFAULT_REGISTRY_POLL: Duration = Duration::from_secs(30);
+
+/// Time one registry pull or check may take.
+pub const DEFAULT_REGISTRY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Largest filter artifact pulled from a registry.
+pub const MAX_FILTER_ARTIFACT: usize = 64 * 1024 * 1024;

@@ -34,15 +34,80 @@ enum Command {
         #[arg(short, long, default_value = "weir.toml")]
         config: PathBuf,
     },
+    /// Work with filter components.
+    Filter {
+        #[command(subcommand)]
+        command: FilterCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum FilterCommand {
+    /// Publish a filter component to an OCI registry as a Wasm artifact.
+    Push {
+        /// The component (`.wasm`, built for wasm32-wasip2).
+        file: PathBuf,
+        /// Where to: `oci://HOST[:PORT]/REPO:TAG`.
+        reference: String,
+        /// Talk plain HTTP to the registry (a local registry only).
+        #[arg(long)]
+        insecure: bool,
+        /// CA bundle (PEM) to verify the registry's certificate with.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// Basic auth user; the password comes from `WEIR_REGISTRY_PASSWORD`.
+        #[arg(long)]
+        username: Option<String>,
+    },
+}
+
+/// Runs `weir filter ...`.
+fn filter_command(cmd: &FilterCommand) -> ExitCode {
+    let FilterCommand::Push {
+        file,
+        reference,
+        insecure,
+        ca,
+        username,
+    } = cmd;
+    let opts = weir::registry::PushOptions {
+        insecure: *insecure,
+        ca: ca.clone(),
+        username: username.clone(),
+        password: std::env::var("WEIR_REGISTRY_PASSWORD").ok(),
+        // A bearer token, when no user is given.
+        token: username
+            .is_none()
+            .then(|| std::env::var("WEIR_REGISTRY_TOKEN").ok())
+            .flatten(),
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(weir::registry::push(file, reference, opts)) {
+        Ok(digest) => {
+            println!("pushed {} to {reference}\ndigest: {digest}", file.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("weir: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    weir::tls::install_default_provider();
     let (path, serve) = match &cli.command {
         Command::Run { config } => (config, true),
         Command::Check { config } => (config, false),
+        Command::Filter { command } => return filter_command(command),
     };
-    weir::tls::install_default_provider();
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {

@@ -26,13 +26,14 @@ use anyhow::Context as _;
 use arc_swap::ArcSwap;
 
 use crate::cluster::Cluster;
-use crate::config::{Config, FilterEntry};
+use crate::config::{Config, FilterEntry, FilterSource};
 use crate::filter::host::{FilterMetrics, FilterShared};
 use crate::filter::state::SharedState;
-use crate::filter::wasm::{digest, FilterLimits, WasmFilter};
-use crate::filter::{Filter, FilterChain};
+use crate::filter::wasm::{digest, FilterLimits};
+use crate::filter::{Filter, FilterChain, FilterError, Phase, PhaseFuture, RequestContext};
 use crate::metrics::Metrics;
 use crate::proxy::{wasm_engine, Gateway, Shared};
+use crate::registry::{OciRef, Registry};
 
 /// What `/filters` shows of one loaded filter.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -68,7 +69,7 @@ pub struct ReloadStatus {
 struct Loaded {
     /// digest + config + limits: equal keys are the same filter.
     key: String,
-    filter: Arc<WasmFilter>,
+    filter: Arc<dyn Filter>,
     info: FilterInfo,
 }
 
@@ -87,6 +88,7 @@ struct Applied {
     /// Per filter name, across versions: state, metrics, the clusters it may call.
     shared: HashMap<String, Arc<FilterShared>>,
     clusters: HashMap<String, BuiltCluster>,
+    registry: Option<Arc<Registry>>,
 }
 
 /// How a reload ended.
@@ -129,12 +131,12 @@ impl Control {
     ) -> anyhow::Result<Arc<Control>> {
         let metrics = Arc::new(Metrics::new());
         let mut applied = Applied::default();
-        let fingerprint = fingerprint(&config, path.as_deref());
-        let gateway = build(&config, &metrics, &native, &mut applied, 1, false).await?.0;
-        applied.fingerprint = fingerprint;
+        let (gateway, errors) = build(&config, &metrics, &native, &mut applied, 1, false).await?;
+        applied.fingerprint = fingerprint(&config, path.as_deref(), applied.registry.as_deref());
         applied.generation = 1;
         let status = ReloadStatus {
             generation: 1,
+            last_error: (!errors.is_empty()).then(|| errors.join("; ")),
             filters: applied.filters.values().map(|l| l.info.clone()).collect(),
             ..ReloadStatus::default()
         };
@@ -233,8 +235,7 @@ impl Control {
             Some(p) => Config::load(p).map_err(|e| anyhow::anyhow!("{e}"))?,
             None => (**self.config.load()).clone(),
         };
-        let fp = fingerprint(&config, self.path.as_deref());
-        if fp == applied.fingerprint {
+        if fingerprint(&config, self.path.as_deref(), applied.registry.as_deref()) == applied.fingerprint {
             return Ok(Outcome::Unchanged);
         }
         let generation = applied.generation + 1;
@@ -245,6 +246,7 @@ impl Control {
             filters: std::mem::take(&mut applied.filters),
             shared: applied.shared.clone(),
             clusters: std::mem::take(&mut applied.clusters),
+            registry: applied.registry.clone(),
         };
         let built = build(
             &config,
@@ -274,10 +276,18 @@ impl Control {
         self.shared.gateway.store(Arc::new(gateway));
         listeners.commit(prepared);
         self.config.store(Arc::new(config));
-        next.fingerprint = fp;
+        // Pulls during the build may have resolved references: fingerprint what is in service.
+        next.fingerprint = fingerprint(
+            &self.config.load(),
+            self.path.as_deref(),
+            next.registry.as_deref(),
+        );
         next.generation = generation;
         *applied = next;
         let in_use: HashSet<String> = applied.filters.values().map(|l| l.info.digest.clone()).collect();
+        if let Some(r) = &applied.registry {
+            r.retain(&config_refs(&self.config.load()));
+        }
         if let Ok(engine) = wasm_engine() {
             engine.retain_compiled(&in_use);
         }
@@ -327,12 +337,16 @@ fn input_files(config: &Config) -> Vec<PathBuf> {
             }
         }
         for f in &l.filters {
-            out.push(config.filter_path(&f.file));
+            if let Ok(FilterSource::File(p)) = config.filter_source(f) {
+                out.push(p);
+            }
         }
     }
     for r in &config.routes {
         for f in &r.filters {
-            out.push(config.filter_path(&f.file));
+            if let Ok(FilterSource::File(p)) = config.filter_source(f) {
+                out.push(p);
+            }
         }
     }
     for c in config.clusters.values() {
@@ -341,8 +355,27 @@ fn input_files(config: &Config) -> Vec<PathBuf> {
     out
 }
 
-/// One digest over everything a generation is built from.
-fn fingerprint(config: &Config, path: Option<&Path>) -> String {
+/// Every registry reference a config names.
+pub fn config_refs(config: &Config) -> Vec<OciRef> {
+    let entries = config
+        .listeners
+        .iter()
+        .flat_map(|l| l.filters.iter())
+        .chain(config.routes.iter().flat_map(|r| r.filters.iter()));
+    let mut out: Vec<OciRef> = Vec::new();
+    for e in entries {
+        if let Ok(FilterSource::Oci(r)) = config.filter_source(e) {
+            if !out.contains(&r) {
+                out.push(r);
+            }
+        }
+    }
+    out
+}
+
+/// One digest over everything a generation is built from (registry artifacts by the digest
+/// in service: no network).
+fn fingerprint(config: &Config, path: Option<&Path>, registry: Option<&Registry>) -> String {
     let mut all = String::new();
     match path {
         Some(p) => all.push_str(&digest(&std::fs::read(p).unwrap_or_default())),
@@ -351,6 +384,10 @@ fn fingerprint(config: &Config, path: Option<&Path>) -> String {
     for f in input_files(config) {
         all.push_str(&f.display().to_string());
         all.push_str(&digest(&std::fs::read(&f).unwrap_or_default()));
+    }
+    for r in config_refs(config) {
+        all.push_str(&r.to_string());
+        all.push_str(&registry.and_then(|g| g.known_digest(&r)).unwrap_or_default());
     }
     digest(all.as_bytes())
 }
@@ -390,6 +427,11 @@ async fn build(
         built_clusters.insert(name.clone(), BuiltCluster { key, cluster });
     }
     let clusters_arc = Arc::new(clusters.clone());
+    let registry = match applied.registry.take() {
+        Some(r) if r.same_settings(config) => r,
+        _ => Arc::new(Registry::new(config).with_context(|| config.source_name.clone())?),
+    };
+    applied.registry = Some(registry.clone());
 
     // Filters: one per entry name (the first entry of a name defines it).
     let mut entries: Vec<(String, &FilterEntry)> = Vec::new();
@@ -425,35 +467,62 @@ async fn build(
             })
             .clone();
         shared.clusters.store(clusters_arc.clone());
-        let source = config.filter_path(&e.file);
-        let what = format!("{}: {at} ({}): {}", config.source_name, e.name, source.display());
-        match load(
-            config,
-            e,
-            &source,
-            &what,
-            shared,
-            metrics,
-            applied.filters.get(&e.name),
-            generation,
+        let source = config
+            .filter_source(e)
+            .map_err(|err| anyhow::anyhow!("{}: {at}.file: {err}", config.source_name))?;
+        let shown = match &source {
+            FilterSource::File(p) => p.display().to_string(),
+            FilterSource::Oci(r) => r.to_string(),
+        };
+        let what = format!("{}: {at} ({}): {shown}", config.source_name, e.name);
+        let old = applied.filters.get(&e.name);
+        let result = load(
+            config, e, &source, &what, shared, metrics, old, &registry, generation,
         )
-        .await
-        {
+        .await;
+        let msg = match result {
             Ok(l) => {
                 loaded.insert(e.name.clone(), l);
+                continue;
             }
-            Err(err) => {
-                let msg = format!("{err:#}");
-                match applied.filters.remove(&e.name) {
-                    Some(mut old) if keep_on_error => {
-                        tracing::warn!(filter = %e.name, error = %msg, "filter not reloaded; its previous version stays in service");
-                        old.info.last_error = Some(msg.clone());
-                        errors.push(msg);
-                        loaded.insert(e.name.clone(), old);
-                    }
-                    _ => return Err(anyhow::anyhow!(msg)),
-                }
+            Err(err) => format!("{err:#}"),
+        };
+        match applied.filters.remove(&e.name) {
+            // The previous version serves on (an unavailable placeholder is no version).
+            Some(mut old) if keep_on_error && !old.key.is_empty() => {
+                tracing::warn!(filter = %e.name, error = %msg, "filter not reloaded; its previous version stays in service");
+                old.info.last_error = Some(msg.clone());
+                errors.push(msg);
+                loaded.insert(e.name.clone(), old);
             }
+            _ if matches!(source, FilterSource::Oci(_)) => {
+                // A registry filter with no version to serve: the chain applies the entry's
+                // failure policy until a pull succeeds.
+                tracing::error!(filter = %e.name, error = %msg, policy = ?e.failure_policy, "filter unavailable");
+                errors.push(msg.clone());
+                let filter = Arc::new(Unavailable {
+                    name: e.name.clone(),
+                    reason: msg.clone(),
+                    metrics: metrics.clone(),
+                });
+                let info = FilterInfo {
+                    name: e.name.clone(),
+                    source: shown,
+                    digest: String::new(),
+                    generation,
+                    loaded_at: now_rfc3339(),
+                    last_error: Some(msg),
+                };
+                loaded.insert(
+                    e.name.clone(),
+                    Loaded {
+                        key: String::new(),
+                        filter,
+                        info,
+                    },
+                );
+            }
+            _ => return Err(anyhow::anyhow!(msg)),
         }
     }
     for (name, l) in &loaded {
@@ -470,17 +539,27 @@ async fn build(
 async fn load(
     config: &Config,
     e: &FilterEntry,
-    source: &Path,
+    source: &FilterSource,
     what: &str,
     shared: Arc<FilterShared>,
     metrics: &Arc<Metrics>,
     old: Option<&Loaded>,
+    registry: &Registry,
     generation: u64,
 ) -> anyhow::Result<Loaded> {
-    let bytes: Arc<[u8]> = std::fs::read(source)
-        .with_context(|| format!("{what}: cannot read"))?
-        .into();
-    let d = digest(&bytes);
+    let (bytes, d, shown): (Arc<[u8]>, String, String) = match source {
+        FilterSource::File(p) => {
+            let bytes: Arc<[u8]> = std::fs::read(p)
+                .with_context(|| format!("{what}: cannot read"))?
+                .into();
+            let d = digest(&bytes);
+            (bytes, d, p.display().to_string())
+        }
+        FilterSource::Oci(r) => {
+            let a = registry.resolve(r).await.with_context(|| what.to_string())?;
+            (a.bytes, a.digest, r.to_string())
+        }
+    };
     let fh = &config.filter_host;
     let limits = FilterLimits {
         cpu_budget: fh.cpu_budget,
@@ -508,7 +587,7 @@ async fn load(
         filter: Arc::new(filter),
         info: FilterInfo {
             name: e.name.clone(),
-            source: source.display().to_string(),
+            source: shown,
             digest: d,
             generation,
             loaded_at: now_rfc3339(),
@@ -522,6 +601,7 @@ async fn load(
 pub async fn watch(control: Arc<Control>, listeners: Arc<dyn ListenerApply>, debounce: Duration) {
     use notify::Watcher as _;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let tx_poll = tx.clone();
     let mut watcher = match notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
         if ev.is_ok() {
             let _ = tx.send(());
@@ -533,6 +613,10 @@ pub async fn watch(control: Arc<Control>, listeners: Arc<dyn ListenerApply>, deb
             return;
         }
     };
+    // Registry tags are checked on their own clock; a moved tag is a change like a file's.
+    let poll_tx = tx_poll;
+    let poller = tokio::spawn(poll_registry(control.clone(), poll_tx));
+    let _poller = AbortOnDrop(poller);
     let mut watching: HashSet<PathBuf> = HashSet::new();
     let mut follow = |w: &mut notify::RecommendedWatcher, dirs: Vec<PathBuf>| {
         for d in dirs {
@@ -561,5 +645,73 @@ pub async fn watch(control: Arc<Control>, listeners: Arc<dyn ListenerApply>, deb
         let _ = control.reload(&*listeners).await;
         // A new config may name new directories.
         follow(&mut watcher, control.watched_dirs());
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Checks every registry tag in service each `registry.poll_interval`; a moved tag (or a
+/// reference that becomes pullable) triggers a reload.
+async fn poll_registry(control: Arc<Control>, reload: tokio::sync::mpsc::UnboundedSender<()>) {
+    loop {
+        let registry = control.applied.lock().await.registry.clone();
+        let Some(registry) = registry else {
+            tokio::time::sleep(crate::limits::DEFAULT_REGISTRY_POLL).await;
+            continue;
+        };
+        tokio::time::sleep(registry.poll_interval()).await;
+        let refs = config_refs(&control.config.load());
+        let mut changed = false;
+        for r in refs {
+            match registry.check(&r).await {
+                Ok(true) => {
+                    tracing::info!(reference = %r, "registry reference moved");
+                    changed = true;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(reference = %r, error = %format!("{e:#}"), "registry check failed; the version in service stays")
+                }
+            }
+        }
+        if changed && reload.send(()).is_err() {
+            return;
+        }
+    }
+}
+
+/// A registry filter that could not be pulled and has no cached copy: every request meets
+/// the entry's failure policy (fail-closed: 500; fail-open: the filter is skipped).
+struct Unavailable {
+    name: String,
+    reason: String,
+    metrics: Arc<Metrics>,
+}
+
+impl Filter for Unavailable {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn wants(&self, phase: Phase) -> bool {
+        phase == Phase::RequestHeaders
+    }
+
+    fn on_request_headers<'a>(
+        &'a self,
+        _req: &'a mut http::request::Parts,
+        _ctx: &'a mut RequestContext,
+    ) -> PhaseFuture<'a> {
+        self.metrics.filter_error(&self.name, "unavailable");
+        Box::pin(std::future::ready(Err(FilterError {
+            kind: "unavailable",
+            message: self.reason.clone(),
+        })))
     }
 }

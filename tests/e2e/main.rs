@@ -10,6 +10,7 @@ mod failures;
 mod filters;
 mod limits;
 mod protocols;
+mod registry;
 mod reload;
 mod tls;
 mod wasm;

@@ -11,6 +11,7 @@
 pub mod client;
 pub mod pki;
 pub mod proxy;
+pub mod registry;
 pub mod upstream;
 
 use bytes::Bytes;

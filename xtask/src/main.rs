@@ -111,8 +111,9 @@ fn ensure_wasm_target() -> Result<()> {
 }
 
 fn test(extra: &[String]) -> Result<()> {
-    // curl is used by the quickstart's instructions and by the load bench's readiness probe.
-    ensure_packages(&[("curl", "curl")])?;
+    // curl is used by the quickstart's instructions and by the load bench's readiness probe;
+    // the registry tests run a real OCI registry (the CNCF distribution server).
+    ensure_packages(&[("curl", "curl"), ("docker-registry", "docker-registry")])?;
     ensure_wasm_target()?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;

@@ -54,7 +54,7 @@ pub fn digest(bytes: &[u8]) -> String {
 }
 
 /// Tells apart what is not a component before the compiler does, with a clearer message.
-fn check_header(what: &str, bytes: &[u8]) -> anyhow::Result<()> {
+pub fn check_header(what: &str, bytes: &[u8]) -> anyhow::Result<()> {
     match bytes.get(..8) {
         Some([0, b'a', b's', b'm', 1, 0, 0, 0]) => {
             anyhow::bail!("{what}: a core Wasm module, not a component: build with `--target wasm32-wasip2`")
