@@ -142,20 +142,27 @@ async fn a_tag_pushed_20_times_under_load_swaps_with_no_failed_request() {
         took[took.len() - 1]
     );
     assert_eq!(bad, 0, "no failed request during the swaps ({ok} succeeded)");
+    // After the last push (swap-a), every new response carries it.
+    for _ in 0..20 {
+        assert_eq!(version_of(&mut probe).await, (200, Some("swap-a".into())));
+    }
     let (_, filters) = proxy.admin_get("/filters").await;
     assert!(filters.contains(&reference), "{filters}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pinned_digest_is_verified_and_the_cli_pushes() {
-    let registry = TestRegistry::start(None).await;
+async fn a_pinned_digest_is_verified_and_the_cli_pushes_over_tls() {
+    let pki = weir_tests::pki::Pki::new("registry");
+    let leaf = pki.issue("registry", "registry", &["127.0.0.1"], None);
+    let registry = TestRegistry::start_tls(&leaf, &pki.ca).await;
     let up = Upstream::http1("up").start().await;
     let dir = tempfile::tempdir().unwrap();
     // `weir filter push`, the way a user publishes a filter.
     let out = std::process::Command::new(crate::config_errors::weir_bin())
         .args(["filter", "push", SWAP_B])
         .arg(format!("oci://{}/weir/pinned:v1", registry.addr))
-        .args(["--insecure", "--username", USER])
+        .args(["--username", USER, "--ca"])
+        .arg(&pki.ca)
         .env("WEIR_REGISTRY_PASSWORD", PASSWORD)
         .output()
         .unwrap();
@@ -212,12 +219,26 @@ async fn a_pinned_digest_is_verified_and_the_cli_pushes() {
     let out = std::process::Command::new(crate::config_errors::weir_bin())
         .args(["filter", "push", SWAP_B])
         .arg(format!("oci://{}/weir/pinned:v2", registry.addr))
-        .args(["--insecure", "--username", USER])
+        .args(["--username", USER, "--ca"])
+        .arg(&pki.ca)
         .env("WEIR_REGISTRY_PASSWORD", "wrong")
         .output()
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("push failed"));
+
+    // Without the CA, the registry's certificate is not trusted: TLS is verified.
+    let out = std::process::Command::new(crate::config_errors::weir_bin())
+        .args(["filter", "push", SWAP_B])
+        .arg(format!("oci://{}/weir/pinned:v3", registry.addr))
+        .args(["--username", USER])
+        .env("WEIR_REGISTRY_PASSWORD", PASSWORD)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "an untrusted registry certificate is refused"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
