@@ -131,8 +131,9 @@ impl Control {
     ) -> anyhow::Result<Arc<Control>> {
         let metrics = Arc::new(Metrics::new());
         let mut applied = Applied::default();
+        let files = files_fingerprint(&config);
         let (gateway, errors) = build(&config, &metrics, &native, &mut applied, 1, false).await?;
-        applied.fingerprint = fingerprint(&config, path.as_deref(), applied.registry.as_deref());
+        applied.fingerprint = fingerprint(&files, &config, applied.registry.as_deref());
         applied.generation = 1;
         let status = ReloadStatus {
             generation: 1,
@@ -235,7 +236,10 @@ impl Control {
             Some(p) => Config::load(p).map_err(|e| anyhow::anyhow!("{e}"))?,
             None => (**self.config.load()).clone(),
         };
-        if fingerprint(&config, self.path.as_deref(), applied.registry.as_deref()) == applied.fingerprint {
+        // Inputs are digested before the build reads them: a file that changes during the
+        // build differs from the recorded digest, so the next event reloads it again.
+        let files = files_fingerprint(&config);
+        if fingerprint(&files, &config, applied.registry.as_deref()) == applied.fingerprint {
             return Ok(Outcome::Unchanged);
         }
         let generation = applied.generation + 1;
@@ -276,12 +280,8 @@ impl Control {
         self.shared.gateway.store(Arc::new(gateway));
         listeners.commit(prepared);
         self.config.store(Arc::new(config));
-        // Pulls during the build may have resolved references: fingerprint what is in service.
-        next.fingerprint = fingerprint(
-            &self.config.load(),
-            self.path.as_deref(),
-            next.registry.as_deref(),
-        );
+        // Pulls during the build may have resolved references: record the digests in service.
+        next.fingerprint = fingerprint(&files, &self.config.load(), next.registry.as_deref());
         next.generation = generation;
         *applied = next;
         let in_use: HashSet<String> = applied.filters.values().map(|l| l.info.digest.clone()).collect();
@@ -373,18 +373,20 @@ pub fn config_refs(config: &Config) -> Vec<OciRef> {
     out
 }
 
-/// One digest over everything a generation is built from (registry artifacts by the digest
-/// in service: no network).
-fn fingerprint(config: &Config, path: Option<&Path>, registry: Option<&Registry>) -> String {
-    let mut all = String::new();
-    match path {
-        Some(p) => all.push_str(&digest(&std::fs::read(p).unwrap_or_default())),
-        None => all.push_str(&digest(format!("{config:?}").as_bytes())),
-    }
+/// A digest of the config as parsed and of every file it names, as they are now.
+fn files_fingerprint(config: &Config) -> String {
+    let mut all = digest(format!("{config:?}").as_bytes());
     for f in input_files(config) {
         all.push_str(&f.display().to_string());
         all.push_str(&digest(&std::fs::read(&f).unwrap_or_default()));
     }
+    all
+}
+
+/// One digest over everything a generation is built from: `files` (from
+/// [`files_fingerprint`]) and the registry artifacts in service (no network).
+fn fingerprint(files: &str, config: &Config, registry: Option<&Registry>) -> String {
+    let mut all = files.to_string();
     for r in config_refs(config) {
         all.push_str(&r.to_string());
         all.push_str(&registry.and_then(|g| g.known_digest(&r)).unwrap_or_default());
