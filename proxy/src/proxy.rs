@@ -207,15 +207,7 @@ pub async fn handle(
         return Ok(ProxyError::NoRoute.to_response());
     };
     let request_id = request_id(req.headers());
-    let mut ctx = RequestContext {
-        listener: conn.listener.clone(),
-        route: None,
-        cluster: None,
-        timeout: None,
-        client_addr: conn.client,
-        tls: conn.tls.clone(),
-        request_id,
-    };
+    let mut ctx = RequestContext::new(conn.listener.clone(), conn.client, conn.tls.clone(), request_id);
     let method = req.method().clone();
     // The access log and the log phase read the target after the request moved on.
     let target = Some(req.uri().clone());
@@ -494,6 +486,7 @@ async fn forward(
             return stopped(stop, Phase::RequestBody, x.upstream);
         }
         let (resp, ep) = sent?;
+        ctx.upstream = Some(ep.addr);
 
         let (mut rparts, rbody) = resp.into_parts();
         if rparts.status == StatusCode::SWITCHING_PROTOCOLS {

@@ -27,8 +27,7 @@ use arc_swap::ArcSwap;
 
 use crate::cluster::Cluster;
 use crate::config::{Config, FilterEntry, FilterSource};
-use crate::filter::host::{FilterMetrics, FilterShared};
-use crate::filter::state::SharedState;
+use crate::filter::host::FilterShared;
 use crate::filter::wasm::{digest, FilterLimits};
 use crate::filter::{Filter, FilterChain, FilterError, Phase, PhaseFuture, RequestContext};
 use crate::metrics::Metrics;
@@ -458,14 +457,9 @@ async fn build(
             .shared
             .entry(e.name.clone())
             .or_insert_with(|| {
-                let fm = Arc::new(FilterMetrics::default());
-                metrics.register_filter(e.name.as_str().into(), &fm);
-                Arc::new(FilterShared {
-                    name: e.name.as_str().into(),
-                    state: SharedState::default(),
-                    metrics: fm,
-                    clusters: ArcSwap::new(clusters_arc.clone()),
-                })
+                let shared = FilterShared::new(e.name.as_str().into(), clusters_arc.clone());
+                metrics.register_filter(e.name.as_str().into(), &shared.metrics);
+                Arc::new(shared)
             })
             .clone();
         shared.clusters.store(clusters_arc.clone());

@@ -131,6 +131,34 @@ mod imp {
     pub fn state_delete(k: &str) {
         st::delete(k)
     }
+    pub fn prop_upstream() -> Option<String> {
+        pr::upstream()
+    }
+    pub fn prop_get_request_value(k: &str) -> Option<Vec<u8>> {
+        pr::get_request_value(k)
+    }
+    pub fn prop_set_request_value(k: &str, v: &[u8]) -> Result<(), wt::Error> {
+        pr::set_request_value(k, v)
+    }
+    fn wire(req: &OutboundRequest) -> ob::OutboundRequest {
+        ob::OutboundRequest {
+            method: req.method.clone(),
+            path: req.path.clone(),
+            headers: req
+                .headers
+                .iter()
+                .map(|(n, v)| wt::Header {
+                    name: n.clone(),
+                    value: v.clone(),
+                })
+                .collect(),
+            body: req.body.clone(),
+            timeout_ms: req.timeout.as_millis().min(u32::MAX as u128) as u32,
+        }
+    }
+    pub fn outbound_send(cluster: &str, req: &OutboundRequest) -> Result<(), String> {
+        ob::send(cluster, &wire(req))
+    }
     pub fn outbound_call(cluster: &str, req: &OutboundRequest) -> Result<OutboundResponse, String> {
         let r = ob::OutboundRequest {
             method: req.method.clone(),

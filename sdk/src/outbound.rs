@@ -48,3 +48,9 @@ pub struct OutboundResponse {
 pub fn call(cluster: &str, req: &OutboundRequest) -> Result<OutboundResponse, String> {
     host::outbound_call(cluster, req)
 }
+
+/// Sends `req` to `cluster` and returns at once; the answer is discarded (request mirroring,
+/// notifications). Fails only for an unknown cluster or too many sends in flight.
+pub fn send(cluster: &str, req: &OutboundRequest) -> Result<(), String> {
+    host::outbound_send(cluster, req)
+}

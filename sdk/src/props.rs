@@ -69,3 +69,23 @@ pub fn set_timeout(t: Duration) -> Result<(), HostError> {
 pub fn filter_name() -> String {
     host::prop_filter_name()
 }
+
+/// The upstream endpoint (`ip:port`) the response came from, in response phases.
+pub fn upstream() -> Option<String> {
+    host::prop_upstream()
+}
+
+/// A value this filter stored for this request with [`set_request_value`].
+///
+/// Instances serve many requests, so a filter does not keep per-request facts in itself; what
+/// one phase learns for a later phase of the same request goes here (the route a router
+/// chose, a rate-limit bucket, a start time).
+pub fn request_value(key: &str) -> Option<Vec<u8>> {
+    host::prop_get_request_value(key)
+}
+
+/// Stores a value for this request, visible to this filter's later phases only. In header
+/// phases; at most 32 values of 4 KiB per request.
+pub fn set_request_value(key: &str, value: &[u8]) -> Result<(), HostError> {
+    host::prop_set_request_value(key, value).map_err(Into::into)
+}

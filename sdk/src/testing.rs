@@ -79,6 +79,12 @@ pub struct MockHost {
     pub state: BTreeMap<String, (Vec<u8>, u64)>,
     /// Answers outbound calls; without one they fail.
     pub outbound: Option<OutboundHandler>,
+    /// The upstream endpoint of the response (response phases).
+    pub upstream: Option<String>,
+    /// Per-request values the filter stored.
+    pub request_values: BTreeMap<String, Vec<u8>>,
+    /// Fire-and-forget sends the filter made: (cluster, request).
+    pub sent: Vec<(String, OutboundRequest)>,
 }
 
 impl Default for MockHost {
@@ -108,6 +114,9 @@ impl Default for MockHost {
             histograms: BTreeMap::new(),
             state: BTreeMap::new(),
             outbound: None,
+            upstream: None,
+            request_values: BTreeMap::new(),
+            sent: Vec::new(),
         }
     }
 }
@@ -438,6 +447,25 @@ pub(crate) mod imp {
     }
     pub fn state_delete(k: &str) {
         m(|h| h.state.remove(k));
+    }
+    pub fn prop_upstream() -> Option<String> {
+        m(|h| h.upstream.clone())
+    }
+    pub fn prop_get_request_value(k: &str) -> Option<Vec<u8>> {
+        m(|h| h.request_values.get(k).cloned())
+    }
+    pub fn prop_set_request_value(k: &str, v: &[u8]) -> Result<(), wt::Error> {
+        m(|h| h.request_values.insert(k.to_string(), v.to_vec()));
+        Ok(())
+    }
+    pub fn outbound_send(cluster: &str, req: &OutboundRequest) -> Result<(), String> {
+        m(|h| {
+            if !h.known_clusters.iter().any(|c| c == cluster) {
+                return Err(format!("unknown cluster {cluster:?}"));
+            }
+            h.sent.push((cluster.to_string(), req.clone()));
+            Ok(())
+        })
     }
     pub fn outbound_call(cluster: &str, req: &OutboundRequest) -> Result<OutboundResponse, String> {
         // Take the handler out while it runs so it may use the mock host itself.

@@ -8,19 +8,13 @@ use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::HeaderValue;
-use weir::filter::host::{FilterMetrics, FilterShared};
-use weir::filter::state::SharedState;
+use weir::filter::host::FilterShared;
 use weir::filter::wasm::{FilterLimits, WasmEngine, WasmFilter};
 use weir::filter::{Action, Filter, FilterError, PhaseFuture, RequestContext};
 use weir::metrics::Metrics;
 
 async fn load(engine: &Arc<WasmEngine>, name: &str, path: &str, json: &str) -> WasmFilter {
-    let shared = Arc::new(FilterShared {
-        name: name.into(),
-        state: SharedState::default(),
-        metrics: Arc::new(FilterMetrics::default()),
-        clusters: Default::default(),
-    });
+    let shared = Arc::new(FilterShared::new(name.into(), Default::default()));
     let limits = FilterLimits {
         cpu_budget: std::time::Duration::from_millis(20),
         memory: 32 << 20,
@@ -48,13 +42,14 @@ fn head() -> (http::request::Parts, RequestContext) {
         .into_parts()
         .0;
     let ctx = RequestContext {
-        listener: "bench".into(),
         route: Some("r".into()),
         cluster: Some("c".into()),
-        timeout: None,
-        client_addr: "127.0.0.1:5000".parse().unwrap(),
-        tls: None,
-        request_id: HeaderValue::from_static("0123456789abcdef"),
+        ..RequestContext::new(
+            "bench".into(),
+            "127.0.0.1:5000".parse().unwrap(),
+            None,
+            HeaderValue::from_static("0123456789abcdef"),
+        )
     };
     (parts, ctx)
 }

@@ -9,6 +9,7 @@ mod drain;
 mod failures;
 mod filters;
 mod limits;
+mod policy;
 mod protocols;
 mod registry;
 mod reload;

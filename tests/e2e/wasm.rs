@@ -249,12 +249,10 @@ async fn phases_a_filter_does_not_implement_are_not_called_again() {
     let load = |name: &'static str, path: &'static str, json: &'static str| {
         let engine = engine.clone();
         async move {
-            let shared = Arc::new(weir::filter::host::FilterShared {
-                name: name.into(),
-                state: Default::default(),
-                metrics: Default::default(),
-                clusters: Default::default(),
-            });
+            let shared = Arc::new(weir::filter::host::FilterShared::new(
+                name.into(),
+                Default::default(),
+            ));
             let limits = weir::filter::wasm::FilterLimits {
                 cpu_budget: Duration::from_millis(50),
                 memory: 16 << 20,
@@ -271,13 +269,14 @@ async fn phases_a_filter_does_not_implement_are_not_called_again() {
     let f = load("hostile", HOSTILE, r#"{"mode": "trap"}"#).await;
     let head = || http::Request::get("/x").body(()).unwrap().into_parts().0;
     let mut ctx = weir::filter::RequestContext {
-        listener: "l".into(),
         route: None,
         cluster: None,
-        timeout: None,
-        client_addr: "127.0.0.1:1".parse().unwrap(),
-        tls: None,
-        request_id: http::HeaderValue::from_static("id"),
+        ..weir::filter::RequestContext::new(
+            "l".into(),
+            "127.0.0.1:1".parse().unwrap(),
+            None,
+            http::HeaderValue::from_static("id"),
+        )
     };
     assert!(f.wants(Phase::RequestHeaders) && f.wants(Phase::ResponseHeaders));
     let mut resp = http::Response::new(()).into_parts().0;

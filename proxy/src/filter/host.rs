@@ -74,7 +74,30 @@ pub struct FilterShared {
     pub metrics: Arc<FilterMetrics>,
     /// Clusters it may route to and call.
     pub clusters: arc_swap::ArcSwap<HashMap<Arc<str>, Arc<Cluster>>>,
+    /// Fire-and-forget sends in flight (bounded).
+    pub sends: std::sync::atomic::AtomicUsize,
 }
+
+impl FilterShared {
+    /// A filter's shared parts: empty state, fresh metrics.
+    pub fn new(name: Arc<str>, clusters: Arc<HashMap<Arc<str>, Arc<Cluster>>>) -> FilterShared {
+        FilterShared {
+            name,
+            state: SharedState::default(),
+            metrics: Arc::new(FilterMetrics::default()),
+            clusters: arc_swap::ArcSwap::new(clusters),
+            sends: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+}
+
+/// Most fire-and-forget sends one filter may have in flight; more are refused.
+pub const MAX_SENDS_IN_FLIGHT: usize = 1000;
+
+/// Most per-request values one filter may keep, and the largest value.
+pub const MAX_REQUEST_VALUES: usize = 32;
+/// See [`MAX_REQUEST_VALUES`].
+pub const MAX_REQUEST_VALUE_BYTES: usize = 4096;
 
 /// The request being processed, moved into the store for one phase call.
 pub struct CallState {
@@ -379,6 +402,35 @@ impl properties::Host for HostState {
     fn filter_name(&mut self) -> String {
         self.shared.name.to_string()
     }
+    fn upstream(&mut self) -> Option<String> {
+        self.call()?.ctx.upstream.map(|a| a.to_string())
+    }
+    fn get_request_value(&mut self, key: String) -> Option<Vec<u8>> {
+        let name = self.shared.name.clone();
+        self.call()?.ctx.values.as_ref()?.get(&(name, key)).cloned()
+    }
+    fn set_request_value(&mut self, key: String, value: Vec<u8>) -> Result<(), Error> {
+        let name = self.shared.name.clone();
+        let c = match self.call.as_mut() {
+            Some(c) if matches!(c.phase, Phase::RequestHeaders | Phase::ResponseHeaders) => c,
+            _ => return Err(Error::WrongPhase),
+        };
+        if value.len() > MAX_REQUEST_VALUE_BYTES || key.len() > 256 {
+            return Err(Error::Limit(format!(
+                "request values are at most {MAX_REQUEST_VALUE_BYTES} bytes, keys 256"
+            )));
+        }
+        let values = c.ctx.values.get_or_insert_with(Default::default);
+        let k = (name, key);
+        let mine = values.keys().filter(|(f, _)| *f == k.0).count();
+        if !values.contains_key(&k) && mine >= MAX_REQUEST_VALUES {
+            return Err(Error::Limit(format!(
+                "at most {MAX_REQUEST_VALUES} request values"
+            )));
+        }
+        values.insert(k, value);
+        Ok(())
+    }
 }
 
 impl log::Host for HostState {
@@ -594,6 +646,46 @@ impl outbound::Host for HostState {
             Ok(r) => r,
             Err(_) => Err(format!("timed out after {timeout:?}")),
         }
+    }
+
+    fn send(&mut self, cluster: String, request: outbound::OutboundRequest) -> Result<(), String> {
+        use std::sync::atomic::Ordering;
+        let Some(c) = self.shared.clusters.load().get(cluster.as_str()).cloned() else {
+            return Err(format!("unknown cluster {cluster:?}"));
+        };
+        // What the exchange would refuse is the filter's error now, not a log line later.
+        http::Method::from_bytes(request.method.as_bytes())
+            .map_err(|_| format!("invalid method {:?}", request.method))?;
+        request
+            .path
+            .parse::<http::uri::PathAndQuery>()
+            .map_err(|_| format!("invalid path {:?}", request.path))?;
+        for h in &request.headers {
+            guest_header_name(&h.name).map_err(|e| format!("{e:?}"))?;
+            guest_header_value(&h.value).map_err(|e| format!("{e:?}"))?;
+        }
+        let shared = self.shared.clone();
+        if shared.sends.fetch_add(1, Ordering::Relaxed) >= MAX_SENDS_IN_FLIGHT {
+            shared.sends.fetch_sub(1, Ordering::Relaxed);
+            return Err(format!("{MAX_SENDS_IN_FLIGHT} sends already in flight"));
+        }
+        let timeout = Duration::from_millis(u64::from(request.timeout_ms.clamp(1, 60_000)));
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            shared.sends.fetch_sub(1, Ordering::Relaxed);
+            return Err("no runtime to send from".into());
+        };
+        rt.spawn(async move {
+            let r = tokio::time::timeout(timeout, outbound_call(&c, request)).await;
+            shared.sends.fetch_sub(1, Ordering::Relaxed);
+            match r {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(filter = %shared.name, cluster = %c.name, error = %e, "send failed")
+                }
+                Err(_) => tracing::debug!(filter = %shared.name, cluster = %c.name, "send timed out"),
+            }
+        });
+        Ok(())
     }
 }
 

@@ -102,6 +102,35 @@ pub struct RequestContext {
     pub tls: Option<Arc<TlsInfo>>,
     /// The request id (`x-request-id`), visible ASCII.
     pub request_id: http::HeaderValue,
+    /// The upstream endpoint of the response, once there is one.
+    pub upstream: Option<SocketAddr>,
+    /// Per-request values filters keep between their phases (by filter, then key).
+    pub values: Option<Box<RequestValues>>,
+}
+
+/// Per-request values of filters, by (filter name, key).
+pub type RequestValues = std::collections::BTreeMap<(Arc<str>, String), Vec<u8>>;
+
+impl RequestContext {
+    /// The context of a new request on `listener` from `client_addr`.
+    pub fn new(
+        listener: Arc<str>,
+        client_addr: SocketAddr,
+        tls: Option<Arc<TlsInfo>>,
+        request_id: http::HeaderValue,
+    ) -> RequestContext {
+        RequestContext {
+            listener,
+            route: None,
+            cluster: None,
+            timeout: None,
+            client_addr,
+            tls,
+            request_id,
+            upstream: None,
+            values: None,
+        }
+    }
 }
 
 /// What a phase decides.

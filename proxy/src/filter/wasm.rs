@@ -462,6 +462,7 @@ impl WasmFilter {
         }
         ctx.cluster = state.ctx.cluster;
         ctx.timeout = state.ctx.timeout;
+        ctx.values = state.ctx.values;
         match answer {
             Ok(Answer::Head(wt::Action::NotImplemented)) => {
                 self.skipped.fetch_or(phase_bit(phase), Ordering::Relaxed);
