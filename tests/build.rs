@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const FIXTURES: &[&str] = &["policy", "hostile", "noop", "rewrite", "swap-a", "swap-b"];
-const FILTERS: &[&str] = &["headers", "cors", "ratelimit", "router"];
+const FILTERS: &[&str] = &["headers", "cors", "ratelimit", "router", "resilience"];
 
 fn build(manifest: &Path, packages: &[String], target: &Path) {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());

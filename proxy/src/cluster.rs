@@ -263,6 +263,12 @@ impl Endpoint {
         }
     }
 
+    /// Takes the endpoint out of balancing for `d` (an outlier signal from a filter).
+    pub fn eject_for(&self, d: Duration) {
+        let mut h = self.health.lock().expect("health lock");
+        h.ejected_until = Some(Instant::now() + d);
+    }
+
     fn record_failure(&self, base: Duration, max: Duration) -> Duration {
         let mut h = self.health.lock().expect("health lock");
         h.consecutive_failures = h.consecutive_failures.saturating_add(1);

@@ -387,6 +387,10 @@ pub struct FilterEntry {
     /// The filter's own configuration, handed to it as JSON.
     #[serde(default)]
     pub config: toml::Table,
+    /// A directory (relative to this file) the filter may read, mounted read-only at `/files`
+    /// in the filter (key sets, allow lists). Its files are watched like the filter's own.
+    #[serde(default)]
+    pub files: Option<PathBuf>,
 }
 
 fn default_prefix() -> String {
@@ -860,6 +864,14 @@ impl Config {
         for (k, f) in entries.iter().enumerate() {
             if f.name.is_empty() {
                 push(format!("{at}.filters[{k}].name"), "must not be empty".into());
+            }
+            if let Some(d) = &f.files {
+                if !self.resolve(d).is_dir() {
+                    push(
+                        format!("{at}.filters[{k}].files"),
+                        format!("not a directory: {}", d.display()),
+                    );
+                }
             }
             match self.filter_source(f) {
                 Ok(FilterSource::File(full)) if !full.is_file() => push(

@@ -110,6 +110,28 @@ impl ProxyError {
         }
     }
 
+    /// Whether the upstream failed (connect, reset, timeout, none healthy): a response that
+    /// resilience filters may retry or replace.
+    pub fn is_upstream_failure(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::Connect { .. }
+                | ProxyError::Upstream { .. }
+                | ProxyError::Timeout { .. }
+                | ProxyError::NoHealthyEndpoint(_)
+        )
+    }
+
+    /// The endpoint that failed, when one did.
+    pub fn upstream_addr(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            ProxyError::Connect { addr, .. }
+            | ProxyError::Upstream { addr, .. }
+            | ProxyError::Timeout { addr, .. } => Some(*addr),
+            _ => None,
+        }
+    }
+
     /// Whether the downstream connection should be closed after answering (the request's
     /// framing can no longer be trusted).
     pub fn closes_connection(&self) -> bool {

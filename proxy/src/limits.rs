@@ -136,3 +136,9 @@ pub const DEFAULT_REGISTRY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Largest filter artifact pulled from a registry.
 pub const MAX_FILTER_ARTIFACT: usize = 64 * 1024 * 1024;
+
+/// Longest back-off a filter may ask for before a retry.
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(10);
+
+/// Longest a filter may eject an upstream endpoint for (an outlier signal).
+pub const MAX_FILTER_EJECTION: Duration = Duration::from_secs(600);

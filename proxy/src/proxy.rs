@@ -485,28 +485,41 @@ async fn forward(
         {
             return stopped(stop, Phase::RequestBody, x.upstream);
         }
-        let (resp, ep) = sent?;
-        ctx.upstream = Some(ep.addr);
-
-        let (mut rparts, rbody) = resp.into_parts();
-        if rparts.status == StatusCode::SWITCHING_PROTOCOLS {
-            let (Some(proto), Some(down), UpstreamBody::Incoming(rbody)) = (upgrade, on_upgrade, rbody)
-            else {
-                return Err(ProxyError::Upstream {
-                    addr: ep.addr,
-                    reason: "unrequested 101 response".into(),
-                });
-            };
-            let up = hyper::upgrade::on(Response::from_parts(rparts.clone(), rbody));
-            strip_hop_by_hop(&mut rparts.headers, false);
-            rparts
-                .headers
-                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            rparts.headers.insert(header::UPGRADE, proto);
-            tokio::spawn(tunnel(down, up, ep.addr));
-            return Ok(Response::from_parts(rparts, body::empty()));
-        }
-        strip_hop_by_hop(&mut rparts.headers, false);
+        let (mut rparts, rbody) = match sent {
+            Ok((resp, ep)) => {
+                ctx.upstream = Some(ep.addr);
+                let (mut rparts, rbody) = resp.into_parts();
+                if rparts.status == StatusCode::SWITCHING_PROTOCOLS {
+                    let (Some(proto), Some(down), UpstreamBody::Incoming(rbody)) =
+                        (upgrade, on_upgrade, rbody)
+                    else {
+                        return Err(ProxyError::Upstream {
+                            addr: ep.addr,
+                            reason: "unrequested 101 response".into(),
+                        });
+                    };
+                    let up = hyper::upgrade::on(Response::from_parts(rparts.clone(), rbody));
+                    strip_hop_by_hop(&mut rparts.headers, false);
+                    rparts
+                        .headers
+                        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                    rparts.headers.insert(header::UPGRADE, proto);
+                    tokio::spawn(tunnel(down, up, ep.addr));
+                    return Ok(Response::from_parts(rparts, body::empty()));
+                }
+                strip_hop_by_hop(&mut rparts.headers, false);
+                (rparts, rbody.boxed())
+            }
+            // Response filters see the proxy's own answer to an upstream failure (502, 503,
+            // 504 with its `x-weir-error` reason): resilience policy may retry it, replace it
+            // or count it against a circuit breaker.
+            Err(e) if response_filters && e.is_upstream_failure() => {
+                tracing::warn!(listener = %ctx.listener, route = ctx.route.as_deref(), cluster = ctx.cluster.as_deref(), request.id = show(&ctx.request_id), attempt, error = %e, "upstream failed");
+                ctx.upstream = e.upstream_addr();
+                e.to_response().into_parts()
+            }
+            Err(e) => return Err(e),
+        };
         if let (Some(req), true) = (sent_head.as_mut(), response_filters) {
             match chain.on_response_headers(req, &mut rparts, ctx).await? {
                 Verdict::Continue => {}
@@ -514,8 +527,19 @@ async fn forward(
                 Verdict::Retry => match replay.as_ref().and_then(|r| r.body()) {
                     Some(again) if attempt < limits::MAX_ATTEMPTS => {
                         attempt += 1;
-                        tried.push(ep.addr);
-                        tracing::debug!(upstream.addr = %ep.addr, attempt, request.id = show(&ctx.request_id), "retry asked by a filter");
+                        if let Some(a) = ctx.upstream.take() {
+                            tried.push(a);
+                        }
+                        let delay = ctx
+                            .retry_delay
+                            .take()
+                            .unwrap_or_default()
+                            .min(limits::MAX_RETRY_DELAY);
+                        tracing::debug!(attempt, delay = ?delay, request.id = show(&ctx.request_id), "retry asked by a filter");
+                        drop(rbody);
+                        if !delay.is_zero() {
+                            tokio::time::sleep(delay).await;
+                        }
                         // Like Envoy's x-envoy-attempt-count: the upstream and the response
                         // filters of the next attempt see which attempt it is.
                         req.headers
@@ -533,7 +557,7 @@ async fn forward(
                 },
             }
         }
-        let mut rbody = rbody.boxed();
+        let mut rbody = rbody;
         if response_body_filters && !http_body::Body::is_end_stream(&rbody) {
             let heads = Arc::new(Heads {
                 req: sent_head.take().expect("copied when response body filters run"),
@@ -543,7 +567,7 @@ async fn forward(
                 if pipe.buffers() {
                     let (data, trailers) = match pipe.gather(rbody).await {
                         Ok(d) => d,
-                        Err(stop) => return stopped(stop, Phase::ResponseBody, Some(ep.addr)),
+                        Err(stop) => return stopped(stop, Phase::ResponseBody, ctx.upstream),
                     };
                     set_length(&mut rparts.headers, &data, trailers.is_some());
                     rbody = pipeline::body_of(data, trailers);

@@ -320,6 +320,30 @@ impl ListenerApply for NoListeners {
     fn commit(&self, _prepared: Prepared) {}
 }
 
+/// The files directly in a directory, sorted.
+fn dir_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.is_file())
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// A digest of a directory's files (names and contents).
+fn dir_digest(dir: &Path) -> String {
+    let mut all = String::new();
+    for f in dir_files(dir) {
+        all.push_str(&f.display().to_string());
+        all.push_str(&digest(&std::fs::read(&f).unwrap_or_default()));
+    }
+    digest(all.as_bytes())
+}
+
 /// Every file a config's generation is built from, besides the config itself and filters.
 fn input_files(config: &Config) -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = Vec::new();
@@ -335,17 +359,18 @@ fn input_files(config: &Config) -> Vec<PathBuf> {
                 out.push(config.resolve(ca));
             }
         }
-        for f in &l.filters {
-            if let Ok(FilterSource::File(p)) = config.filter_source(f) {
-                out.push(p);
-            }
-        }
     }
-    for r in &config.routes {
-        for f in &r.filters {
-            if let Ok(FilterSource::File(p)) = config.filter_source(f) {
-                out.push(p);
-            }
+    let entries = config
+        .listeners
+        .iter()
+        .flat_map(|l| l.filters.iter())
+        .chain(config.routes.iter().flat_map(|r| r.filters.iter()));
+    for f in entries {
+        if let Ok(FilterSource::File(p)) = config.filter_source(f) {
+            out.push(p);
+        }
+        if let Some(d) = &f.files {
+            out.extend(dir_files(&config.resolve(d)));
         }
     }
     for c in config.clusters.values() {
@@ -561,9 +586,12 @@ async fn load(
         cpu_budget: fh.cpu_budget,
         memory: usize::try_from(fh.memory_limit).unwrap_or(usize::MAX),
         max_instances: fh.max_instances,
+        files: e.files.as_ref().map(|d| config.resolve(d)),
     };
     let json = serde_json::to_string(&e.config)?;
-    let key = format!("{d} {json} {limits:?}");
+    // A mounted directory is part of the version: new key files load a new instance set.
+    let files = limits.files.as_deref().map(dir_digest).unwrap_or_default();
+    let key = format!("{d} {json} {limits:?} {files}");
     if let Some(old) = old.filter(|o| o.key == key) {
         let mut info = old.info.clone();
         info.last_error = None;

@@ -137,6 +137,12 @@ mod imp {
     pub fn prop_get_request_value(k: &str) -> Option<Vec<u8>> {
         pr::get_request_value(k)
     }
+    pub fn prop_eject_upstream(ms: u32) -> Result<(), wt::Error> {
+        pr::eject_upstream(ms)
+    }
+    pub fn prop_set_retry_delay(ms: u32) -> Result<(), wt::Error> {
+        pr::set_retry_delay(ms)
+    }
     pub fn prop_set_request_value(k: &str, v: &[u8]) -> Result<(), wt::Error> {
         pr::set_request_value(k, v)
     }

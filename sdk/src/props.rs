@@ -89,3 +89,15 @@ pub fn request_value(key: &str) -> Option<Vec<u8>> {
 pub fn set_request_value(key: &str, value: &[u8]) -> Result<(), HostError> {
     host::prop_set_request_value(key, value).map_err(Into::into)
 }
+
+/// Outlier signal, in `on_response_headers`: takes the response's upstream endpoint out of
+/// balancing for `d` (at most 10 minutes). Refused for the cluster's last available endpoint.
+pub fn eject_upstream(d: Duration) -> Result<(), HostError> {
+    host::prop_eject_upstream(d.as_millis().min(u32::MAX as u128) as u32).map_err(Into::into)
+}
+
+/// In `on_response_headers`, before returning [`crate::Action::Retry`]: wait `d` before the
+/// next attempt (back-off; at most 10 s).
+pub fn set_retry_delay(d: Duration) -> Result<(), HostError> {
+    host::prop_set_retry_delay(d.as_millis().min(u32::MAX as u128) as u32).map_err(Into::into)
+}

@@ -83,6 +83,10 @@ pub struct MockHost {
     pub upstream: Option<String>,
     /// Per-request values the filter stored.
     pub request_values: BTreeMap<String, Vec<u8>>,
+    /// Ejections the filter asked for, in ms.
+    pub ejections: Vec<u32>,
+    /// The retry back-off the filter asked for, in ms.
+    pub retry_delay_ms: Option<u32>,
     /// Fire-and-forget sends the filter made: (cluster, request).
     pub sent: Vec<(String, OutboundRequest)>,
 }
@@ -116,6 +120,8 @@ impl Default for MockHost {
             outbound: None,
             upstream: None,
             request_values: BTreeMap::new(),
+            ejections: Vec::new(),
+            retry_delay_ms: None,
             sent: Vec::new(),
         }
     }
@@ -453,6 +459,21 @@ pub(crate) mod imp {
     }
     pub fn prop_get_request_value(k: &str) -> Option<Vec<u8>> {
         m(|h| h.request_values.get(k).cloned())
+    }
+    pub fn prop_eject_upstream(ms: u32) -> Result<(), wt::Error> {
+        m(|h| match h.upstream {
+            Some(_) => {
+                h.ejections.push(ms);
+                Ok(())
+            }
+            None => Err(wt::Error::Invalid(
+                "this response has no upstream endpoint".into(),
+            )),
+        })
+    }
+    pub fn prop_set_retry_delay(ms: u32) -> Result<(), wt::Error> {
+        m(|h| h.retry_delay_ms = Some(ms));
+        Ok(())
     }
     pub fn prop_set_request_value(k: &str, v: &[u8]) -> Result<(), wt::Error> {
         m(|h| h.request_values.insert(k.to_string(), v.to_vec()));

@@ -19,6 +19,7 @@ async fn load(engine: &Arc<WasmEngine>, name: &str, path: &str, json: &str) -> W
         cpu_budget: std::time::Duration::from_millis(20),
         memory: 32 << 20,
         max_instances: 16,
+        files: None,
     };
     engine
         .load_file(

@@ -13,5 +13,6 @@ mod policy;
 mod protocols;
 mod registry;
 mod reload;
+mod resilience;
 mod tls;
 mod wasm;

@@ -257,6 +257,7 @@ async fn phases_a_filter_does_not_implement_are_not_called_again() {
                 cpu_budget: Duration::from_millis(50),
                 memory: 16 << 20,
                 max_instances: 4,
+                files: None,
             };
             let metrics = Arc::new(weir::metrics::Metrics::new());
             engine

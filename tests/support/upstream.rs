@@ -49,6 +49,8 @@ pub struct Running {
     pub hits: Arc<AtomicUsize>,
     /// Connections it accepted.
     pub conns: Arc<AtomicUsize>,
+    /// The status every answer gets (0: the normal one); see [`Running::set_status`].
+    status: Arc<std::sync::atomic::AtomicU16>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -62,6 +64,12 @@ impl Running {
     /// Requests received so far.
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
+    }
+
+    /// From now on, answers every request with `status` (0: the normal answers again), also
+    /// on connections already open: an upstream that starts or stops failing.
+    pub fn set_status(&self, status: u16) {
+        self.status.store(status, Ordering::SeqCst);
     }
 
     /// Connections accepted so far.
@@ -127,9 +135,22 @@ impl Upstream {
 
     /// Binds and serves.
     pub async fn start(self) -> Running {
-        let listener = TcpListener::bind(self.addr.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap()))
-            .await
-            .expect("bind upstream");
+        let want = self.addr.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap());
+        // An upstream coming back at the address of one just dropped may find its socket
+        // still closing: retry briefly.
+        let start = std::time::Instant::now();
+        let listener = loop {
+            match TcpListener::bind(want).await {
+                Ok(l) => break l,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AddrInUse
+                        && start.elapsed() < Duration::from_secs(5) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("bind upstream {want}: {e}"),
+            }
+        };
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
         let conns = Arc::new(AtomicUsize::new(0));
@@ -141,18 +162,22 @@ impl Upstream {
             tokio_rustls::TlsAcceptor::from(crate::pki::server_config(leaf, alpn, self.client_ca.as_deref()))
         });
         let (name, proto, delay, h, n) = (self.name, self.proto, self.delay, hits.clone(), conns.clone());
-        let status = self.status;
+        let status = Arc::new(std::sync::atomic::AtomicU16::new(
+            self.status.map_or(0, |s| s.as_u16()),
+        ));
+        let shared_status = status.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
                 n.fetch_add(1, Ordering::SeqCst);
-                let (acceptor, h) = (acceptor.clone(), h.clone());
+                let (acceptor, h, st) = (acceptor.clone(), h.clone(), status.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         h.fetch_add(1, Ordering::SeqCst);
-                        respond(req, name, delay, status)
+                        let s = st.load(Ordering::SeqCst);
+                        respond(req, name, delay, StatusCode::from_u16(s).ok())
                     });
                     let mut b = auto::Builder::new(TokioExecutor::new());
                     if proto == Proto::Http2 {
@@ -177,6 +202,7 @@ impl Upstream {
             addr,
             hits,
             conns,
+            status: shared_status,
             task,
         }
     }

@@ -405,6 +405,46 @@ impl properties::Host for HostState {
     fn upstream(&mut self) -> Option<String> {
         self.call()?.ctx.upstream.map(|a| a.to_string())
     }
+    fn eject_upstream(&mut self, ms: u32) -> Result<(), Error> {
+        let c = match self.call() {
+            Some(c) if c.phase == Phase::ResponseHeaders => c,
+            _ => return Err(Error::WrongPhase),
+        };
+        let (Some(addr), Some(cluster)) = (c.ctx.upstream, c.ctx.cluster.as_deref()) else {
+            return Err(Error::Invalid("this response has no upstream endpoint".into()));
+        };
+        let Some(cluster) = self.shared.clusters.load().get(cluster).cloned() else {
+            return Err(Error::Invalid(format!("unknown cluster {cluster:?}")));
+        };
+        let now = std::time::Instant::now();
+        let endpoints = cluster.endpoints();
+        let Some(ep) = endpoints.iter().find(|e| e.addr == addr) else {
+            return Ok(());
+        };
+        let others = endpoints
+            .iter()
+            .filter(|e| e.addr != addr && e.is_available(now))
+            .count();
+        if others == 0 {
+            return Err(Error::Limit(
+                "would eject the cluster's last available endpoint".into(),
+            ));
+        }
+        let d = Duration::from_millis(ms.into()).min(crate::limits::MAX_FILTER_EJECTION);
+        ep.eject_for(d);
+        tracing::warn!(filter = %self.shared.name, cluster = %cluster.name, upstream.addr = %addr, ejected_for = ?d, "endpoint ejected by a filter (outlier)");
+        Ok(())
+    }
+    fn set_retry_delay(&mut self, ms: u32) -> Result<(), Error> {
+        match self.call.as_mut() {
+            Some(c) if c.phase == Phase::ResponseHeaders => {
+                c.ctx.retry_delay =
+                    Some(Duration::from_millis(ms.into()).min(crate::limits::MAX_RETRY_DELAY));
+                Ok(())
+            }
+            _ => Err(Error::WrongPhase),
+        }
+    }
     fn get_request_value(&mut self, key: String) -> Option<Vec<u8>> {
         let name = self.shared.name.clone();
         self.call()?.ctx.values.as_ref()?.get(&(name, key)).cloned()

@@ -104,6 +104,8 @@ pub struct RequestContext {
     pub request_id: http::HeaderValue,
     /// The upstream endpoint of the response, once there is one.
     pub upstream: Option<SocketAddr>,
+    /// The back-off a response filter asked for before the retry it asks for.
+    pub retry_delay: Option<Duration>,
     /// Per-request values filters keep between their phases (by filter, then key).
     pub values: Option<Box<RequestValues>>,
 }
@@ -128,6 +130,7 @@ impl RequestContext {
             tls,
             request_id,
             upstream: None,
+            retry_delay: None,
             values: None,
         }
     }

@@ -27,8 +27,8 @@ use crate::body;
 use crate::limits;
 use crate::metrics::Metrics;
 
-/// Per-filter limits, from config.
-#[derive(Debug, Clone, Copy)]
+/// Per-filter limits and grants, from config.
+#[derive(Debug, Clone)]
 pub struct FilterLimits {
     /// CPU time one phase call may use.
     pub cpu_budget: Duration,
@@ -36,6 +36,8 @@ pub struct FilterLimits {
     pub memory: usize,
     /// Most live instances (the concurrency of this filter).
     pub max_instances: usize,
+    /// A host directory the filter may read, mounted read-only at `/files`.
+    pub files: Option<std::path::PathBuf>,
 }
 
 /// The export every filter of this ABI version has.
@@ -301,7 +303,17 @@ impl WasmFilter {
             .trap_on_grow_failure(true)
             .build();
         let state = HostState {
-            wasi: WasiCtxBuilder::new().build(),
+            wasi: {
+                let mut b = WasiCtxBuilder::new();
+                if let Some(dir) = &self.limits.files {
+                    b.preopened_dir(dir, "/files", wasmtime_wasi::FsPerms::ReadOnly)
+                        .map_err(|e| FilterError {
+                            kind: "config",
+                            message: format!("cannot mount {}: {e:#}", dir.display()),
+                        })?;
+                }
+                b.build()
+            },
             table: ResourceTable::new(),
             limits,
             shared: self.shared.clone(),
@@ -463,6 +475,7 @@ impl WasmFilter {
         ctx.cluster = state.ctx.cluster;
         ctx.timeout = state.ctx.timeout;
         ctx.values = state.ctx.values;
+        ctx.retry_delay = state.ctx.retry_delay;
         match answer {
             Ok(Answer::Head(wt::Action::NotImplemented)) => {
                 self.skipped.fetch_or(phase_bit(phase), Ordering::Relaxed);
