@@ -7,8 +7,9 @@
 //! ```
 //!
 //! - `requests` per `per` is the sustained rate; `burst` (default: `requests`) the bucket size.
-//! - `key`: `client_ip`, `route`, `global`, or `header:NAME` (an API key, or a JWT claim the
-//!   `auth` filter forwarded as a header). A request without the header shares one bucket.
+//! - `key`: `client_ip`, `peer` (the mTLS peer's SPIFFE ID: per calling service in a mesh),
+//!   `route`, `global`, or `header:NAME` (an API key, or a JWT claim the `auth` filter
+//!   forwarded as a header). Requests without the header (or peer) share one bucket.
 //! - Over the limit: 429 with `Retry-After` and `RateLimit-Limit`, `RateLimit-Remaining`,
 //!   `RateLimit-Reset` (the IETF RateLimit header fields); allowed responses carry the
 //!   `RateLimit-*` fields too. Buckets expire once full and idle, so memory follows active keys.
@@ -26,6 +27,9 @@ pub enum Key {
     Route,
     /// One bucket for everything.
     Global,
+    /// The mTLS peer's identity (its first URI SAN, else its subject): per calling service
+    /// in a mesh.
+    Peer,
     /// A request header's value.
     Header(String),
 }
@@ -42,7 +46,7 @@ pub struct Config {
     /// Bucket size (the largest burst); default `requests`.
     #[serde(default)]
     pub burst: Option<u32>,
-    /// `client_ip`, `route`, `global`, or `header:NAME`.
+    /// `client_ip`, `peer` (mTLS identity), `route`, `global`, or `header:NAME`.
     #[serde(default = "default_key")]
     pub key: String,
 }
@@ -184,6 +188,9 @@ impl RateLimit {
             }
             Key::Route => props::route().unwrap_or_default(),
             Key::Global => String::new(),
+            Key::Peer => props::peer_identity()
+                .map(|p| p.uri_sans.into_iter().next().unwrap_or(p.subject))
+                .unwrap_or_default(),
             Key::Header(h) => req.header_str(h).unwrap_or_default(),
         };
         format!("b:{part}")
@@ -207,9 +214,14 @@ impl Filter for RateLimit {
             "client_ip" => Key::ClientIp,
             "route" => Key::Route,
             "global" => Key::Global,
+            "peer" => Key::Peer,
             k => match k.strip_prefix("header:") {
                 Some(h) if !h.is_empty() => Key::Header(h.to_ascii_lowercase()),
-                _ => return Err(format!("key: {k:?}: use client_ip, route, global or header:NAME")),
+                _ => {
+                    return Err(format!(
+                        "key: {k:?}: use client_ip, peer, route, global or header:NAME"
+                    ))
+                }
             },
         };
         let capacity = u64::from(c.burst.unwrap_or(c.requests).max(1));
@@ -287,6 +299,21 @@ mod tests {
             Taken::Allowed(2),
             "keys have their own buckets"
         );
+    }
+
+    #[test]
+    fn peers_have_their_own_buckets() {
+        let f = TestFilter::<RateLimit>::new(r#"{"requests": 1, "per": "1m", "key": "peer"}"#).unwrap();
+        let peer = |id: &str| weir_sdk::props::PeerIdentity {
+            subject: "CN=x".into(),
+            uri_sans: vec![id.into()],
+            dns_sans: vec![],
+        };
+        MockHost::reset(|h| h.peer = Some(peer("spiffe://cluster.local/ns/web/sa/frontend")));
+        assert_eq!(f.on_request_headers(), Action::Continue);
+        assert!(matches!(f.on_request_headers(), Action::Respond(_)));
+        MockHost::with(|h| h.peer = Some(peer("spiffe://cluster.local/ns/jobs/sa/batch")));
+        assert_eq!(f.on_request_headers(), Action::Continue, "another service");
     }
 
     #[test]
