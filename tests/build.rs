@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const FIXTURES: &[&str] = &["policy", "hostile", "noop", "rewrite", "swap-a", "swap-b"];
-const FILTERS: &[&str] = &["headers", "cors", "ratelimit", "router", "resilience"];
+const FILTERS: &[&str] = &["headers", "cors", "ratelimit", "router", "auth", "resilience"];
 
 fn build(manifest: &Path, packages: &[String], target: &Path) {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -94,4 +94,9 @@ fn main() {
             target.join("wasm32-wasip2/release").join(file),
         );
     }
+    // The directory of them all, for configs that name filters by file (examples/).
+    println!(
+        "cargo:rustc-env=WEIR_FILTERS_DIR={}",
+        target.join("wasm32-wasip2/release").display()
+    );
 }

@@ -1,11 +1,13 @@
 //! Weir's end-to-end tests: one binary, real sockets on 127.0.0.1:0, real TLS, real clients.
 
 mod admin;
+mod auth;
 mod bad_input;
 mod balance;
 mod bodies;
 mod config_errors;
 mod drain;
+mod examples;
 mod failures;
 mod filters;
 mod limits;

@@ -9,6 +9,7 @@
 //! - [`client`]: clients per protocol, plus raw-socket helpers.
 
 pub mod client;
+pub mod jwt;
 pub mod pki;
 pub mod proxy;
 pub mod registry;
