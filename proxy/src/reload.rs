@@ -56,6 +56,8 @@ pub struct FilterInfo {
 pub struct ReloadStatus {
     /// Generations applied (1 = the start).
     pub generation: u64,
+    /// Reload attempts since the start, including those that found nothing changed.
+    pub attempts: u64,
     /// When the last reload attempt ended.
     pub last_attempt_at: Option<String>,
     /// Why the last reload attempt failed, if it did.
@@ -198,6 +200,7 @@ impl Control {
         let metrics = &self.shared.metrics;
         let mut status = self.status.lock().expect("status lock");
         status.last_attempt_at = Some(now_rfc3339());
+        status.attempts += 1;
         match &result {
             Ok(Outcome::Unchanged) => {}
             Ok(Outcome::Applied { errors }) => {
@@ -627,7 +630,7 @@ pub async fn watch(control: Arc<Control>, listeners: Arc<dyn ListenerApply>, deb
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let tx_poll = tx.clone();
     let mut watcher = match notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if ev.is_ok() {
+        if ev.is_ok_and(|e| is_change(&e.kind)) {
             let _ = tx.send(());
         }
     }) {
@@ -669,6 +672,18 @@ pub async fn watch(control: Arc<Control>, listeners: Arc<dyn ListenerApply>, deb
         let _ = control.reload(&*listeners).await;
         // A new config may name new directories.
         follow(&mut watcher, control.watched_dirs());
+    }
+}
+
+/// Whether a file event can change an input. Reads are not changes: a reload reads every
+/// input, and counting its own opens and closes made it reload again, forever.
+fn is_change(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    match kind {
+        // A file closed after writing: the end of a write (an editor, `cp`).
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
     }
 }
 

@@ -377,3 +377,45 @@ async fn config_changes_move_listeners_and_rotate_certificates() {
     }
     drop(proxy);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unchanged_directory_is_not_reloaded() {
+    // A reload reads every input; the watcher once took those reads for changes and reloaded
+    // in a loop, hashing every filter file ten times a second.
+    let up = Upstream::http1("up").start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("filters")).unwrap();
+    std::fs::create_dir(dir.path().join("keys")).unwrap();
+    std::fs::write(dir.path().join("keys/list.txt"), "k1\n").unwrap();
+    std::fs::write(
+        dir.path().join("filters/version.wasm"),
+        std::fs::read(SWAP_A).unwrap(),
+    )
+    .unwrap();
+    let toml = config(up.addr, "version.wasm").replace(
+        "file = \"version.wasm\" }",
+        "file = \"version.wasm\", files = \"keys\" }",
+    );
+    std::fs::write(dir.path().join("weir.toml"), toml).unwrap();
+    let (proxy, control) = TestProxy::start_file(&dir.path().join("weir.toml"), DEBOUNCE).await;
+    let mut c = Client::h1(proxy.addr("web")).await;
+    assert_eq!(version_of(&mut c).await.as_deref(), Some("swap-a"));
+
+    // One change: one reload.
+    replace(&dir.path().join("keys/list.txt"), b"k1\nk2\n");
+    let start = Instant::now();
+    while control.status().attempts == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the change was not seen"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Then quiet for 20 debounce periods, with traffic: no more reloads.
+    let settled = Instant::now();
+    while settled.elapsed() < DEBOUNCE * 20 {
+        assert_eq!(version_of(&mut c).await.as_deref(), Some("swap-a"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(control.status().attempts, 1, "reloads without a change");
+}
