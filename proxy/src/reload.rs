@@ -192,6 +192,42 @@ impl Control {
         dirs
     }
 
+    /// Whether a file event at `path` (in a watched directory) can concern this proxy: the
+    /// config file, a filter file (any `.wasm`: a config waiting for a new file must see it
+    /// arrive), a TLS file, a file of a mounted `files` directory, a Kubernetes volume's
+    /// `..data` swap, or anything while the last reload failed. Other files sharing those
+    /// directories (a build's `target/`, editors' swap files, logs) are not inputs. Names are
+    /// compared, not whole paths: the watcher reports paths as it watched them.
+    pub fn is_relevant(&self, path: &Path) -> bool {
+        let Some(name) = path.file_name() else {
+            return true;
+        };
+        if name.to_string_lossy().starts_with("..") || path.extension().is_some_and(|e| e == "wasm") {
+            return true;
+        }
+        if self.status.lock().expect("status lock").last_error.is_some() {
+            return true;
+        }
+        let config = self.config.load();
+        let parent = path.parent().and_then(Path::file_name);
+        let files_dirs = config
+            .listeners
+            .iter()
+            .flat_map(|l| l.filters.iter())
+            .chain(config.routes.iter().flat_map(|r| r.filters.iter()))
+            .filter_map(|f| f.files.as_ref());
+        for d in files_dirs {
+            if d.file_name().is_some() && d.file_name() == parent {
+                return true;
+            }
+        }
+        self.path
+            .iter()
+            .cloned()
+            .chain(input_files(&config))
+            .any(|p| p.file_name() == Some(name))
+    }
+
     /// Reloads: re-reads the config (when it came from a file) and every input, and applies
     /// what changed. `listeners` applies listener changes (bind first, commit after the swap).
     pub async fn reload(&self, listeners: &dyn ListenerApply) -> anyhow::Result<Outcome> {
@@ -629,8 +665,16 @@ pub async fn watch(control: Arc<Control>, listeners: Arc<dyn ListenerApply>, deb
     use notify::Watcher as _;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let tx_poll = tx.clone();
+    let relevant = control.clone();
     let mut watcher = match notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if ev.is_ok_and(|e| is_change(&e.kind)) {
+        let change = match ev {
+            Ok(e) => {
+                is_change(&e.kind) && (e.paths.is_empty() || e.paths.iter().any(|p| relevant.is_relevant(p)))
+            }
+            // Events were lost (queue overflow): look at everything.
+            Err(_) => true,
+        };
+        if change {
             let _ = tx.send(());
         }
     }) {

@@ -418,4 +418,31 @@ async fn an_unchanged_directory_is_not_reloaded() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(control.status().attempts, 1, "reloads without a change");
+
+    // Files that are not inputs, in watched directories (a log beside the config, a build's
+    // by-products beside the filters), are not changes either.
+    for i in 0..5 {
+        std::fs::write(dir.path().join("weir.log"), format!("line {i}\n")).unwrap();
+        std::fs::write(dir.path().join("filters/version.d"), format!("dep {i}\n")).unwrap();
+        tokio::time::sleep(DEBOUNCE * 2).await;
+    }
+    tokio::time::sleep(DEBOUNCE * 4).await;
+    assert_eq!(
+        control.status().attempts,
+        1,
+        "reloads for files that are not inputs"
+    );
+    // While a real one still is.
+    replace(
+        &dir.path().join("filters/version.wasm"),
+        &std::fs::read(SWAP_B).unwrap(),
+    );
+    let start = Instant::now();
+    while version_of(&mut c).await.as_deref() != Some("swap-b") {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the new filter was not loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
