@@ -515,7 +515,7 @@ impl log::Host for HostState {
 /// Metrics a filter records, exported on `/metrics` as `weir_filter_<name>`.
 #[derive(Default)]
 pub struct FilterMetrics {
-    series: Mutex<BTreeMap<(String, String), Series>>,
+    series: Mutex<BTreeMap<SeriesKey, Series>>,
 }
 
 enum Series {
@@ -524,40 +524,58 @@ enum Series {
     Histogram { count: u64, sum: f64 },
 }
 
-fn metric_name(n: &str) -> Result<String, Error> {
-    let ok = !n.is_empty()
+fn valid_metric_name(n: &str) -> bool {
+    !n.is_empty()
         && n.len() <= 64
         && n.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-    if !ok {
-        return Err(Error::Invalid(format!(
-            "metric name {n:?}: use [a-z0-9_], at most 64"
-        )));
-    }
-    Ok(n.to_string())
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
-fn label_set(filter: &str, labels: &[(String, String)]) -> Result<String, Error> {
-    let mut out = format!("filter=\"{filter}\"");
-    for (k, v) in labels {
-        if metric_name(k).is_err() || k == "filter" || v.len() > 128 {
+/// A series' identity as the guest gave it: validated, not formatted. The Prometheus text is
+/// made at scrape time, so an update on the request path allocates nothing for a known series.
+type SeriesKey = (String, Vec<(String, String)>);
+
+fn series_key(name: String, labels: Vec<(String, String)>) -> Result<SeriesKey, Error> {
+    if !valid_metric_name(&name) {
+        return Err(Error::Invalid(format!(
+            "metric name {name:?}: use [a-z0-9_], at most 64"
+        )));
+    }
+    for (k, v) in &labels {
+        if !valid_metric_name(k) || k == "filter" || v.len() > 128 {
             return Err(Error::Invalid(format!("label {k:?}")));
         }
-        let v = v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
-        out.push_str(&format!(",{k}=\"{v}\""));
     }
-    Ok(out)
+    Ok((name, labels))
+}
+
+/// `filter="f",k="v",...` with values escaped for the text format.
+fn label_text(filter: &str, labels: &[(String, String)]) -> String {
+    let mut out = format!("filter=\"{filter}\"");
+    for (k, v) in labels {
+        out.push(',');
+        out.push_str(k);
+        out.push_str("=\"");
+        for c in v.chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '"' => out.push_str("\\\""),
+                '\n' => out.push_str("\\n"),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
+    out
 }
 
 impl FilterMetrics {
     fn update(
         &self,
-        name: String,
-        labels: String,
+        key: SeriesKey,
         f: impl FnOnce(Option<&mut Series>) -> Option<Series>,
     ) -> Result<(), Error> {
         let mut g = self.series.lock().expect("metrics lock");
-        let key = (name, labels);
         if let Some(s) = g.get_mut(&key) {
             if let Some(new) = f(Some(s)) {
                 *s = new;
@@ -592,6 +610,7 @@ impl FilterMetrics {
                 let _ = writeln!(out, "# TYPE {full} {kind}");
                 last.clone_from(&full);
             }
+            let labels = label_text(filter, labels);
             let _ = match s {
                 Series::Counter(v) => writeln!(out, "{full}_total{{{labels}}} {v}"),
                 Series::Gauge(v) => writeln!(out, "{full}{{{labels}}} {v}"),
@@ -608,18 +627,20 @@ impl FilterMetrics {
 
 impl metrics::Host for HostState {
     fn counter_add(&mut self, name: String, labels: Vec<(String, String)>, value: u64) -> Result<(), Error> {
-        let (n, l) = (metric_name(&name)?, label_set(&self.shared.name, &labels)?);
-        self.shared.metrics.update(n, l, |s| match s {
-            Some(Series::Counter(v)) => {
-                *v += value;
-                None
-            }
-            _ => Some(Series::Counter(value)),
-        })
+        self.shared
+            .metrics
+            .update(series_key(name, labels)?, |s| match s {
+                Some(Series::Counter(v)) => {
+                    *v += value;
+                    None
+                }
+                _ => Some(Series::Counter(value)),
+            })
     }
     fn gauge_set(&mut self, name: String, labels: Vec<(String, String)>, value: i64) -> Result<(), Error> {
-        let (n, l) = (metric_name(&name)?, label_set(&self.shared.name, &labels)?);
-        self.shared.metrics.update(n, l, |_| Some(Series::Gauge(value)))
+        self.shared
+            .metrics
+            .update(series_key(name, labels)?, |_| Some(Series::Gauge(value)))
     }
     fn histogram_observe(
         &mut self,
@@ -627,11 +648,11 @@ impl metrics::Host for HostState {
         labels: Vec<(String, String)>,
         value: f64,
     ) -> Result<(), Error> {
-        let (n, l) = (metric_name(&name)?, label_set(&self.shared.name, &labels)?);
+        let key = series_key(name, labels)?;
         if !value.is_finite() {
             return Err(Error::Invalid("value must be finite".into()));
         }
-        self.shared.metrics.update(n, l, |s| match s {
+        self.shared.metrics.update(key, |s| match s {
             Some(Series::Histogram { count, sum }) => {
                 *count += 1;
                 *sum += value;
@@ -821,4 +842,41 @@ async fn outbound_call(
         headers: header_list(&parts.headers),
         body: bytes.to_vec(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_are_validated_on_update_and_escaped_at_scrape() {
+        let m = FilterMetrics::default();
+        let l = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
+        for _ in 0..2 {
+            m.update(
+                series_key("hits".into(), l("path", "a\"b\\c\nd")).unwrap(),
+                |s| match s {
+                    Some(Series::Counter(v)) => {
+                        *v += 1;
+                        None
+                    }
+                    _ => Some(Series::Counter(1)),
+                },
+            )
+            .unwrap();
+        }
+        let mut out = String::new();
+        m.encode("my-filter", &mut out);
+        assert_eq!(
+            out,
+            "# TYPE weir_filter_my_filter_hits counter\n\
+             weir_filter_my_filter_hits_total{filter=\"my-filter\",path=\"a\\\"b\\\\c\\nd\"} 2\n"
+        );
+        assert!(series_key("Hits".into(), vec![]).is_err());
+        assert!(
+            series_key("hits".into(), l("filter", "x")).is_err(),
+            "the host owns `filter`"
+        );
+        assert!(series_key("hits".into(), l("k", &"v".repeat(129))).is_err());
+    }
 }
