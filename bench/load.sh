@@ -6,7 +6,10 @@
 #       filters (the `policy` test filter: reads the path and two headers, sets a header,
 #       bumps a counter), on other listeners of the same process;
 #   (c) wrk through nginx, configured as the equivalent reverse proxy (upstream keep-alive,
-#       X-Forwarded-For, one worker)      -> a well-known yardstick for that cost.
+#       X-Forwarded-For, one worker)      -> a well-known yardstick for that cost;
+#   (d) the gateway chain of the policy library (router + auth by API key + ratelimit, the
+#       filters of filters/) on /api with an API key, against nginx doing the closest
+#       equivalent (a location plus a header check).
 # With --h2 it also runs h2load (h2c, prior knowledge) direct and through Weir.
 #
 # Usage: bench/load.sh [--h2]          (or: cargo xtask bench [--h2])
@@ -120,6 +123,15 @@ if [[ "$SKIP_BUILD" != 1 || ! -f "$POLICY_WASM" ]]; then
         --target-dir "$FIXTURES_TARGET" -p fixture-policy
 fi
 
+# The policy library, built as a user builds filters.
+LIB_WASM="$ROOT/${CARGO_TARGET_DIR:-target}/wasm32-wasip2/release"
+[[ "${CARGO_TARGET_DIR:-}" = /* ]] && LIB_WASM="$CARGO_TARGET_DIR/wasm32-wasip2/release"
+if [[ "$SKIP_BUILD" != 1 || ! -f "$LIB_WASM/weir_filter_auth.wasm" ]]; then
+    log "building the policy library for wasm32-wasip2"
+    cargo build --release --target wasm32-wasip2 -p weir-filter-router -p weir-filter-auth \
+        -p weir-filter-ratelimit
+fi
+
 # --- processes and cleanup -----------------------------------------------------------------
 TMP="$(mktemp -d -t weir-bench.XXXXXX)"
 # nginx drops its workers to `nobody` when started as root; they must reach the temp dir.
@@ -161,9 +173,9 @@ wait_ok() {
 }
 
 # Distinct free loopback ports: bind them all at once to port 0 so they differ.
-read -r UP_PORT WEIR_PORT ADMIN_PORT NGINX_PORT WEIR1_PORT WEIR3_PORT < <(python3 -c '
+read -r UP_PORT WEIR_PORT ADMIN_PORT NGINX_PORT WEIR1_PORT WEIR3_PORT WEIRG_PORT NGINXG_PORT < <(python3 -c '
 import socket
-socks = [socket.socket() for _ in range(6)]
+socks = [socket.socket() for _ in range(8)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in socks))
@@ -187,6 +199,9 @@ filter_entries() {
         sep=", "
     done
 }
+# API key auth: the key is "bench-key", stored as its sha256 like a real config.
+AUTH_KEY_SHA256="$(printf %s bench-key | sha256sum | cut -d' ' -f1)"
+AUTH_CONFIG="{ api_keys = { header = \"x-api-key\", keys = [{ name = \"bench\", sha256 = \"$AUTH_KEY_SHA256\" }] } }"
 # Access log off and level warn: nginx gets `access_log off` too; logging is not what we measure.
 cat >"$TMP/weir.toml" <<EOF
 [runtime]
@@ -212,6 +227,17 @@ filters = [$(filter_entries 1)]
 name = "three-filters"
 address = "127.0.0.1:$WEIR3_PORT"
 filters = [$(filter_entries 3)]
+
+# The gateway chain: every request is rate-limited per client (a limit far above the load,
+# so every request pays for the check but none is refused), routed, and authenticated.
+[[listeners]]
+name = "gateway"
+address = "127.0.0.1:$WEIRG_PORT"
+filters = [
+  { name = "ratelimit", file = "$LIB_WASM/weir_filter_ratelimit.wasm", config = { requests = 100000000, per = "1s", key = "client_ip" } },
+  { name = "router", file = "$LIB_WASM/weir_filter_router.wasm", config = { rules = [{ matches = [{ path = { type = "PathPrefix", value = "/api" } }], backendRefs = [{ name = "up" }] }] } },
+  { name = "auth", file = "$LIB_WASM/weir_filter_auth.wasm", config = $AUTH_CONFIG },
+]
 
 [[routes]]
 name = "all"
@@ -270,6 +296,19 @@ http {
             proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
         }
     }
+
+    # The gateway equivalent: a route plus an API-key header check.
+    server {
+        listen 127.0.0.1:$NGINXG_PORT;
+        location /api {
+            if (\$http_x_api_key != "bench-key") { return 401; }
+            proxy_pass http://up;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+        }
+        location / { return 404; }
+    }
 }
 EOF
 log "starting nginx on 127.0.0.1:$NGINX_PORT ($WORKERS worker process(es))"
@@ -285,8 +324,10 @@ wait_ok "http://127.0.0.1:$NGINX_PORT/" "$!" "$TMP/nginx/error.log"
 wrk_run() {
     local url="$1" dur="$2" dur_s="$3"
     timeout --foreground --kill-after=5 "$((dur_s + 30))" \
-        "${LOADGEN[@]}" wrk -t "$THREADS" -c "$CONNECTIONS" -d "$dur" --timeout 5s --latency "$url"
+        "${LOADGEN[@]}" wrk -t "$THREADS" -c "$CONNECTIONS" -d "$dur" --timeout 5s --latency \
+        "${WRK_HEADERS[@]}" "$url"
 }
+WRK_HEADERS=()
 
 # Prints "req/s p50_us p99_us errors" from wrk's output (latencies converted to µs; errors =
 # socket errors + non-2xx/3xx responses, which wrk otherwise counts as requests).
@@ -330,6 +371,10 @@ bench_target weir "http://127.0.0.1:$WEIR_PORT/"
 bench_target weir-1-filter "http://127.0.0.1:$WEIR1_PORT/"
 bench_target weir-3-filters "http://127.0.0.1:$WEIR3_PORT/"
 bench_target nginx "http://127.0.0.1:$NGINX_PORT/"
+WRK_HEADERS=(-H "x-api-key: bench-key")
+bench_target weir-gateway "http://127.0.0.1:$WEIRG_PORT/api/items"
+bench_target nginx-gateway "http://127.0.0.1:$NGINXG_PORT/api/items"
+WRK_HEADERS=()
 
 # --- h2load (optional) ---------------------------------------------------------------------
 # h2c with prior knowledge (h2load's default for http:// URLs). Only direct and Weir: nginx
@@ -381,7 +426,7 @@ report="$TMP/report.md"
     echo
     echo "| target | req/s | p50 (µs) | p99 (µs) | throughput vs direct | added p99 vs direct (µs) |"
     echo "|---|---:|---:|---:|---:|---:|"
-    for t in direct weir weir-1-filter weir-3-filters nginx; do
+    for t in direct weir weir-1-filter weir-3-filters nginx weir-gateway nginx-gateway; do
         awk -v t="$t" -v r="${RPS[$t]}" -v p50="${P50[$t]}" -v p99="${P99[$t]}" \
             -v dr="${RPS[direct]}" -v dp99="${P99[direct]}" 'BEGIN {
                 printf "| %s | %.0f | %d | %d | %.1f %% | %+d |\n", t, r, p50, p99, 100 * r / dr, p99 - dp99
@@ -394,8 +439,12 @@ report="$TMP/report.md"
         printf "filter chain cost (throughput vs no filter): 1 filter %.1f %%, 3 filters %.1f %%\n", 100 * (1 - a / w), 100 * (1 - b / w)
     }'
     echo
+    awk -v w="${RPS[weir]}" -v g="${RPS[weir-gateway]}" -v ng="${RPS[nginx-gateway]}" 'BEGIN {
+        printf "gateway chain (router + auth + ratelimit): %.2f of Weir without filters (target 0.85), %.2f of nginx doing routing plus a header check\n", g / w, g / ng
+    }'
+    echo
     echo "weir added p99: $((P99[weir] - P99[direct])) µs, nginx added p99: $((P99[nginx] - P99[direct])) µs"
-    for t in direct weir weir-1-filter weir-3-filters nginx; do
+    for t in direct weir weir-1-filter weir-3-filters nginx weir-gateway nginx-gateway; do
         if ((ERRS[$t] > 0)); then
             echo
             echo "**warning:** $t had ${ERRS[$t]} socket errors or non-2xx/3xx responses (see wrk output)"
