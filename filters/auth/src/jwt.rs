@@ -346,6 +346,11 @@ pub fn decode<'a>(token: &'a str, allowed: &[Alg]) -> Result<Token<'a>, TokenErr
     let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
         return Err(TokenError::Malformed("not three dot-separated parts".into()));
     };
+    // Compact JWS is unpadded base64url: a padded variant is another spelling of the same
+    // token, which would slip past anything keyed by the token's text.
+    if token.contains('=') {
+        return Err(TokenError::Malformed("padding ('=') in a compact JWS".into()));
+    }
     let header = b64url("the header", h).map_err(TokenError::Malformed)?;
     let header: RawHeader = serde_json::from_slice(&header)
         .map_err(|e| TokenError::Malformed(format!("the header is not a JSON object: {e}")))?;

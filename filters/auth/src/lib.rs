@@ -72,9 +72,12 @@
 //!
 //! The client learns little (`unauthorized`, `forbidden`); the log says exactly why (expired
 //! by N s, wrong audience, unknown kid, bad signature, `alg` none, unknown user, no rule for
-//! which identities). Unless `forward_credentials = true`, the credential that authenticated
-//! the request (the token, key or password; a token's query parameter) is not sent upstream.
-//! Outcomes are counted as `decisions{result="allowed|unauthenticated|forbidden",
+//! which identities). Unless `forward_credentials = true`, no credential is sent upstream:
+//! every place a configured provider reads one from (its header, a token's query parameter)
+//! is cleared, whichever provider decided. A token must name its subject (`sub`, a non-empty
+//! string or a number). When the JWK set cannot be had (the identity provider is down and
+//! nothing is cached), the answer is 503, not a 401 that would make clients drop good tokens.
+//! Outcomes are counted as `decisions{result="allowed|unauthenticated|forbidden|unavailable",
 //! provider="jwt|api_keys|basic|mtls|none"}`.
 
 pub mod jwt;
@@ -315,13 +318,23 @@ pub fn parse_duration(field: &str, s: &str) -> Result<Duration, String> {
     let n: u64 = n
         .parse()
         .map_err(|_| format!("{field}: {s:?} is not a duration like \"60s\""))?;
-    Ok(match unit {
+    let d = match unit {
         "ms" => Duration::from_millis(n),
         "s" | "" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
+        "m" => Duration::from_secs(
+            n.checked_mul(60)
+                .ok_or_else(|| format!("{field}: {s:?} is too long"))?,
+        ),
+        "h" => Duration::from_secs(
+            n.checked_mul(3600)
+                .ok_or_else(|| format!("{field}: {s:?} is too long"))?,
+        ),
         _ => return Err(format!("{field}: unknown unit {unit:?} (ms, s, m, h)")),
-    })
+    };
+    if d > Duration::from_secs(365 * 24 * 3600) {
+        return Err(format!("{field}: {s:?} is longer than a year"));
+    }
+    Ok(d)
 }
 
 fn positive_duration(field: &str, s: &str) -> Result<Duration, String> {
@@ -511,13 +524,6 @@ impl Rule {
     }
 }
 
-/// Where the credential was, so it can be kept from the upstream.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Credential {
-    Header(String),
-    Query(String),
-}
-
 /// A provider's verdict on a request.
 #[derive(Debug)]
 enum Outcome {
@@ -527,6 +533,9 @@ enum Outcome {
     Valid(Authenticated),
     /// A credential that does not hold; why, for the log.
     Invalid(String),
+    /// The credential cannot be checked now (the JWK set could not be fetched): not the
+    /// client's fault, so not a 401 that would make it drop a good token.
+    Unavailable(String),
 }
 
 #[derive(Debug)]
@@ -534,7 +543,6 @@ struct Authenticated {
     identity: Identity,
     /// Headers to forward.
     headers: Vec<(String, String)>,
-    credential: Credential,
 }
 
 /// JWT provider, ready to verify.
@@ -723,8 +731,8 @@ impl JwtProvider {
         })
     }
 
-    /// The token and where it was.
-    fn token(&self, req: &Request) -> Option<(String, Credential)> {
+    /// The token, from the header or else the query.
+    fn token(&self, req: &Request) -> Option<String> {
         if let Some(v) = req.header_str(&self.header) {
             let token = if self.header == "authorization" {
                 strip_scheme(&v, "bearer")
@@ -732,12 +740,11 @@ impl JwtProvider {
                 Some(strip_scheme(&v, "bearer").unwrap_or(v.trim()))
             };
             if let Some(t) = token {
-                return Some((t.to_string(), Credential::Header(self.header.clone())));
+                return Some(t.to_string());
             }
         }
         let name = self.query.as_ref()?;
-        let t = query_param(&req.query()?, name)?;
-        Some((t, Credential::Query(name.clone())))
+        query_param(&req.query()?, name)
     }
 
     /// Verifies a token: signature (fetching keys if need be), then claims.
@@ -774,25 +781,31 @@ impl JwtProvider {
     }
 
     fn authenticate(&self, req: &Request) -> Outcome {
-        let Some((raw, credential)) = self.token(req) else {
+        let Some(raw) = self.token(req) else {
             return Outcome::Absent;
         };
         match self.verify(&raw) {
             Ok(claims) => {
-                let sub = claims.get("sub").and_then(Value::as_str).unwrap_or_default();
+                // The principal is the subject: a token without one names nobody, and an empty
+                // name would match every `jwt:*` rule.
+                let sub = match claims.get("sub") {
+                    Some(Value::String(s)) if !s.is_empty() => s.clone(),
+                    Some(Value::Number(n)) => n.to_string(),
+                    _ => return Outcome::Invalid("no sub claim (a non-empty string)".into()),
+                };
                 Outcome::Valid(Authenticated {
                     identity: Identity {
                         kind: Kind::Jwt,
-                        name: sub.to_string(),
+                        name: sub,
                     },
                     headers: self
                         .claim_headers
                         .iter()
                         .filter_map(|(claim, h)| Some((h.clone(), jwt::claim_value(&claims, claim)?)))
                         .collect(),
-                    credential,
                 })
             }
+            Err(e @ TokenError::NoKeys(_)) => Outcome::Unavailable(e.to_string()),
             Err(e) => Outcome::Invalid(e.to_string()),
         }
     }
@@ -810,7 +823,7 @@ struct ApiKeys {
 fn parse_sha256_hex(field: &str, s: &str) -> Result<[u8; 32], String> {
     let s = s.trim();
     let err = || format!("{field}: not a SHA-256 in hex (64 hex digits; `printf %s KEY | sha256sum`)");
-    if s.len() != 64 {
+    if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(err());
     }
     let mut out = [0u8; 32];
@@ -886,7 +899,6 @@ impl ApiKeys {
                         kind: Kind::Key,
                         name,
                     },
-                    credential: Credential::Header(self.header.clone()),
                 })
             }
             None => Outcome::Invalid(format!(
@@ -1005,6 +1017,11 @@ impl Basic {
 
     fn check(&self, user: &str, password: &str) -> Result<(), String> {
         let Some(hash) = self.users.get(user) else {
+            // As slow as a known user's wrong password: the answer time must not tell which
+            // user names exist.
+            if let Some(any) = self.users.values().next() {
+                let _ = any.verify(password);
+            }
             return Err(format!("unknown user {user:?}"));
         };
         let key = Basic::cache_key(user, password, hash);
@@ -1048,7 +1065,6 @@ impl Basic {
                     .iter()
                     .map(|h| (h.clone(), user.to_string()))
                     .collect(),
-                credential: Credential::Header("authorization".into()),
             }),
             Err(e) => Outcome::Invalid(e),
         }
@@ -1090,6 +1106,15 @@ impl Provider {
         }
     }
 
+    /// Where this provider reads its credential: a header, and for JWT maybe a query parameter.
+    fn credential_location(&self) -> (String, Option<String>) {
+        match self {
+            Provider::Jwt(p) => (p.header.clone(), p.query.clone()),
+            Provider::ApiKeys(p) => (p.header.clone(), None),
+            Provider::Basic(_) => ("authorization".into(), None),
+        }
+    }
+
     /// Headers this provider forwards (removed from every incoming request).
     fn forwarded_headers(&self) -> Vec<String> {
         match self {
@@ -1109,6 +1134,11 @@ pub struct Auth {
     /// Headers removed from every request before anything else.
     strip: Vec<String>,
     forward_credentials: bool,
+    /// Every place a configured provider reads a credential from: with `forward_credentials`
+    /// off, all of them are cleared from an allowed request, not only the one that decided
+    /// (an unchecked token beside a valid API key must not reach the upstream).
+    credential_headers: Vec<String>,
+    credential_query: Option<String>,
 }
 
 /// Takes the query parameter `name` out of `query`; `None` when nothing is left.
@@ -1129,10 +1159,10 @@ impl Auth {
         for c in challenges {
             r = r.header("www-authenticate", c);
         }
-        let body = if status == 401 {
-            "unauthorized\n"
-        } else {
-            "forbidden\n"
+        let body = match status {
+            401 => "unauthorized\n",
+            403 => "forbidden\n",
+            _ => "authentication unavailable\n",
         };
         Action::Respond(r.body(body))
     }
@@ -1210,12 +1240,22 @@ impl Filter for Auth {
                 strip.push(h);
             }
         }
+        let mut credential_headers: Vec<String> = Vec::new();
+        let mut credential_query = None;
+        for (h, q) in providers.iter().map(Provider::credential_location) {
+            if !credential_headers.contains(&h) {
+                credential_headers.push(h);
+            }
+            credential_query = credential_query.or(q);
+        }
         Ok(Auth {
             realm: c.realm,
             providers,
             rules,
             strip,
             forward_credentials: c.forward_credentials,
+            credential_headers,
+            credential_query,
         })
     }
 
@@ -1241,6 +1281,10 @@ impl Filter for Auth {
                         "unauthenticated",
                         p.name(),
                     );
+                }
+                Outcome::Unavailable(why) => {
+                    log::warn(&format!("503: {}: {why}", p.name()));
+                    return self.respond(503, &[], "unavailable", p.name());
                 }
             }
         }
@@ -1301,30 +1345,31 @@ impl Filter for Auth {
                         log::warn(&format!("cannot forward {h}: {e}"));
                     }
                 }
-                if !self.forward_credentials {
-                    match &a.credential {
-                        Credential::Header(h) => {
-                            let _ = req.remove_header(h);
-                        }
-                        Credential::Query(name) => {
-                            let path = req.path();
-                            let query = req.query().and_then(|q| without_param(&q, name));
-                            let target = match query {
-                                Some(q) => format!("{path}?{q}"),
-                                None => path,
-                            };
-                            if let Err(e) = req.set_path(&target) {
-                                log::warn(&format!("cannot remove the token from the query: {e}"));
-                            }
-                        }
-                    }
-                }
                 if log::enabled(log::Level::Debug) {
                     log::debug(&format!("allowed: {}", Auth::describe(&ids)));
                 }
                 p.name()
             }
         };
+        if !self.forward_credentials {
+            for h in &self.credential_headers {
+                let _ = req.remove_header(h);
+            }
+            if let Some(name) = &self.credential_query {
+                if let Some(q) = req.query().filter(|q| query_param(q, name).is_some()) {
+                    let path = req.path();
+                    let target = match without_param(&q, name) {
+                        Some(q) => format!("{path}?{q}"),
+                        None => path,
+                    };
+                    if let Err(e) = req.set_path(&target) {
+                        // Never send a token on that could not be taken out.
+                        log::warn(&format!("403: cannot remove the token from the query: {e}"));
+                        return self.respond(403, &[], "forbidden", provider);
+                    }
+                }
+            }
+        }
         let _ = metrics::counter_add("decisions", &[("result", "allowed"), ("provider", provider)], 1);
         Action::Continue
     }
@@ -1661,6 +1706,125 @@ mod tests {
                 .err()
                 .unwrap_or_else(|| panic!("{config} accepted"));
             assert!(e.contains(want), "{config}: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod review_tests {
+    //! Cases a security review of this filter raised.
+    use super::*;
+    use serde_json::json;
+    use weir_sdk::testing::{MockHost, TestFilter};
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn hs256(claims: &Value) -> String {
+        use hmac::Mac as _;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let input = format!(
+            "{}.{}",
+            b64(br#"{"alg":"HS256"}"#),
+            b64(claims.to_string().as_bytes())
+        );
+        let mut m = hmac::Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+        m.update(input.as_bytes());
+        format!("{input}.{}", b64(&m.finalize().into_bytes()))
+    }
+
+    fn filter(extra: Value) -> TestFilter<Auth> {
+        let mut c = json!({"providers": ["api_keys", "jwt"],
+            "api_keys": {"keys": [{"name": "ci", "sha256": hex(&Sha256::digest(b"key-one"))}]},
+            "jwt": {"algorithms": ["HS256"], "secrets": [{"secret": SECRET}], "query": "access_token"}});
+        if let (Value::Object(c), Value::Object(e)) = (&mut c, extra) {
+            c.extend(e);
+        }
+        TestFilter::<Auth>::new(&c.to_string()).unwrap()
+    }
+
+    #[test]
+    fn no_credential_reaches_the_upstream_only_because_another_one_was_valid() {
+        let f = filter(json!({}));
+        MockHost::reset(|h| {
+            h.query = Some("a=1&access_token=forged.jwt.value".into());
+            h.request_headers = vec![
+                ("x-api-key".into(), b"key-one".to_vec()),
+                ("authorization".into(), b"Bearer forged.jwt.value".to_vec()),
+            ];
+        });
+        assert_eq!(f.on_request_headers(), Action::Continue, "the API key decides");
+        assert_eq!(MockHost::request_header("authorization"), None);
+        assert_eq!(MockHost::request_header("x-api-key"), None);
+        assert_eq!(MockHost::with(|h| h.query.clone()).as_deref(), Some("a=1"));
+    }
+
+    #[test]
+    fn a_token_without_a_subject_names_nobody() {
+        let f = filter(json!({"rules": [{"principals": ["jwt:*"]}]}));
+        let exp = now().as_secs() + 60;
+        for (claims, ok) in [
+            (json!({"exp": exp}), false),
+            (json!({"exp": exp, "sub": ""}), false),
+            (json!({"exp": exp, "sub": 42}), true),
+            (json!({"exp": exp, "sub": "svc"}), true),
+        ] {
+            MockHost::reset(|h| {
+                h.request_headers = vec![(
+                    "authorization".into(),
+                    format!("Bearer {}", hs256(&claims)).into_bytes(),
+                )]
+            });
+            assert_eq!(f.on_request_headers() == Action::Continue, ok, "{claims}");
+        }
+    }
+
+    #[test]
+    fn a_padded_token_is_refused_and_an_unreachable_key_set_is_503() {
+        let f = filter(json!({}));
+        let t = hs256(&json!({"sub": "svc", "exp": now().as_secs() + 60}));
+        MockHost::reset(|h| {
+            h.request_headers = vec![("authorization".into(), format!("Bearer {t}==").into_bytes())]
+        });
+        assert!(matches!(f.on_request_headers(), Action::Respond(r) if r.status == 401));
+
+        let f = TestFilter::<Auth>::new(
+            &json!({"jwt": {"algorithms": ["HS256"], "remote_jwks": {"cluster": "idp", "path": "/jwks"}}})
+                .to_string(),
+        )
+        .unwrap();
+        // No outbound handler: the fetch fails.
+        MockHost::reset(|h| {
+            h.request_headers = vec![("authorization".into(), format!("Bearer {t}").into_bytes())]
+        });
+        match f.on_request_headers() {
+            Action::Respond(r) => {
+                assert_eq!(r.status, 503);
+                assert!(r.headers.iter().all(|(n, _)| n != "www-authenticate"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn config_values_that_would_overflow_or_panic_are_errors() {
+        for (c, want) in [
+            (
+                json!({"api_keys": {"keys": [{"sha256": "é".repeat(32)}]}}),
+                "not a SHA-256",
+            ),
+            (
+                json!({"jwt": {"algorithms": ["HS256"], "secrets": [{"secret": SECRET}], "leeway": "99999999999999999h"}}),
+                "too long",
+            ),
+            (
+                json!({"jwt": {"remote_jwks": {"cluster": "idp", "path": "/j", "cache_duration": "999999h"}}}),
+                "longer than a year",
+            ),
+        ] {
+            let e = TestFilter::<Auth>::new(&c.to_string())
+                .err()
+                .unwrap_or_else(|| panic!("{c} accepted"));
+            assert!(e.contains(want), "{c}: {e}");
         }
     }
 }
