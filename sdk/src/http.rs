@@ -100,9 +100,11 @@ pub enum Action {
     /// From `on_response_headers` only: send the request again, to another endpoint when the
     /// cluster has one.
     Retry,
-    /// What the trait's default phases return: the phase is not implemented, so the host
-    /// stops calling it. Filters return [`Action::Continue`] instead.
-    #[doc(hidden)]
+    /// This phase has nothing to do for this filter as configured: the host stops calling it
+    /// for this loaded version (a new config or file loads a fresh one). What the trait's
+    /// default phases return; a filter returns it when its config makes the phase idle (no
+    /// response header edits configured, say), saving a call per request. Otherwise return
+    /// [`Action::Continue`]: returning this for one request skips the phase for all.
     NotImplemented,
 }
 

@@ -681,6 +681,10 @@ impl Filter for Router {
     }
 
     fn on_response_headers(&self, resp: &ResponseHead) -> Action {
+        if self.rules.iter().all(|r| r.response_headers.is_none()) {
+            // No rule edits responses: the host need not call this phase again.
+            return Action::NotImplemented;
+        }
         let Some(i) = props::request_value("rule")
             .and_then(|v| v.try_into().ok())
             .map(|b: [u8; 4]| u32::from_le_bytes(b) as usize)
