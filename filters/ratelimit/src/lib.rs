@@ -11,8 +11,10 @@
 //!   `route`, `global`, or `header:NAME` (an API key, or a JWT claim the `auth` filter
 //!   forwarded as a header). Requests without the header (or peer) share one bucket.
 //! - Over the limit: 429 with `Retry-After` and `RateLimit-Limit`, `RateLimit-Remaining`,
-//!   `RateLimit-Reset` (the IETF RateLimit header fields); allowed responses carry the
-//!   `RateLimit-*` fields too. Buckets expire once full and idle, so memory follows active keys.
+//!   `RateLimit-Reset` (the IETF RateLimit header fields). With `headers_on_success = true`
+//!   allowed responses carry the `RateLimit-*` fields too (off by default, as in Envoy's
+//!   local rate limit: it costs a response-phase call per request). Buckets expire once full
+//!   and idle, so memory follows active keys.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -49,6 +51,9 @@ pub struct Config {
     /// `client_ip`, `peer` (mTLS identity), `route`, `global`, or `header:NAME`.
     #[serde(default = "default_key")]
     pub key: String,
+    /// Also set `RateLimit-*` on allowed responses (default: only on 429).
+    #[serde(default)]
+    pub headers_on_success: bool,
 }
 
 fn default_per() -> String {
@@ -114,6 +119,7 @@ pub struct RateLimit {
     /// Tokens (millionths) added per millisecond.
     micro_per_ms: f64,
     period: Duration,
+    headers_on_success: bool,
 }
 
 /// The outcome of taking a token.
@@ -231,6 +237,7 @@ impl Filter for RateLimit {
             capacity,
             micro_per_ms: c.requests as f64 * MICRO as f64 / period.as_millis() as f64,
             period,
+            headers_on_success: c.headers_on_success,
         })
     }
 
@@ -255,6 +262,9 @@ impl Filter for RateLimit {
     }
 
     fn on_response_headers(&self, resp: &ResponseHead) -> Action {
+        if !self.headers_on_success {
+            return Action::NotImplemented;
+        }
         if resp.status() == 429 {
             return Action::Continue;
         }
@@ -336,5 +346,26 @@ mod tests {
         assert_eq!(h("ratelimit-remaining").as_deref(), Some("0"));
         MockHost::with(|m| m.request_headers = vec![("x-api-key".into(), b"k2".to_vec())]);
         assert_eq!(f.on_request_headers(), Action::Continue, "another key");
+    }
+
+    #[test]
+    fn allowed_responses_carry_ratelimit_fields_only_when_asked() {
+        for (config, want) in [
+            (r#"{"requests": 5, "per": "1m"}"#, None),
+            (
+                r#"{"requests": 5, "per": "1m", "headers_on_success": true}"#,
+                Some("4"),
+            ),
+        ] {
+            let f = TestFilter::<RateLimit>::new(config).unwrap();
+            MockHost::reset(|_| {});
+            assert_eq!(f.on_request_headers(), Action::Continue);
+            assert_eq!(f.on_response_headers(), Action::Continue);
+            assert_eq!(
+                MockHost::response_header("ratelimit-remaining").as_deref(),
+                want,
+                "{config}"
+            );
+        }
     }
 }
