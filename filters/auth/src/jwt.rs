@@ -167,14 +167,32 @@ pub struct KeySet {
 /// (encryption keys, RSA-PSS, P-384, Ed25519, ...) are skipped and listed; a malformed key of
 /// a supported kind is an error naming it.
 pub fn parse_jwks(v: &Value) -> Result<KeySet, String> {
+    parse_set(v, false)
+}
+
+/// As [`parse_jwks`] for a set fetched from an identity provider: a malformed key is skipped
+/// and listed like an unsupported one, so one bad entry (a short RSA key, a point off the
+/// curve) does not throw away the good keys beside it. A configured set stays strict: there a
+/// broken key is a mistake to report.
+pub fn parse_fetched_jwks(v: &Value) -> Result<KeySet, String> {
+    parse_set(v, true)
+}
+
+fn parse_set(v: &Value, lenient: bool) -> Result<KeySet, String> {
     let keys = v
         .get("keys")
         .and_then(Value::as_array)
         .ok_or("not a JWK set: no \"keys\" array")?;
     let mut set = KeySet::default();
     for (i, raw) in keys.iter().enumerate() {
-        let jwk: RawJwk =
-            serde_json::from_value(raw.clone()).map_err(|e| format!("keys[{i}]: not a JWK: {e}"))?;
+        let jwk: RawJwk = match serde_json::from_value(raw.clone()) {
+            Ok(j) => j,
+            Err(e) if lenient => {
+                set.skipped.push(format!("keys[{i}]: not a JWK: {e}"));
+                continue;
+            }
+            Err(e) => return Err(format!("keys[{i}]: not a JWK: {e}")),
+        };
         let at = match &jwk.kid {
             Some(kid) => format!("keys[{i}] (kid {kid:?})"),
             None => format!("keys[{i}]"),
@@ -187,6 +205,7 @@ pub fn parse_jwks(v: &Value) -> Result<KeySet, String> {
                 jwk.alg.as_deref().unwrap_or("-"),
                 jwk.use_.as_deref().unwrap_or("-")
             )),
+            Err(e) if lenient => set.skipped.push(format!("{at}: {e}")),
             Err(e) => return Err(format!("{at}: {e}")),
         }
     }

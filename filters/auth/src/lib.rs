@@ -1806,6 +1806,50 @@ mod review_tests {
     }
 
     #[test]
+    fn a_broken_key_in_a_fetched_set_does_not_lose_the_good_ones() {
+        let f = TestFilter::<Auth>::new(
+            &json!({"jwt": {"algorithms": ["HS256"], "remote_jwks": {"cluster": "idp", "path": "/jwks"}}})
+                .to_string(),
+        )
+        .unwrap();
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let set = json!({"keys": [
+            {"kty": "RSA", "kid": "short", "n": b64(&[0xc5; 64]), "e": "AQAB"},
+            {"kty": "oct", "kid": 7},
+            {"kty": "oct", "k": b64(SECRET.as_bytes())},
+        ]})
+        .to_string();
+        let t = hs256(&json!({"sub": "svc", "exp": now().as_secs() + 60}));
+        MockHost::reset(|h| {
+            h.request_headers = vec![("authorization".into(), format!("Bearer {t}").into_bytes())];
+            h.outbound = Some(Box::new(move |_, _| {
+                Ok(weir_sdk::outbound::OutboundResponse {
+                    status: 200,
+                    headers: vec![],
+                    body: set.as_bytes().to_vec(),
+                })
+            }));
+        });
+        assert_eq!(f.on_request_headers(), Action::Continue);
+        let logs = MockHost::with(|h| {
+            h.logs
+                .iter()
+                .map(|(_, l)| l.clone())
+                .collect::<Vec<_>>()
+                .join("\n")
+        });
+        assert!(logs.contains("skipped keys[0] (kid \"short\")"), "{logs}");
+        // A configured set with the same broken key is a config error.
+        let e = TestFilter::<Auth>::new(
+            &json!({"jwt": {"jwks": {"keys": [{"kty": "RSA", "n": b64(&[0xc5; 64]), "e": "AQAB"}]}}})
+                .to_string(),
+        )
+        .err()
+        .unwrap();
+        assert!(e.contains("jwt.jwks: keys[0]"), "{e}");
+    }
+
+    #[test]
     fn config_values_that_would_overflow_or_panic_are_errors() {
         for (c, want) in [
             (

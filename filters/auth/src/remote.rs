@@ -200,7 +200,7 @@ impl Remote {
         }
         let set = parse(&resp.body)?;
         for s in &set.skipped {
-            log::debug(&format!("JWK set: {s}"));
+            log::info(&format!("JWK set from cluster {:?}: skipped {s}", self.cluster));
         }
         if set.keys.is_empty() {
             return Err("the set has no RS256, ES256 or HS256 key".into());
@@ -232,5 +232,5 @@ impl Remote {
 
 fn parse(body: &[u8]) -> Result<jwt::KeySet, String> {
     let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
-    jwt::parse_jwks(&v)
+    jwt::parse_fetched_jwks(&v)
 }
