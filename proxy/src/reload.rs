@@ -609,10 +609,18 @@ async fn load(
 ) -> anyhow::Result<Loaded> {
     let (bytes, d, shown): (Arc<[u8]>, String, String) = match source {
         FilterSource::File(p) => {
-            let bytes: Arc<[u8]> = std::fs::read(p)
-                .with_context(|| format!("{what}: cannot read"))?
-                .into();
-            let d = digest(&bytes);
+            // Reading and hashing a filter (megabytes with debug info) is blocking work: off
+            // the request threads.
+            let path = p.clone();
+            let (bytes, d) = tokio::task::spawn_blocking(move || {
+                std::fs::read(&path).map(|b| {
+                    let d = digest(&b);
+                    (Arc::<[u8]>::from(b), d)
+                })
+            })
+            .await
+            .context("reading a filter file")?
+            .with_context(|| format!("{what}: cannot read"))?;
             (bytes, d, p.display().to_string())
         }
         FilterSource::Oci(r) => {
@@ -629,7 +637,12 @@ async fn load(
     };
     let json = serde_json::to_string(&e.config)?;
     // A mounted directory is part of the version: new key files load a new instance set.
-    let files = limits.files.as_deref().map(dir_digest).unwrap_or_default();
+    let files = match limits.files.clone() {
+        Some(dir) => tokio::task::spawn_blocking(move || dir_digest(&dir))
+            .await
+            .context("hashing a mounted directory")?,
+        None => String::new(),
+    };
     let key = format!("{d} {json} {limits:?} {files}");
     if let Some(old) = old.filter(|o| o.key == key) {
         let mut info = old.info.clone();
@@ -662,60 +675,92 @@ async fn load(
 /// Watches the inputs' directories and reloads after changes settle (debounced): a burst of
 /// writes (an editor, a ConfigMap update) is one reload. Runs until the process ends.
 pub async fn watch(control: Arc<Control>, listeners: Arc<dyn ListenerApply>, debounce: Duration) {
-    use notify::Watcher as _;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let tx_poll = tx.clone();
-    let relevant = control.clone();
-    let mut watcher = match notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        let change = match ev {
-            Ok(e) => {
-                is_change(&e.kind) && (e.paths.is_empty() || e.paths.iter().any(|p| relevant.is_relevant(p)))
+    if let Some(w) = Watching::start(control) {
+        w.run(listeners, debounce).await;
+    }
+}
+
+/// A file watcher already following the inputs' directories: made before the listeners
+/// accept, so no change made after the first request is served can be missed.
+pub struct Watching {
+    control: Arc<Control>,
+    watcher: notify::RecommendedWatcher,
+    watching: HashSet<PathBuf>,
+    tx: tokio::sync::mpsc::UnboundedSender<()>,
+    rx: tokio::sync::mpsc::UnboundedReceiver<()>,
+}
+
+impl Watching {
+    /// Starts watching (synchronously); `None`, logged, when the platform watcher fails.
+    pub fn start(control: Arc<Control>) -> Option<Watching> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let events = tx.clone();
+        let relevant = control.clone();
+        let watcher = match notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            let change = match ev {
+                Ok(e) => {
+                    is_change(&e.kind)
+                        && (e.paths.is_empty() || e.paths.iter().any(|p| relevant.is_relevant(p)))
+                }
+                // Events were lost (queue overflow): look at everything.
+                Err(_) => true,
+            };
+            if change {
+                let _ = events.send(());
             }
-            // Events were lost (queue overflow): look at everything.
-            Err(_) => true,
+        }) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch files; hot reload is off");
+                return None;
+            }
         };
-        if change {
-            let _ = tx.send(());
-        }
-    }) {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot watch files; hot reload is off");
-            return;
-        }
-    };
-    // Registry tags are checked on their own clock; a moved tag is a change like a file's.
-    let poll_tx = tx_poll;
-    let poller = tokio::spawn(poll_registry(control.clone(), poll_tx));
-    let _poller = AbortOnDrop(poller);
-    let mut watching: HashSet<PathBuf> = HashSet::new();
-    let mut follow = |w: &mut notify::RecommendedWatcher, dirs: Vec<PathBuf>| {
-        for d in dirs {
-            if watching.contains(&d) {
+        let mut w = Watching {
+            control,
+            watcher,
+            watching: HashSet::new(),
+            tx,
+            rx,
+        };
+        w.follow();
+        Some(w)
+    }
+
+    /// Watches the directories the config in service names that are not watched yet.
+    fn follow(&mut self) {
+        use notify::Watcher as _;
+        for d in self.control.watched_dirs() {
+            if self.watching.contains(&d) {
                 continue;
             }
-            match w.watch(&d, notify::RecursiveMode::NonRecursive) {
+            match self.watcher.watch(&d, notify::RecursiveMode::NonRecursive) {
                 Ok(()) => {
                     tracing::debug!(dir = %d.display(), "watching");
-                    watching.insert(d);
+                    self.watching.insert(d);
                 }
                 Err(e) => tracing::warn!(dir = %d.display(), error = %e, "cannot watch"),
             }
         }
-    };
-    follow(&mut watcher, control.watched_dirs());
-    while rx.recv().await.is_some() {
-        // Settle: wait until no event came for `debounce`.
-        loop {
-            match tokio::time::timeout(debounce, rx.recv()).await {
-                Ok(Some(())) => continue,
-                Ok(None) => return,
-                Err(_) => break,
+    }
+
+    /// Reloads after each settled burst of changes, until the process ends.
+    pub async fn run(mut self, listeners: Arc<dyn ListenerApply>, debounce: Duration) {
+        // Registry tags are checked on their own clock; a moved tag is a change like a file's.
+        let poller = tokio::spawn(poll_registry(self.control.clone(), self.tx.clone()));
+        let _poller = AbortOnDrop(poller);
+        while self.rx.recv().await.is_some() {
+            // Settle: wait until no event came for `debounce`.
+            loop {
+                match tokio::time::timeout(debounce, self.rx.recv()).await {
+                    Ok(Some(())) => continue,
+                    Ok(None) => return,
+                    Err(_) => break,
+                }
             }
+            let _ = self.control.reload(&*listeners).await;
+            // A new config may name new directories.
+            self.follow();
         }
-        let _ = control.reload(&*listeners).await;
-        // A new config may name new directories.
-        follow(&mut watcher, control.watched_dirs());
     }
 }
 

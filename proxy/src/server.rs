@@ -113,6 +113,10 @@ impl Proxy {
         let (drain_tx, drain_rx) = watch::channel(false);
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
         let ready = Arc::new(AtomicBool::new(true));
+        // Watch before accepting: a change made once a request was served is never missed.
+        let watching = self
+            .watch
+            .and_then(|debounce| Some((crate::reload::Watching::start(self.control.clone())?, debounce)));
         self.listeners.serve(ServeCtx {
             shared: self.control.shared.clone(),
             drain: drain_rx,
@@ -128,9 +132,9 @@ impl Proxy {
             });
             tokio::spawn(admin::serve(a, state, admin_stop_rx));
         }
-        let watcher = self.watch.map(|debounce| {
+        let watcher = watching.map(|(w, debounce)| {
             let apply: Arc<dyn ListenerApply> = self.listeners.clone();
-            tokio::spawn(crate::reload::watch(self.control.clone(), apply, debounce))
+            tokio::spawn(w.run(apply, debounce))
         });
         shutdown.await;
         if let Some(w) = watcher {

@@ -204,12 +204,20 @@ async fn a_bad_filter_file_never_replaces_the_good_one() {
     }
     replace(&target, &std::fs::read(SWAP_B).unwrap());
     wait_for_version(&mut c, "swap-b", Instant::now()).await;
-    let (_, filters) = proxy.admin_get("/filters").await;
-    let v: serde_json::Value = serde_json::from_str(&filters).unwrap();
-    assert!(
-        v["filters"][0]["last_error"].is_null(),
-        "a good version clears the error: {filters}"
-    );
+    // The status is written as the reload finishes, just after the swap is in service.
+    let start = Instant::now();
+    loop {
+        let (_, filters) = proxy.admin_get("/filters").await;
+        let v: serde_json::Value = serde_json::from_str(&filters).unwrap();
+        if v["filters"][0]["last_error"].is_null() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "a good version clears the error: {filters}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 
     // A config that does not validate keeps the running config.
     std::fs::write(dir.path().join("weir.toml"), "[[listeners]]\nname = 3\n").unwrap();
@@ -294,6 +302,16 @@ async fn a_configmap_symlink_swap_reloads_config_and_filter() {
         "two",
         "the new config is in service too"
     );
+    // The reload is counted as it finishes, just after the swap new requests already see.
+    let start = Instant::now();
+    while metric(&proxy, "weir_reload_total{result=\"ok\"}").await != Some(1) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the reload was not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(DEBOUNCE * 4).await;
     assert_eq!(
         metric(&proxy, "weir_reload_total{result=\"ok\"}").await,
         Some(1),
