@@ -21,17 +21,7 @@ use weir_tests::upstream::Upstream;
 const AUTH: &str = env!("WEIR_FILTER_AUTH");
 
 async fn send(c: &mut Client, method: &str, path: &str, headers: &[(&str, &str)]) -> http::Response<String> {
-    let mut b = http::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "api.example.com");
-    for (n, v) in headers {
-        b = b.header(*n, *v);
-    }
-    let r = c.send(b.body(weir_tests::empty()).unwrap()).await.unwrap();
-    let (parts, body) = r.into_parts();
-    let body = String::from_utf8_lossy(&weir_tests::collect(body).await.unwrap()).into_owned();
-    http::Response::from_parts(parts, body)
+    c.send_text(method, path, "api.example.com", headers).await
 }
 
 fn challenges(r: &http::Response<String>) -> Vec<String> {

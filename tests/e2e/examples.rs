@@ -34,20 +34,7 @@ fn example(file: &str, endpoints: &[(&str, std::net::SocketAddr)]) -> String {
 }
 
 async fn send(c: &mut Client, method: &str, path: &str, headers: &[(&str, &str)]) -> http::Response<String> {
-    let mut b = http::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "gateway.example.com");
-    for (n, v) in headers {
-        b = b.header(*n, *v);
-    }
-    let (parts, body) = c
-        .send(b.body(weir_tests::empty()).unwrap())
-        .await
-        .unwrap()
-        .into_parts();
-    let body = String::from_utf8_lossy(&weir_tests::collect(body).await.unwrap()).into_owned();
-    http::Response::from_parts(parts, body)
+    c.send_text(method, path, "gateway.example.com", headers).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -34,17 +34,7 @@ fn config(filters: &str, upstreams: &[&Running]) -> String {
 }
 
 async fn get(c: &mut Client, path: &str, headers: &[(&str, &str)], method: &str) -> http::Response<String> {
-    let mut b = http::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "example.com");
-    for (n, v) in headers {
-        b = b.header(*n, *v);
-    }
-    let r = c.send(b.body(weir_tests::empty()).unwrap()).await.unwrap();
-    let (parts, body) = r.into_parts();
-    let body = String::from_utf8_lossy(&weir_tests::collect(body).await.unwrap()).into_owned();
-    http::Response::from_parts(parts, body)
+    c.send_text(method, path, "example.com", headers).await
 }
 
 fn upstream_of(r: &http::Response<String>) -> &str {

@@ -100,6 +100,25 @@ impl Client {
         }
     }
 
+    /// Sends `method path` to `host` with extra headers and an empty body; the response with
+    /// its whole body as text.
+    pub async fn send_text(
+        &mut self,
+        method: &str,
+        path: &str,
+        host: &str,
+        headers: &[(&str, &str)],
+    ) -> Response<String> {
+        let mut b = Request::builder().method(method).uri(path).header("host", host);
+        for (n, v) in headers {
+            b = b.header(*n, *v);
+        }
+        let r = self.send(b.body(crate::empty()).unwrap()).await.unwrap();
+        let (parts, body) = r.into_parts();
+        let body = String::from_utf8_lossy(&crate::collect(body).await.unwrap()).into_owned();
+        Response::from_parts(parts, body)
+    }
+
     /// GET `path` with `Host: host`; panics on a transport error.
     pub async fn get(&mut self, path: &str, host: &str) -> Response<Incoming> {
         let req = Request::get(path)
