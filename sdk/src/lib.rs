@@ -58,6 +58,7 @@
 // The generated bindings name this crate by its public path, also from inside it.
 extern crate self as weir_sdk;
 
+pub mod config;
 mod filter;
 mod host;
 mod http;

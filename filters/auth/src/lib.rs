@@ -91,6 +91,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
+use weir_sdk::config::parse_duration;
 use weir_sdk::{log, metrics, props, state, Action, Filter, Request, Response};
 
 use crate::jwt::{Alg, ClaimRules, Key, Lookup, TokenError};
@@ -308,33 +309,6 @@ pub struct RuleConfig {
     /// Paths: exact, or a prefix ending in `*` (default any).
     #[serde(default)]
     pub paths: Vec<String>,
-}
-
-/// Parses `0s`, `250ms`, `60s`, `10m`, `1h` (a bare number is seconds).
-pub fn parse_duration(field: &str, s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (n, unit) = t.split_at(split);
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("{field}: {s:?} is not a duration like \"60s\""))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" | "" => Duration::from_secs(n),
-        "m" => Duration::from_secs(
-            n.checked_mul(60)
-                .ok_or_else(|| format!("{field}: {s:?} is too long"))?,
-        ),
-        "h" => Duration::from_secs(
-            n.checked_mul(3600)
-                .ok_or_else(|| format!("{field}: {s:?} is too long"))?,
-        ),
-        _ => return Err(format!("{field}: unknown unit {unit:?} (ms, s, m, h)")),
-    };
-    if d > Duration::from_secs(365 * 24 * 3600) {
-        return Err(format!("{field}: {s:?} is longer than a year"));
-    }
-    Ok(d)
 }
 
 fn positive_duration(field: &str, s: &str) -> Result<Duration, String> {

@@ -66,19 +66,7 @@ fn default_key() -> String {
 
 /// Parses `250ms`, `1s`, `5m`, `1h`.
 pub fn parse_period(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("per: {s:?} is not a period like \"1s\""))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" | "" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        _ => return Err(format!("per: unknown unit {unit:?} (ms, s, m, h)")),
-    };
+    let d = weir_sdk::config::parse_duration("per", s)?;
     if d.is_zero() {
         return Err("per: must be greater than zero".into());
     }

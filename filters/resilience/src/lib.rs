@@ -183,19 +183,10 @@ pub struct Config {
     pub fallback: Option<FallbackConfig>,
 }
 
-/// Parses `250ms`, `1s`, `5m`.
-pub fn parse_duration(s: &str, at: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("{at}: {s:?} is not a duration like \"1s\""))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("{at}: {s:?}: units are ms, s, m")),
-    }
+/// A duration in this filter's config (`250ms`, `2s`, `5m`, `1h`): the SDK's syntax, with
+/// this filter's argument order.
+fn parse_duration(s: &str, at: &str) -> Result<Duration, String> {
+    weir_sdk::config::parse_duration(at, s)
 }
 
 /// What is retried.

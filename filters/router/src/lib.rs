@@ -335,19 +335,10 @@ fn value_rule(m: &ValueMatch, at: &str) -> Result<(String, ValueRule), String> {
     Ok((m.name.to_ascii_lowercase(), rule))
 }
 
+/// A duration in this filter's config (`250ms`, `2s`, `5m`, `1h`): the SDK's syntax, with
+/// this filter's argument order.
 fn parse_duration(s: &str, at: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("{at}: {s:?} is not a duration like \"2s\""))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!("{at}: {s:?}: units are ms, s, m, h")),
-    }
+    weir_sdk::config::parse_duration(at, s)
 }
 
 /// Gateway API path prefix: on segment boundaries, a trailing `/` in the prefix ignored.
