@@ -232,7 +232,7 @@ pub async fn handle(
         }
     };
     resp.headers_mut()
-        .entry("x-request-id")
+        .entry(X_REQUEST_ID)
         .or_insert_with(|| ctx.request_id.clone());
     let status = resp.status().as_u16();
     let done = Completion {
@@ -316,9 +316,18 @@ impl OnComplete for Completion {
     }
 }
 
+// Header names the proxy sets on every request. As constants they cost nothing; a string
+// literal given to `HeaderMap::insert` allocates a new name on every call.
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_WEIR_ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-weir-attempt-count");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+
 /// The client's `x-request-id` when it is sane, else a fresh random one (128 bits, hex).
 fn request_id(headers: &HeaderMap) -> HeaderValue {
-    if let Some(v) = headers.get("x-request-id") {
+    if let Some(v) = headers.get(&X_REQUEST_ID) {
         if !v.is_empty() && v.len() <= 128 && v.to_str().is_ok() {
             return v.clone();
         }
@@ -421,7 +430,7 @@ async fn forward(
     }
     set_forwarded(&mut parts.headers, ls.forwarded, conn, client_host.as_ref());
     set_client_cert(&mut parts.headers, ls.forward_client_cert, conn);
-    parts.headers.insert("x-request-id", ctx.request_id.clone());
+    parts.headers.insert(X_REQUEST_ID, ctx.request_id.clone());
 
     let chain = &route.chain;
     let buffer = gw.body_buffer as usize;
@@ -543,7 +552,7 @@ async fn forward(
                         // Like Envoy's x-envoy-attempt-count: the upstream and the response
                         // filters of the next attempt see which attempt it is.
                         req.headers
-                            .insert("x-weir-attempt-count", HeaderValue::from(attempt));
+                            .insert(X_WEIR_ATTEMPT_COUNT, HeaderValue::from(attempt));
                         next = Some((crate::filter::copy_head(req), again));
                         continue;
                     }
@@ -643,7 +652,8 @@ async fn send(
     x: &mut Exchange,
 ) -> Result<(Response<UpstreamBody>, Arc<Endpoint>), ProxyError> {
     // A retry goes to an endpoint not tried yet when the cluster has one.
-    let mut tried: Vec<SocketAddr> = avoid.to_vec();
+    // Inline: one endpoint is tried per request almost always, and this runs on every one.
+    let mut tried: smallvec::SmallVec<[SocketAddr; 4]> = avoid.iter().copied().collect();
     let mut connects = 0;
     let mut last_err = None;
     let (ep, conn) = loop {
@@ -653,7 +663,7 @@ async fn send(
         let picked = match cluster.pick(&tried) {
             None if connects == 0 && !avoid.is_empty() => {
                 // Every endpoint was tried: at least not the one that just failed.
-                tried = avoid[avoid.len() - 1..].to_vec();
+                tried = avoid[avoid.len() - 1..].iter().copied().collect();
                 cluster.pick(&tried).or_else(|| {
                     tried.clear();
                     cluster.pick(&tried)
@@ -988,7 +998,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, request: bool) {
 
 /// `X-Forwarded-Client-Cert` as Envoy writes it; a client-sent one is never trusted.
 fn set_client_cert(h: &mut HeaderMap, enabled: bool, conn: &ConnInfo) {
-    h.remove("x-forwarded-client-cert");
+    h.remove(&X_FORWARDED_CLIENT_CERT);
     let Some(peer) = conn.tls.as_ref().and_then(|t| t.peer.as_ref()) else {
         return;
     };
@@ -1005,7 +1015,7 @@ fn set_client_cert(h: &mut HeaderMap, enabled: bool, conn: &ConnInfo) {
         v.push_str(dns);
     }
     if let Ok(v) = HeaderValue::from_str(&v) {
-        h.insert("x-forwarded-client-cert", v);
+        h.insert(X_FORWARDED_CLIENT_CERT, v);
     }
 }
 
@@ -1014,15 +1024,15 @@ fn set_forwarded(h: &mut HeaderMap, mode: ForwardedMode, conn: &ConnInfo, host: 
     match mode {
         ForwardedMode::Off => {}
         ForwardedMode::Overwrite => {
-            h.insert("x-forwarded-for", conn.client_ip.clone());
-            h.insert("x-forwarded-proto", proto);
+            h.insert(X_FORWARDED_FOR, conn.client_ip.clone());
+            h.insert(X_FORWARDED_PROTO, proto);
             match host {
-                Some(v) => h.insert("x-forwarded-host", v.clone()),
-                None => h.remove("x-forwarded-host"),
+                Some(v) => h.insert(X_FORWARDED_HOST, v.clone()),
+                None => h.remove(&X_FORWARDED_HOST),
             };
         }
         ForwardedMode::Append => {
-            let xff = match h.get("x-forwarded-for") {
+            let xff = match h.get(&X_FORWARDED_FOR) {
                 Some(prev) => {
                     let mut v = prev.as_bytes().to_vec();
                     v.extend_from_slice(b", ");
@@ -1031,10 +1041,10 @@ fn set_forwarded(h: &mut HeaderMap, mode: ForwardedMode, conn: &ConnInfo, host: 
                 }
                 None => conn.client_ip.clone(),
             };
-            h.insert("x-forwarded-for", xff);
-            h.entry("x-forwarded-proto").or_insert(proto);
+            h.insert(X_FORWARDED_FOR, xff);
+            h.entry(X_FORWARDED_PROTO).or_insert(proto);
             if let Some(v) = host {
-                h.entry("x-forwarded-host").or_insert_with(|| v.clone());
+                h.entry(X_FORWARDED_HOST).or_insert_with(|| v.clone());
             }
         }
     }

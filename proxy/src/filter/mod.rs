@@ -134,6 +134,19 @@ impl RequestContext {
             values: None,
         }
     }
+
+    /// Takes the context out of `slot`, leaving an empty one: what a filter call borrows for
+    /// its duration (moving costs nothing; a clone costs reference counts and allocations).
+    pub(crate) fn take(slot: &mut RequestContext) -> RequestContext {
+        static NONE: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
+        let empty = RequestContext::new(
+            NONE.clone(),
+            SocketAddr::from(([0, 0, 0, 0], 0)),
+            None,
+            http::HeaderValue::from_static(""),
+        );
+        std::mem::replace(slot, empty)
+    }
 }
 
 /// What a phase decides.

@@ -82,6 +82,11 @@ impl WasmEngine {
         cfg.wasm_component_model(true);
         cfg.epoch_interruption(true);
         cfg.max_wasm_stack(limits::DEFAULT_FILTER_STACK);
+        // `WEIR_WASM_PROFILER=perfmap` writes /tmp/perf-PID.map so `perf report` names the
+        // guests' functions (what `wasmtime run --profile=perfmap` does); for profiling only.
+        if std::env::var_os("WEIR_WASM_PROFILER").is_some_and(|v| v == "perfmap") {
+            cfg.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         // The pooling allocator: instance slots (memories, tables, fiber stacks) are reserved
         // once and recycled, so replacing a failed instance or warming a new filter version
         // costs a slot reset, not fresh mappings.
@@ -460,7 +465,7 @@ impl WasmFilter {
                 .as_deref_mut()
                 .map(|r| std::mem::replace(r, http::Response::new(()).into_parts().0)),
             heads: None,
-            ctx: ctx.clone(),
+            ctx: RequestContext::take(ctx),
         };
         let call = match phase {
             Phase::ResponseHeaders => Call::ResponseHeaders,
@@ -472,10 +477,9 @@ impl WasmFilter {
         if let (Some(dst), Some(src)) = (resp, state.resp) {
             *dst = src;
         }
-        ctx.cluster = state.ctx.cluster;
-        ctx.timeout = state.ctx.timeout;
-        ctx.values = state.ctx.values;
-        ctx.retry_delay = state.ctx.retry_delay;
+        // The host calls change only what a filter may steer (cluster, timeout, values, retry
+        // delay); the whole context comes back.
+        *ctx = state.ctx;
         match answer {
             Ok(Answer::Head(wt::Action::NotImplemented)) => {
                 self.skipped.fetch_or(phase_bit(phase), Ordering::Relaxed);
