@@ -187,6 +187,7 @@ log "starting the demo upstream on 127.0.0.1:$UP_PORT"
 "${SERVER[@]}" "$BIN/weir-demo-upstream" --listen "127.0.0.1:$UP_PORT" --threads 1 \
     >"$TMP/upstream.log" 2>&1 &
 PIDS+=("$!")
+UP_PID="$!"
 wait_ok "http://127.0.0.1:$UP_PORT/" "$!" "$TMP/upstream.log"
 
 # --- Weir ----------------------------------------------------------------------------------
@@ -316,6 +317,7 @@ log "starting nginx on 127.0.0.1:$NGINX_PORT ($WORKERS worker process(es))"
 "${SERVER[@]}" nginx -c "$TMP/nginx/nginx.conf" -p "$TMP/nginx" -e "$TMP/nginx/error.log" \
     -g 'daemon off;' >"$TMP/nginx/stdout.log" 2>&1 &
 PIDS+=("$!")
+NGINX_PID="$!"
 wait_ok "http://127.0.0.1:$NGINX_PORT/" "$!" "$TMP/nginx/error.log"
 
 # --- wrk -----------------------------------------------------------------------------------
@@ -353,17 +355,42 @@ parse_wrk() {
         }' "$1"
 }
 
-declare -A RPS=() P50=() P99=() ERRS=()
+# CPU time (user + system, in clock ticks) of the processes given, all their threads.
+HZ="$(getconf CLK_TCK)"
+cpu_ticks() {
+    local p t=0
+    for p in "$@"; do
+        [[ -r "/proc/$p/stat" ]] && t=$((t + $(awk '{ print $14 + $15 }' "/proc/$p/stat")))
+    done
+    echo "$t"
+}
+# The processes serving a target: the upstream for `direct`, Weir, or nginx's master and workers.
+server_pids() {
+    case "$1" in
+        direct) echo "$UP_PID" ;;
+        nginx*) echo "$NGINX_PID" $(pgrep -P "$NGINX_PID") ;;
+        *) echo "$WEIR_PID" ;;
+    esac
+}
+
+declare -A RPS=() P50=() P99=() ERRS=() CPU=()
 bench_target() {
     local name="$1" url="$2" out="$TMP/wrk-$1.txt"
     log "$name: warm-up $WARMUP"
     wrk_run "$url" "$WARMUP" "$WARMUP_S" >/dev/null ||
         log "$name: warm-up run failed (continuing to the measured run)"
     log "$name: measuring $DURATION, $CONNECTIONS connections, $THREADS wrk thread(s)"
+    local pids c0 c1 n
+    read -ra pids <<<"$(server_pids "$name")"
+    c0="$(cpu_ticks "${pids[@]}")"
     wrk_run "$url" "$DURATION" "$DURATION_S" >"$out" || { cat "$out" >&2; die "$name: wrk failed"; }
+    c1="$(cpu_ticks "${pids[@]}")"
     local r
     r="$(parse_wrk "$out")" || { cat "$out" >&2; die "$name: cannot parse wrk output"; }
     read -r RPS[$name] P50[$name] P99[$name] ERRS[$name] <<<"$r"
+    # CPU per request: steadier than req/s on a shared machine (see BENCHMARKING.md).
+    n="$(awk '/ requests in / { print $1 }' "$out")"
+    CPU[$name]="$(awk -v c=$((c1 - c0)) -v hz="$HZ" -v n="${n:-0}" 'BEGIN { printf "%.1f", (n > 0) ? c / hz * 1e6 / n : 0 }')"
 }
 
 bench_target direct "http://127.0.0.1:$UP_PORT/"
@@ -424,16 +451,23 @@ report="$TMP/report.md"
     echo "- tools: $(wrk --version 2>&1 | awk 'NR == 1 { print $1, $2 }'), $(nginx -v 2>&1 | sed 's/^nginx version: //')"
     echo "- settings: DURATION=$DURATION CONNECTIONS=$CONNECTIONS THREADS=$THREADS WORKERS=$WORKERS WARMUP=$WARMUP PIN=$PIN"
     echo
-    echo "| target | req/s | p50 (µs) | p99 (µs) | throughput vs direct | added p99 vs direct (µs) |"
-    echo "|---|---:|---:|---:|---:|---:|"
+    echo "| target | req/s | p50 (µs) | p99 (µs) | throughput vs direct | added p99 vs direct (µs) | server CPU per request (µs) |"
+    echo "|---|---:|---:|---:|---:|---:|---:|"
     for t in direct weir weir-1-filter weir-3-filters nginx weir-gateway nginx-gateway; do
         awk -v t="$t" -v r="${RPS[$t]}" -v p50="${P50[$t]}" -v p99="${P99[$t]}" \
-            -v dr="${RPS[direct]}" -v dp99="${P99[direct]}" 'BEGIN {
-                printf "| %s | %.0f | %d | %d | %.1f %% | %+d |\n", t, r, p50, p99, 100 * r / dr, p99 - dp99
+            -v dr="${RPS[direct]}" -v dp99="${P99[direct]}" -v cpu="${CPU[$t]}" 'BEGIN {
+                printf "| %s | %.0f | %d | %d | %.1f %% | %+d | %s |\n", t, r, p50, p99, 100 * r / dr, p99 - dp99, cpu
             }'
     done
     echo
+    echo "Server CPU per request: the CPU time (user + system) of the process serving the target"
+    echo "(the upstream for direct, else Weir or nginx's master and workers) over the measured run,"
+    echo "divided by the requests wrk counted."
+    echo
     awk -v w="${RPS[weir]}" -v n="${RPS[nginx]}" 'BEGIN { printf "weir/nginx throughput ratio: %.2f\n", w / n }'
+    awk -v w="${CPU[weir]}" -v n="${CPU[nginx]}" -v g="${CPU[weir-gateway]}" -v ng="${CPU[nginx-gateway]}" 'BEGIN {
+        if (w > 0 && n > 0) printf "CPU per request, weir/nginx: %.2f; gateway, weir/nginx: %.2f\n", w / n, g / ng
+    }'
     echo
     awk -v w="${RPS[weir]}" -v a="${RPS[weir-1-filter]}" -v b="${RPS[weir-3-filters]}" 'BEGIN {
         printf "filter chain cost (throughput vs no filter): 1 filter %.1f %%, 3 filters %.1f %%\n", 100 * (1 - a / w), 100 * (1 - b / w)
