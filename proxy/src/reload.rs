@@ -111,6 +111,8 @@ pub struct Control {
     pub shared: Arc<Shared>,
     /// The config in service.
     pub config: ArcSwap<Config>,
+    /// The names `is_relevant` compares events with, made once per config in service.
+    inputs: ArcSwap<InputNames>,
     path: Option<PathBuf>,
     native: HashMap<String, FilterChain>,
     applied: tokio::sync::Mutex<Applied>,
@@ -147,6 +149,7 @@ impl Control {
                 gateway: ArcSwap::from_pointee(gateway),
                 metrics,
             }),
+            inputs: ArcSwap::from_pointee(InputNames::of(path.as_deref(), &config)),
             config: ArcSwap::from_pointee(config),
             path,
             native,
@@ -208,24 +211,14 @@ impl Control {
         if self.status.lock().expect("status lock").last_error.is_some() {
             return true;
         }
-        let config = self.config.load();
-        let parent = path.parent().and_then(Path::file_name);
-        let files_dirs = config
-            .listeners
-            .iter()
-            .flat_map(|l| l.filters.iter())
-            .chain(config.routes.iter().flat_map(|r| r.filters.iter()))
-            .filter_map(|f| f.files.as_ref());
-        for d in files_dirs {
-            if d.file_name().is_some() && d.file_name() == parent {
-                return true;
-            }
-        }
-        self.path
-            .iter()
-            .cloned()
-            .chain(input_files(&config))
-            .any(|p| p.file_name() == Some(name))
+        // Every event of a busy directory lands here: compare names computed once per config,
+        // never list directories or build paths per event.
+        let inputs = self.inputs.load();
+        inputs.files.contains(name)
+            || path
+                .parent()
+                .and_then(Path::file_name)
+                .is_some_and(|dir| inputs.dirs.contains(dir))
     }
 
     /// Reloads: re-reads the config (when it came from a file) and every input, and applies
@@ -317,6 +310,8 @@ impl Control {
         };
         self.shared.gateway.store(Arc::new(gateway));
         listeners.commit(prepared);
+        self.inputs
+            .store(Arc::new(InputNames::of(self.path.as_deref(), &config)));
         self.config.store(Arc::new(config));
         // Pulls during the build may have resolved references: record the digests in service.
         next.fingerprint = fingerprint(&files, &self.config.load(), next.registry.as_deref());
@@ -384,6 +379,34 @@ fn dir_digest(dir: &Path) -> String {
 }
 
 /// Every file a config's generation is built from, besides the config itself and filters.
+/// The file names of a config's inputs (the config file itself, TLS files, filter files,
+/// the files of mounted directories), and the names of the directories mounted into filters,
+/// where any file counts.
+#[derive(Debug, Default)]
+struct InputNames {
+    files: HashSet<std::ffi::OsString>,
+    dirs: HashSet<std::ffi::OsString>,
+}
+
+impl InputNames {
+    fn of(path: Option<&Path>, config: &Config) -> InputNames {
+        fn names<'a>(paths: impl Iterator<Item = &'a Path>) -> HashSet<std::ffi::OsString> {
+            paths.filter_map(Path::file_name).map(ToOwned::to_owned).collect()
+        }
+        let inputs = input_files(config);
+        let mounted = config
+            .listeners
+            .iter()
+            .flat_map(|l| l.filters.iter())
+            .chain(config.routes.iter().flat_map(|r| r.filters.iter()))
+            .filter_map(|f| f.files.as_deref());
+        InputNames {
+            files: names(path.into_iter().chain(inputs.iter().map(PathBuf::as_path))),
+            dirs: names(mounted),
+        }
+    }
+}
+
 fn input_files(config: &Config) -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = Vec::new();
     for l in &config.listeners {
