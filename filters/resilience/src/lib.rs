@@ -38,6 +38,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use weir_sdk::config::parse_duration;
 use weir_sdk::{metrics, props, state, Action, Filter, Request, Response, ResponseHead};
 
 /// `retry.backoff`.
@@ -181,12 +182,6 @@ pub struct Config {
     /// What requests get while the breaker is open.
     #[serde(default)]
     pub fallback: Option<FallbackConfig>,
-}
-
-/// A duration in this filter's config (`250ms`, `2s`, `5m`, `1h`): the SDK's syntax, with
-/// this filter's argument order.
-fn parse_duration(s: &str, at: &str) -> Result<Duration, String> {
-    weir_sdk::config::parse_duration(at, s)
 }
 
 /// What is retried.
@@ -498,7 +493,7 @@ impl Filter for Resilience {
         let per_try_timeout = c
             .per_try_timeout
             .as_deref()
-            .map(|t| parse_duration(t, "per_try_timeout"))
+            .map(|t| parse_duration("per_try_timeout", t))
             .transpose()?;
         let retry = match c.retry {
             None => None,
@@ -527,8 +522,8 @@ impl Filter for Resilience {
                 }
                 let backoff = match &r.backoff {
                     Some(b) => Some((
-                        parse_duration(&b.base, "retry.backoff.base")?,
-                        parse_duration(&b.max, "retry.backoff.max")?,
+                        parse_duration("retry.backoff.base", &b.base)?,
+                        parse_duration("retry.backoff.max", &b.max)?,
                     )),
                     None => None,
                 };
@@ -558,8 +553,8 @@ impl Filter for Resilience {
                     consecutive: b.consecutive_failures.max(1),
                     rate: b.failure_rate,
                     min_requests: b.min_requests.max(1),
-                    window: parse_duration(&b.window, "breaker.window")?,
-                    open_for: parse_duration(&b.open_for, "breaker.open_for")?,
+                    window: parse_duration("breaker.window", &b.window)?,
+                    open_for: parse_duration("breaker.open_for", &b.open_for)?,
                     probes: b.half_open_probes.max(1),
                 })
             }
@@ -568,7 +563,7 @@ impl Filter for Resilience {
             None => None,
             Some(o) => Some((
                 o.consecutive_failures.max(1),
-                parse_duration(&o.eject_for, "outlier.eject_for")?,
+                parse_duration("outlier.eject_for", &o.eject_for)?,
             )),
         };
         let fallback = c.fallback.unwrap_or_default();

@@ -40,6 +40,7 @@ use std::time::Duration;
 
 use regex::Regex;
 use serde::Deserialize;
+use weir_sdk::config::parse_duration;
 use weir_sdk::outbound::{self, OutboundRequest};
 use weir_sdk::{props, Action, Filter, Request, Response, ResponseHead};
 
@@ -335,12 +336,6 @@ fn value_rule(m: &ValueMatch, at: &str) -> Result<(String, ValueRule), String> {
     Ok((m.name.to_ascii_lowercase(), rule))
 }
 
-/// A duration in this filter's config (`250ms`, `2s`, `5m`, `1h`): the SDK's syntax, with
-/// this filter's argument order.
-fn parse_duration(s: &str, at: &str) -> Result<Duration, String> {
-    weir_sdk::config::parse_duration(at, s)
-}
-
 /// Gateway API path prefix: on segment boundaries, a trailing `/` in the prefix ignored.
 fn prefix_matches(prefix: &str, path: &str) -> bool {
     let p = prefix.trim_end_matches('/');
@@ -383,7 +378,7 @@ impl Router {
                 }
             }
             let timeout = match &r.timeouts {
-                Some(t) => Some(parse_duration(&t.request, &format!("{at}.timeouts.request"))?),
+                Some(t) => Some(parse_duration(&format!("{at}.timeouts.request"), &t.request)?),
                 None => None,
             };
             let match_list = if r.matches.is_empty() {
