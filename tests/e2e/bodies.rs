@@ -111,9 +111,13 @@ async fn response_bodies_are_rewritten_streamed_and_buffered() {
 async fn a_retry_lands_on_the_second_endpoint_with_the_body_replayed() {
     let bad = Upstream::http1("bad").status(503).start().await;
     let good = Upstream::http1("good").start().await;
+    // Round robin, named: the default peak-EWMA balancer prefers whichever endpoint answered
+    // faster so far, so how many first attempts reach the (quick) failing endpoint is up to
+    // timing; CI once saw 1 in 10.
     let toml = format!(
         "{ADMIN}\n[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\n{}\n\
-         [[routes]]\ncluster = \"c\"\n[clusters.c]\nendpoints = [\"{}\", \"{}\"]\n",
+         [[routes]]\ncluster = \"c\"\n[clusters.c]\nendpoints = [\"{}\", \"{}\"]\n\
+         balance = \"round-robin\"\n",
         rewrite("retry_on = 503"),
         bad.addr,
         good.addr
@@ -134,8 +138,8 @@ async fn a_retry_lands_on_the_second_endpoint_with_the_body_replayed() {
         }
     }
     assert!(
-        retried >= 3,
-        "round robin sent some first attempts to the bad endpoint: {retried}"
+        retried >= 5,
+        "round robin sends at least every other first attempt to the bad endpoint: {retried}"
     );
     assert_eq!(
         bad.hits(),
