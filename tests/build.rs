@@ -1,7 +1,8 @@
 //! Builds the Wasm the tests run, for `wasm32-wasip2`, exactly as a user builds a filter:
 //! the test filters in `fixtures/` (exported as `WEIR_FIXTURE_<NAME>`) and the policy library
-//! in `../filters/` (exported as `WEIR_FILTER_<NAME>`). Each set has its own target dir, so
-//! the nested builds never wait on the outer one. Rebuilt when their sources or the SDK change.
+//! in `../filters/` (exported as `WEIR_FILTER_<NAME>`). They build in their own target dir,
+//! so the nested builds never wait on the outer one. Rebuilt when their sources or the SDK
+//! change.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -69,9 +70,17 @@ fn main() {
     ] {
         println!("cargo:rerun-if-changed={}", p.display());
     }
+    // One target dir for both sets, beside the outer build's (`target/wasm-tests`) rather
+    // than in OUT_DIR: `cargo clippy --all-targets` and `cargo test` run this script with
+    // different OUT_DIRs, and in OUT_DIR each built all the Wasm again from cold (CI does
+    // both). The two sets share their build-time crates (proc macros) here too.
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
+    let target = out
+        .ancestors()
+        .nth(4) // out -> weir-tests-<hash> -> build -> <profile> -> target dir
+        .map(|t| t.join("wasm-tests"))
+        .unwrap_or_else(|| out.join("wasm-tests"));
 
-    let target = out.join("wasm-target");
     let packages: Vec<String> = FIXTURES.iter().map(|f| format!("fixture-{f}")).collect();
     build(&fixtures.join("Cargo.toml"), &packages, &target);
     for name in FIXTURES {
@@ -83,7 +92,6 @@ fn main() {
         );
     }
 
-    let target = out.join("filters-target");
     let packages: Vec<String> = FILTERS.iter().map(|f| format!("weir-filter-{f}")).collect();
     build(&manifest.join("../Cargo.toml"), &packages, &target);
     for name in FILTERS {
