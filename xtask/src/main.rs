@@ -117,8 +117,10 @@ fn test(extra: &[String]) -> Result<()> {
     ensure_wasm_target()?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
-    // The end-to-end tests start the real binary (drain, `weir check`).
-    run(cargo().args(["build", "-p", "weir", "--bins"]))?;
+    // The end-to-end tests start the real binary (drain, `weir check`); `cargo test
+    // --workspace` builds it for weir's own integration test. No separate `cargo build -p
+    // weir`: its feature unification differs from the workspace's, and it built wasmtime's
+    // whole tree a second time.
     run_tests(cargo().args(["test", "--workspace"]).args(extra))
 }
 
