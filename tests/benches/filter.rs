@@ -1,7 +1,9 @@
 //! The filter host's hot path, side by side in one run: taking a warm instance from the pool,
 //! a no-op phase call, and a realistic header-rewrite filter (the `policy` test filter: reads
 //! the path and two headers, sets one header, bumps a counter) against the same logic in
-//! native Rust. `cargo bench -p weir-tests --bench filter`.
+//! native Rust; and the gateway example's policy filters (ratelimit, router, auth by API key)
+//! one by one and as the chain, with the request the load bench sends.
+//! `cargo bench -p weir-tests --bench filter`.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,7 +16,17 @@ use weir::filter::{Action, Filter, FilterError, PhaseFuture, RequestContext};
 use weir::metrics::Metrics;
 
 async fn load(engine: &Arc<WasmEngine>, name: &str, path: &str, json: &str) -> WasmFilter {
-    let shared = Arc::new(FilterShared::new(name.into(), Default::default()));
+    load_with(engine, name, path, json, Default::default()).await
+}
+
+async fn load_with(
+    engine: &Arc<WasmEngine>,
+    name: &str,
+    path: &str,
+    json: &str,
+    clusters: Arc<std::collections::HashMap<Arc<str>, Arc<weir::cluster::Cluster>>>,
+) -> WasmFilter {
+    let shared = Arc::new(FilterShared::new(name.into(), clusters));
     let limits = FilterLimits {
         cpu_budget: std::time::Duration::from_millis(20),
         memory: 32 << 20,
@@ -32,6 +44,8 @@ async fn load(engine: &Arc<WasmEngine>, name: &str, path: &str, json: &str) -> W
         .await
         .expect("load filter")
 }
+
+const API_KEY: HeaderValue = HeaderValue::from_static("bench-key");
 
 fn head() -> (http::request::Parts, RequestContext) {
     let parts = http::Request::get("/api/users/42")
@@ -111,6 +125,8 @@ fn filters(c: &mut Criterion) {
                 let (mut parts, mut ctx) = head();
                 let start = Instant::now();
                 for _ in 0..iters {
+                    // auth removes the credential it used: each request brings it again.
+                    parts.headers.insert("x-api-key", API_KEY);
                     f.on_request_headers(&mut parts, &mut ctx).await.unwrap();
                 }
                 start.elapsed()
@@ -120,6 +136,68 @@ fn filters(c: &mut Criterion) {
     g.bench_function("noop_on_request_headers", phase(noop));
     g.bench_function("policy_on_request_headers_wasm", phase(policy));
     g.bench_function("policy_on_request_headers_native", phase(native));
+
+    // The gateway chain of the load bench (bench/load.sh), each filter's request phase alone
+    // and the three in order, as the core runs them.
+    let cfg = weir::Config::from_toml(
+        "[[listeners]]\nname = \"b\"\naddress = \"127.0.0.1:0\"\n\
+         [[routes]]\ncluster = \"up\"\n[clusters.up]\nendpoints = [\"127.0.0.1:9\"]\n",
+        "bench.toml",
+        std::path::Path::new("."),
+    )
+    .unwrap();
+    let up = weir::cluster::Cluster::new("up", &cfg.clusters["up"], &cfg, Arc::new(Metrics::new())).unwrap();
+    let clusters: Arc<std::collections::HashMap<Arc<str>, Arc<weir::cluster::Cluster>>> =
+        Arc::new([(Arc::from("up"), Arc::new(up))].into_iter().collect());
+    let key = {
+        use sha2::Digest as _;
+        let d = sha2::Sha256::digest(b"bench-key");
+        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let gateway: [(&str, &str, String); 3] = [
+        (
+            "ratelimit",
+            env!("WEIR_FILTER_RATELIMIT"),
+            r#"{"requests": 100000000, "per": "1s", "key": "client_ip"}"#.into(),
+        ),
+        (
+            "router",
+            env!("WEIR_FILTER_ROUTER"),
+            r#"{"rules": [{"matches": [{"path": {"type": "PathPrefix", "value": "/api"}}], "backendRefs": [{"name": "up"}]}]}"#.into(),
+        ),
+        (
+            "auth",
+            env!("WEIR_FILTER_AUTH"),
+            format!(r#"{{"api_keys": {{"header": "x-api-key", "keys": [{{"name": "bench", "sha256": "{key}"}}]}}}}"#),
+        ),
+    ];
+    let mut chain: Vec<&'static WasmFilter> = Vec::new();
+    for (name, file, json) in &gateway {
+        let f = rt.block_on(load_with(&engine, name, file, json, clusters.clone()));
+        let f: &'static WasmFilter = Box::leak(Box::new(f));
+        g.bench_function(format!("gateway_{name}_on_request_headers"), phase(f));
+        chain.push(f);
+    }
+    let chain: &'static [&'static WasmFilter] = Box::leak(chain.into_boxed_slice());
+    g.bench_function("gateway_chain_on_request_headers", move |b| {
+        b.to_async(rt).iter_custom(|iters| async move {
+            let (mut parts, mut ctx) = head();
+            let start = Instant::now();
+            for _ in 0..iters {
+                parts.headers.insert("x-api-key", API_KEY);
+                for f in chain {
+                    match f.on_request_headers(&mut parts, &mut ctx).await.unwrap() {
+                        Action::Continue => {}
+                        Action::Respond(r) => {
+                            panic!("{} answered the bench request: {}", f.name(), r.status())
+                        }
+                        _ => panic!("{} did not let the bench request through", f.name()),
+                    }
+                }
+            }
+            start.elapsed()
+        })
+    });
     g.finish();
 }
 
