@@ -1264,7 +1264,15 @@ impl Filter for Auth {
         }
 
         let mut ids: Vec<Identity> = authenticated.iter().map(|(_, a)| a.identity.clone()).collect();
-        if let Some(peer) = props::peer_identity() {
+        // The TLS peer's names matter to the rules and the debug line only: without either,
+        // no host call for them.
+        let debug = authenticated.is_some() && log::enabled(log::Level::Debug);
+        let peer = if self.rules.is_empty() && !debug {
+            None
+        } else {
+            props::peer_identity()
+        };
+        if let Some(peer) = peer {
             ids.extend(peer.uri_sans.into_iter().map(|name| Identity {
                 kind: Kind::Uri,
                 name,
@@ -1319,7 +1327,7 @@ impl Filter for Auth {
                         log::warn(&format!("cannot forward {h}: {e}"));
                     }
                 }
-                if log::enabled(log::Level::Debug) {
+                if debug {
                     log::debug(&format!("allowed: {}", Auth::describe(&ids)));
                 }
                 p.name()

@@ -448,20 +448,26 @@ impl Router {
         Ok(Router { rules, matches })
     }
 
-    /// The rule that takes the request, by precedence.
-    fn select(&self, req: &Request) -> Option<usize> {
-        let path = req.path();
-        let method = req.method();
-        let query = req.query().unwrap_or_default();
+    /// The rule that takes the request at `path`, by precedence. The method, query and
+    /// headers are read from the host only when a candidate rule looks at them: each read is
+    /// a call across the Wasm boundary.
+    fn select(&self, req: &Request, path: &str) -> Option<usize> {
+        let mut method: Option<String> = None;
+        let mut query: Option<String> = None;
         let mut header_cache: HashMap<&str, Option<String>> = HashMap::new();
         'next: for m in &self.matches {
             let path_ok = match &m.path {
-                PathRule::Exact(p) => *p == path,
-                PathRule::Prefix(p) => prefix_matches(p, &path),
-                PathRule::Regex(r) => r.is_match(&path),
+                PathRule::Exact(p) => p == path,
+                PathRule::Prefix(p) => prefix_matches(p, path),
+                PathRule::Regex(r) => r.is_match(path),
             };
-            if !path_ok || m.method.as_ref().is_some_and(|want| *want != method) {
+            if !path_ok {
                 continue;
+            }
+            if let Some(want) = &m.method {
+                if *want != *method.get_or_insert_with(|| req.method()) {
+                    continue;
+                }
             }
             for (name, rule) in &m.headers {
                 let v = header_cache
@@ -471,9 +477,12 @@ impl Router {
                     continue 'next;
                 }
             }
-            for (name, rule) in &m.query {
-                if !query_param(&query, name).is_some_and(|v| rule.matches(&v)) {
-                    continue 'next;
+            if !m.query.is_empty() {
+                let query = query.get_or_insert_with(|| req.query().unwrap_or_default());
+                for (name, rule) in &m.query {
+                    if !query_param(query, name).is_some_and(|v| rule.matches(&v)) {
+                        continue 'next;
+                    }
                 }
             }
             return Some(m.rule);
@@ -484,6 +493,10 @@ impl Router {
     fn pick_backend(rule: &Rule) -> Option<&str> {
         if rule.total_weight == 0 {
             return None;
+        }
+        // One backend: no random draw (a WASI call per request).
+        if let [only] = rule.backends.as_slice() {
+            return Some(&only.name);
         }
         let mut n = u64::from(getrandom::u32().unwrap_or(0)) % rule.total_weight;
         for b in &rule.backends {
@@ -556,7 +569,8 @@ impl Filter for Router {
     }
 
     fn on_request_headers(&self, req: &Request) -> Action {
-        let Some(i) = self.select(req) else {
+        let path = req.path();
+        let Some(i) = self.select(req, &path) else {
             return Action::Respond(
                 Response::new(404)
                     .header("content-type", "text/plain")
@@ -564,7 +578,6 @@ impl Filter for Router {
             );
         };
         let rule = &self.rules[i];
-        let path = req.path();
         let matched_prefix = self
             .matches
             .iter()
