@@ -673,7 +673,7 @@ impl state::Host for HostState {
     fn set(&mut self, key: String, value: Vec<u8>, ttl_ms: Option<u64>) -> Result<(), Error> {
         self.shared
             .state
-            .set(&key, &value, ttl_ms.map(Duration::from_millis))
+            .set(key, value, ttl_ms.map(Duration::from_millis))
             .map_err(|e| Error::Limit(e.to_string()))
     }
     fn compare_and_swap(
@@ -685,7 +685,7 @@ impl state::Host for HostState {
     ) -> Result<bool, Error> {
         self.shared
             .state
-            .compare_and_swap(&key, expected, &value, ttl_ms.map(Duration::from_millis))
+            .compare_and_swap(key, expected, value, ttl_ms.map(Duration::from_millis))
             .map_err(|e| Error::Limit(e.to_string()))
     }
     fn delete(&mut self, key: String) {

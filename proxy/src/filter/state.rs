@@ -1,8 +1,15 @@
 //! Key-value state shared by every instance of one filter (rate limits, circuit breakers):
 //! versioned for compare-and-swap, with optional expiry and a bound on entries.
+//!
+//! The keys are spread over shards, each behind its own lock, so the workers serving
+//! different keys (clients, routes) do not queue on one lock per filter; a write to a key
+//! that exists replaces its value in place, without allocating.
 
+use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Most keys one filter may hold; a filter that keys by something unbounded hits this
@@ -12,22 +19,39 @@ pub const MAX_ENTRIES: usize = 100_000;
 /// Largest value, in bytes.
 pub const MAX_VALUE_BYTES: usize = 64 * 1024;
 
+/// Lock shards per filter: a power of two, a few times the usual worker count.
+const SHARDS: usize = 16;
+
 struct Entry {
     value: Vec<u8>,
     version: u64,
     expires: Option<Instant>,
 }
 
-/// One filter's shared state.
-#[derive(Default)]
-pub struct SharedState {
-    inner: Mutex<Inner>,
+impl Entry {
+    fn expired(&self, now: Instant) -> bool {
+        self.expires.is_some_and(|t| t <= now)
+    }
 }
 
-#[derive(Default)]
-struct Inner {
-    map: HashMap<String, Entry>,
-    next_version: u64,
+/// One filter's shared state.
+pub struct SharedState {
+    shards: [Mutex<HashMap<String, Entry>>; SHARDS],
+    hasher: RandomState,
+    /// Keys held, over all shards (the [`MAX_ENTRIES`] bound).
+    len: AtomicUsize,
+    next_version: AtomicU64,
+}
+
+impl Default for SharedState {
+    fn default() -> Self {
+        SharedState {
+            shards: Default::default(),
+            hasher: RandomState::new(),
+            len: AtomicUsize::new(0),
+            next_version: AtomicU64::new(0),
+        }
+    }
 }
 
 /// Why a write was refused.
@@ -38,83 +62,146 @@ pub enum StateError {
     Limit(String),
 }
 
-impl Inner {
-    fn live(&mut self, key: &str, now: Instant) -> Option<&Entry> {
-        if self
-            .map
-            .get(key)
-            .is_some_and(|e| e.expires.is_some_and(|t| t <= now))
-        {
-            self.map.remove(key);
+/// A write that needs a new key while the state is full; hands the key and value back.
+struct Full(String, Vec<u8>);
+
+impl SharedState {
+    fn shard(&self, key: &str) -> MutexGuard<'_, HashMap<String, Entry>> {
+        let i = self.hasher.hash_one(key) as usize & (SHARDS - 1);
+        self.shards[i].lock().expect("state lock")
+    }
+
+    /// The live entry of `key`; an expired one is dropped on the way.
+    fn live<'m>(
+        &self,
+        map: &'m mut HashMap<String, Entry>,
+        key: &str,
+        now: Instant,
+    ) -> Option<&'m mut Entry> {
+        if map.get(key).is_some_and(|e| e.expired(now)) {
+            map.remove(key);
+            self.len.fetch_sub(1, Ordering::Relaxed);
+            return None;
         }
-        self.map.get(key)
+        map.get_mut(key)
     }
 
     fn write(
-        &mut self,
-        key: &str,
-        value: &[u8],
+        &self,
+        map: &mut HashMap<String, Entry>,
+        key: String,
+        value: Vec<u8>,
         ttl: Option<Duration>,
         now: Instant,
-    ) -> Result<(), StateError> {
+    ) -> Result<(), Full> {
+        let version = self.next_version.fetch_add(1, Ordering::Relaxed) + 1;
+        let expires = ttl.map(|d| now + d);
+        if let Some(e) = map.get_mut(key.as_str()) {
+            *e = Entry {
+                value,
+                version,
+                expires,
+            };
+            return Ok(());
+        }
+        if self.len.fetch_add(1, Ordering::Relaxed) >= MAX_ENTRIES {
+            self.len.fetch_sub(1, Ordering::Relaxed);
+            return Err(Full(key, value));
+        }
+        map.insert(
+            key,
+            Entry {
+                value,
+                version,
+                expires,
+            },
+        );
+        Ok(())
+    }
+
+    /// Drops every expired entry, one shard at a time (never two locks at once).
+    fn purge(&self, now: Instant) {
+        for shard in &self.shards {
+            let mut map = shard.lock().expect("state lock");
+            let before = map.len();
+            map.retain(|_, e| !e.expired(now));
+            self.len.fetch_sub(before - map.len(), Ordering::Relaxed);
+        }
+    }
+
+    fn check_size(value: &[u8]) -> Result<(), StateError> {
         if value.len() > MAX_VALUE_BYTES {
             return Err(StateError::Limit(format!(
                 "value larger than {MAX_VALUE_BYTES} bytes"
             )));
         }
-        if !self.map.contains_key(key) && self.map.len() >= MAX_ENTRIES {
-            // Make room from expired entries before refusing.
-            self.map.retain(|_, e| e.expires.is_none_or(|t| t > now));
-            if self.map.len() >= MAX_ENTRIES {
-                return Err(StateError::Limit(format!("more than {MAX_ENTRIES} keys")));
-            }
-        }
-        self.next_version += 1;
-        let entry = Entry {
-            value: value.to_vec(),
-            version: self.next_version,
-            expires: ttl.map(|d| now + d),
-        };
-        self.map.insert(key.to_string(), entry);
         Ok(())
     }
-}
 
-impl SharedState {
+    fn full() -> StateError {
+        StateError::Limit(format!("more than {MAX_ENTRIES} keys"))
+    }
+
     /// The value and version of a key, if present and not expired.
     pub fn get(&self, key: &str) -> Option<(Vec<u8>, u64)> {
-        let mut g = self.inner.lock().expect("state lock");
-        g.live(key, Instant::now()).map(|e| (e.value.clone(), e.version))
+        let mut map = self.shard(key);
+        self.live(&mut map, key, Instant::now())
+            .map(|e| (e.value.clone(), e.version))
     }
 
     /// Writes a key.
-    pub fn set(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> Result<(), StateError> {
-        self.inner
-            .lock()
-            .expect("state lock")
-            .write(key, value, ttl, Instant::now())
+    pub fn set(&self, key: String, value: Vec<u8>, ttl: Option<Duration>) -> Result<(), StateError> {
+        Self::check_size(&value)?;
+        let now = Instant::now();
+        let mut map = self.shard(&key);
+        self.live(&mut map, &key, now);
+        let Err(Full(key, value)) = self.write(&mut map, key, value, ttl, now) else {
+            return Ok(());
+        };
+        // Full: make room from expired entries, then try once more.
+        drop(map);
+        self.purge(now);
+        let mut map = self.shard(&key);
+        self.write(&mut map, key, value, ttl, now)
+            .map_err(|_| Self::full())
     }
 
     /// Writes only if the current version is `expected` (`None`: absent); returns whether it did.
     pub fn compare_and_swap(
         &self,
-        key: &str,
+        key: String,
         expected: Option<u64>,
-        value: &[u8],
+        value: Vec<u8>,
         ttl: Option<Duration>,
     ) -> Result<bool, StateError> {
+        Self::check_size(&value)?;
         let now = Instant::now();
-        let mut g = self.inner.lock().expect("state lock");
-        let current = g.live(key, now).map(|e| e.version);
+        let mut map = self.shard(&key);
+        let current = self.live(&mut map, &key, now).map(|e| e.version);
         if current != expected {
             return Ok(false);
         }
-        g.write(key, value, ttl, now).map(|()| true)
+        // A key that exists is replaced in place and never refused.
+        let Err(Full(key, value)) = self.write(&mut map, key, value, ttl, now) else {
+            return Ok(true);
+        };
+        drop(map);
+        self.purge(now);
+        let mut map = self.shard(&key);
+        // Someone may have written the key meanwhile: compare again.
+        if self.live(&mut map, &key, now).is_some() {
+            return Ok(false);
+        }
+        self.write(&mut map, key, value, ttl, now)
+            .map(|()| true)
+            .map_err(|_| Self::full())
     }
 
     /// Removes a key.
     pub fn delete(&self, key: &str) {
-        self.inner.lock().expect("state lock").map.remove(key);
+        if self.shard(key).remove(key).is_some() {
+            self.len.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -125,17 +212,86 @@ mod tests {
     #[test]
     fn compare_and_swap_and_expiry() {
         let s = SharedState::default();
-        assert!(s.compare_and_swap("k", None, b"1", None).unwrap());
-        assert!(!s.compare_and_swap("k", None, b"2", None).unwrap(), "present now");
+        let k = || "k".to_string();
+        assert!(s.compare_and_swap(k(), None, b"1".to_vec(), None).unwrap());
+        assert!(
+            !s.compare_and_swap(k(), None, b"2".to_vec(), None).unwrap(),
+            "present now"
+        );
         let (v, ver) = s.get("k").unwrap();
         assert_eq!(v, b"1");
-        assert!(s.compare_and_swap("k", Some(ver), b"2", None).unwrap());
+        assert!(s.compare_and_swap(k(), Some(ver), b"2".to_vec(), None).unwrap());
         assert!(
-            !s.compare_and_swap("k", Some(ver), b"3", None).unwrap(),
+            !s.compare_and_swap(k(), Some(ver), b"3".to_vec(), None).unwrap(),
             "stale version"
         );
-        s.set("t", b"x", Some(Duration::from_millis(1))).unwrap();
+        assert_eq!(s.get("k").unwrap().0, b"2");
+        s.set("t".into(), b"x".to_vec(), Some(Duration::from_millis(1)))
+            .unwrap();
         std::thread::sleep(Duration::from_millis(5));
         assert!(s.get("t").is_none());
+        s.delete("k");
+        assert!(s.get("k").is_none());
+        assert_eq!(s.len.load(Ordering::Relaxed), 0, "every key counted out");
+    }
+
+    #[test]
+    fn the_key_bound_holds_across_shards_and_expired_keys_make_room() {
+        let s = SharedState::default();
+        for i in 0..MAX_ENTRIES - 1 {
+            s.set(format!("k{i}"), vec![1], None).unwrap();
+        }
+        // The last key to fill the state expires soon (written last: filling takes a while).
+        s.set("short".into(), vec![1], Some(Duration::from_millis(200)))
+            .unwrap();
+        assert_eq!(
+            s.set("one-more".into(), vec![1], None),
+            Err(StateError::Limit(format!("more than {MAX_ENTRIES} keys")))
+        );
+        assert!(
+            s.compare_and_swap("one-more".into(), None, vec![1], None)
+                .is_err(),
+            "a new key is refused while full"
+        );
+        // A key that exists is still written while full.
+        let (_, v) = s.get("k7").unwrap();
+        assert!(s.compare_and_swap("k7".into(), Some(v), vec![2], None).unwrap());
+        std::thread::sleep(Duration::from_millis(250));
+        // `short` has expired: its room goes to the next new key.
+        s.set("one-more".into(), vec![1], None).unwrap();
+        assert_eq!(s.len.load(Ordering::Relaxed), MAX_ENTRIES);
+        assert!(s.get("short").is_none());
+        assert_eq!(s.get("k7").unwrap().0, vec![2]);
+    }
+
+    #[test]
+    fn concurrent_compare_and_swap_loses_no_update() {
+        let s = std::sync::Arc::new(SharedState::default());
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..1000 {
+                        loop {
+                            let cur = s.get("n");
+                            let n = cur
+                                .as_ref()
+                                .map_or(0, |(v, _)| u64::from_le_bytes(v[..].try_into().unwrap()));
+                            let next = (n + 1).to_le_bytes().to_vec();
+                            if s.compare_and_swap("n".into(), cur.map(|(_, v)| v), next, None)
+                                .unwrap()
+                            {
+                                break;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let (v, _) = s.get("n").unwrap();
+        assert_eq!(u64::from_le_bytes(v[..].try_into().unwrap()), 4000);
     }
 }
