@@ -79,16 +79,32 @@ endpoints = ["{}"]
         let body = weir_tests::collect(r.into_body()).await.unwrap();
         (status, body)
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // SIGTERM only once the long request has reached the upstream (in flight for real).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while up.hits() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the long request never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The listener closes soon after the signal (the long request still has ~1 s to go).
+    let deadline = Instant::now() + Duration::from_millis(900);
+    while tokio::net::TcpStream::connect(listener).await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "new connections are refused while draining"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(
-        tokio::net::TcpStream::connect(listener).await.is_err(),
-        "new connections are refused while draining"
+        !long.is_finished(),
+        "the check ran while the request was in flight"
     );
 
     let (status, body) = long.await.unwrap();

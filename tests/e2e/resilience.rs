@@ -107,7 +107,7 @@ async fn a_slow_endpoint_is_retried_after_the_per_try_timeout() {
 async fn the_breaker_opens_serves_the_fallback_half_opens_and_closes() {
     let failing = Upstream::http1("failing").status(503).start().await;
     let cfg = proxy_config(
-        r#"breaker = { consecutive_failures = 5, open_for = "500ms" }, fallback = { status = 503, body = "fallback: try later", headers = { "retry-after" = "1" } }"#,
+        r#"breaker = { consecutive_failures = 5, open_for = "2s" }, fallback = { status = 503, body = "fallback: try later", headers = { "retry-after" = "1" } }"#,
         &[&failing],
     );
     let proxy = TestProxy::start(&cfg, std::path::Path::new(".")).await;
@@ -124,9 +124,10 @@ async fn the_breaker_opens_serves_the_fallback_half_opens_and_closes() {
     }
     assert_eq!(failing.hits(), 5, "nothing reaches the upstream while open");
 
-    // The upstream recovers; after open_for one probe goes through.
+    // The upstream recovers; after open_for one probe goes through. (2 s open: ten fallback
+    // answers fit in it even on a slow machine.)
     failing.set_status(0);
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     assert_eq!(
         status_and_body(&mut c).await,
         (200, "ok".into()),
