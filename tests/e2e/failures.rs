@@ -24,8 +24,8 @@ address = "127.0.0.1:0"
 cluster = "c"
 [clusters.c]
 endpoints = ["{addr}"]
-ejection_backoff = "300ms"
-ejection_backoff_max = "300ms"
+ejection_backoff = "1s"
+ejection_backoff_max = "1s"
 connect_timeout = "500ms"
 "#
     );
@@ -41,10 +41,21 @@ connect_timeout = "500ms"
     assert_eq!(r.headers()["x-weir-error"], "no-healthy-endpoint");
 
     let up = Upstream::http1("back").at(addr).start().await;
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let r = c.get("/", "x").await;
-    assert_eq!(r.status(), 200, "traffic resumes after the back-off");
-    assert_eq!(up.hits(), 1);
+    // Ejected for the back-off (no request reaches the endpoint), then tried again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = c.get("/", "x").await;
+        if r.status() == 200 {
+            break;
+        }
+        assert_eq!(r.status(), 503, "ejected until the back-off ends");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "traffic resumes after the back-off"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(up.hits(), 1, "nothing reached the endpoint while it was ejected");
     for _ in 0..5 {
         assert_eq!(c.get("/", "x").await.status(), 200);
     }
@@ -135,7 +146,7 @@ cluster = "h2"
 cluster = "c"
 [clusters.c]
 endpoints = ["{}"]
-idle_timeout = "300ms"
+idle_timeout = "1s"
 [clusters.h2]
 endpoints = ["{}"]
 protocol = "http2"
@@ -151,7 +162,7 @@ protocol = "http2"
     }
     assert_eq!(up.hits(), 20);
     assert_eq!(up.conns(), 1, "sequential requests reuse one upstream connection");
-    tokio::time::sleep(Duration::from_millis(900)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(c.get("/", "x").await.status(), 200);
     assert_eq!(
         up.conns(),

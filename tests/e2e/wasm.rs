@@ -149,7 +149,7 @@ async fn a_looping_filter_does_not_hold_up_other_requests() {
     let toml = format!(
         r#"{ADMIN}
 [filter_host]
-cpu_budget = "300ms"
+cpu_budget = "2s"
 [[listeners]]
 name = "web"
 address = "127.0.0.1:0"
@@ -164,15 +164,12 @@ endpoints = ["{}"]
     let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
     let addr = proxy.addr("web");
     let hostile = tokio::spawn(async move { Client::h1(addr).await.get("/hostile", "x").await.status() });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let mut c = Client::h1(addr).await;
-    let t = Instant::now();
     assert_eq!(c.get("/", "x").await.status(), 200);
-    assert!(
-        t.elapsed() < Duration::from_millis(250),
-        "served while the loop runs: {:?}",
-        t.elapsed()
-    );
+    // No time threshold (a slow machine would trip it): the other request was answered
+    // while the loop still had most of its 2 s budget left.
+    assert!(!hostile.is_finished(), "served while the loop runs");
     assert_eq!(hostile.await.unwrap(), 500);
 }
 
