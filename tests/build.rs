@@ -7,7 +7,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const FIXTURES: &[&str] = &["policy", "hostile", "noop", "rewrite", "swap-a", "swap-b"];
+const FIXTURES: &[&str] = &[
+    "policy", "hostile", "noop", "rewrite", "swap-a", "swap-b", "calls",
+];
 const FILTERS: &[&str] = &["headers", "cors", "ratelimit", "router", "auth", "resilience"];
 
 fn build(manifest: &Path, packages: &[String], target: &Path) {

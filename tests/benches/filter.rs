@@ -1,9 +1,9 @@
 //! The filter host's hot path, side by side in one run: taking a warm instance from the pool,
-//! a no-op phase call, and a realistic header-rewrite filter (the `policy` test filter: reads
-//! the path and two headers, sets one header, bumps a counter) against the same logic in
-//! native Rust; and the gateway example's policy filters (ratelimit, router, auth by API key)
-//! one by one and as the chain, with the request the load bench sends.
-//! `cargo bench -p weir-tests --bench filter`.
+//! a no-op phase call, a phase call with 0 and with 8 host calls, and a realistic
+//! header-rewrite filter (the `policy` test filter: reads the path and two headers, sets one
+//! header, bumps a counter) against the same logic in native Rust; and the gateway example's
+//! policy filters (ratelimit, router, auth by API key) one by one and as the chain, with the
+//! request the load bench sends. `cargo bench -p weir-tests --bench filter`.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -134,6 +134,18 @@ fn filters(c: &mut Criterion) {
         }
     };
     g.bench_function("noop_on_request_headers", phase(noop));
+    // The boundary's two costs apart: a phase call with nothing in it, and the same call
+    // making 8 host calls that each return a string (per host call: the difference / 8).
+    for calls in [0, 8] {
+        let f = rt.block_on(load(
+            &engine,
+            "calls",
+            env!("WEIR_FIXTURE_CALLS"),
+            &format!(r#"{{"calls": {calls}}}"#),
+        ));
+        let f: &'static WasmFilter = Box::leak(Box::new(f));
+        g.bench_function(format!("phase_call_with_{calls}_host_calls"), phase(f));
+    }
     g.bench_function("policy_on_request_headers_wasm", phase(policy));
     g.bench_function("policy_on_request_headers_native", phase(native));
 
