@@ -151,19 +151,7 @@ impl SharedState {
 
     /// Writes a key.
     pub fn set(&self, key: String, value: Vec<u8>, ttl: Option<Duration>) -> Result<(), StateError> {
-        Self::check_size(&value)?;
-        let now = Instant::now();
-        let mut map = self.shard(&key);
-        self.live(&mut map, &key, now);
-        let Err(Full(key, value)) = self.write(&mut map, key, value, ttl, now) else {
-            return Ok(());
-        };
-        // Full: make room from expired entries, then try once more.
-        drop(map);
-        self.purge(now);
-        let mut map = self.shard(&key);
-        self.write(&mut map, key, value, ttl, now)
-            .map_err(|_| Self::full())
+        self.put(key, None, value, ttl).map(|_| ())
     }
 
     /// Writes only if the current version is `expected` (`None`: absent); returns whether it did.
@@ -174,14 +162,26 @@ impl SharedState {
         value: Vec<u8>,
         ttl: Option<Duration>,
     ) -> Result<bool, StateError> {
+        self.put(key, Some(expected), value, ttl)
+    }
+
+    /// Writes `key`, unconditionally (`guard` `None`) or only if its current version is the
+    /// guard's; returns whether it wrote. A new key while full first makes room from expired
+    /// entries; a key that exists is replaced in place and never refused.
+    fn put(
+        &self,
+        key: String,
+        guard: Option<Option<u64>>,
+        value: Vec<u8>,
+        ttl: Option<Duration>,
+    ) -> Result<bool, StateError> {
         Self::check_size(&value)?;
         let now = Instant::now();
         let mut map = self.shard(&key);
         let current = self.live(&mut map, &key, now).map(|e| e.version);
-        if current != expected {
+        if guard.is_some_and(|expected| current != expected) {
             return Ok(false);
         }
-        // A key that exists is replaced in place and never refused.
         let Err(Full(key, value)) = self.write(&mut map, key, value, ttl, now) else {
             return Ok(true);
         };
@@ -189,7 +189,8 @@ impl SharedState {
         self.purge(now);
         let mut map = self.shard(&key);
         // Someone may have written the key meanwhile: compare again.
-        if self.live(&mut map, &key, now).is_some() {
+        let current = self.live(&mut map, &key, now).map(|e| e.version);
+        if guard.is_some_and(|expected| current != expected) {
             return Ok(false);
         }
         self.write(&mut map, key, value, ttl, now)
