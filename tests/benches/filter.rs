@@ -161,11 +161,8 @@ fn filters(c: &mut Criterion) {
     let up = weir::cluster::Cluster::new("up", &cfg.clusters["up"], &cfg, Arc::new(Metrics::new())).unwrap();
     let clusters: Arc<std::collections::HashMap<Arc<str>, Arc<weir::cluster::Cluster>>> =
         Arc::new([(Arc::from("up"), Arc::new(up))].into_iter().collect());
-    let key = {
-        use sha2::Digest as _;
-        let d = sha2::Sha256::digest(b"bench-key");
-        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    };
+    let key = weir::filter::wasm::digest(b"bench-key");
+    let key = key.strip_prefix("sha256:").expect("an OCI-style digest");
     let gateway: [(&str, &str, String); 3] = [
         (
             "ratelimit",
