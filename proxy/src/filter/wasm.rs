@@ -90,15 +90,20 @@ impl WasmEngine {
         // The pooling allocator: instance slots (memories, tables, fiber stacks) are reserved
         // once and recycled, so replacing a failed instance or warming a new filter version
         // costs a slot reset, not fresh mappings.
-        let n = limits::FILTER_POOL_INSTANCES;
-        let mut pool = wasmtime::PoolingAllocationConfig::default();
-        pool.total_component_instances(n)
-            .total_core_instances(n * 4)
-            .total_memories(n * 2)
-            .total_tables(n * 4)
-            .total_stacks(n)
-            .max_memory_size(limits::FILTER_POOL_MEMORY as usize);
-        cfg.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+        // `WEIR_WASM_ALLOCATOR=on-demand` maps each instance on its own instead: for running
+        // under valgrind, which cannot reserve the pool's terabytes of address space (counting
+        // instructions is the one measure this noisy VM repeats exactly); for profiling only.
+        if std::env::var_os("WEIR_WASM_ALLOCATOR").is_none_or(|v| v != "on-demand") {
+            let n = limits::FILTER_POOL_INSTANCES;
+            let mut pool = wasmtime::PoolingAllocationConfig::default();
+            pool.total_component_instances(n)
+                .total_core_instances(n * 4)
+                .total_memories(n * 2)
+                .total_tables(n * 4)
+                .total_stacks(n)
+                .max_memory_size(limits::FILTER_POOL_MEMORY as usize);
+            cfg.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+        }
         let engine = Engine::new(&cfg)?;
         let mut linker = Linker::<HostState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
