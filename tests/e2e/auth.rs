@@ -98,7 +98,8 @@ async fn jwts_are_checked_for_algorithm_key_issuer_audience_and_time() {
     // An audience list containing ours, and an expiry within the leeway, pass.
     let mut cl = claims("dave");
     cl["aud"] = json!(["billing", "orders"]);
-    cl["exp"] = json!(t - 2);
+    // Expired 2 s ago when signed (not when the test began: signing in a debug build is slow).
+    cl["exp"] = json!(now() - 2);
     let r = send(
         &mut c,
         "GET",
@@ -300,6 +301,7 @@ async fn a_remote_jwk_set_is_fetched_once_cached_and_refetched_for_a_new_key() {
     // most one fetch per refetch interval.
     let stranger = format!("Bearer {}", JwtKey::ec("e9").sign(&claims));
     tokio::time::sleep(Duration::from_millis(1100)).await;
+    let start = std::time::Instant::now();
     for _ in 0..20 {
         assert_eq!(
             send(&mut c, "GET", "/", &[("authorization", &stranger)])
@@ -308,7 +310,15 @@ async fn a_remote_jwk_set_is_fetched_once_cached_and_refetched_for_a_new_key() {
             401
         );
     }
-    assert!(idp.fetches() <= 3, "{} fetches", idp.fetches());
+    // One fetch for the first stranger, then one more per whole interval the burst took (a
+    // slow machine may take over a second for it).
+    let allowed = 3 + start.elapsed().as_secs() as usize;
+    assert!(
+        idp.fetches() <= allowed,
+        "{} fetches for 20 requests in {:?}",
+        idp.fetches(),
+        start.elapsed()
+    );
     assert_eq!(
         send(&mut c, "GET", "/", &[("authorization", &token)])
             .await

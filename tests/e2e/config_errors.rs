@@ -20,6 +20,39 @@ pub fn weir_bin() -> PathBuf {
     bin
 }
 
+/// The address a `weir` process bound, read from its JSON log (`"listening"` for a listener by
+/// name, `"admin listening"` for the admin one): the config asks for port 0, so no port is
+/// picked by the test and released for someone else to take first. Waits up to 20 s, and
+/// fails early with the log if the process exited.
+pub async fn bound_address(
+    child: &mut std::process::Child,
+    log: &Path,
+    listener: Option<&str>,
+) -> std::net::SocketAddr {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let found = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| match listener {
+                Some(name) => v["message"] == "listening" && v["listener"] == name,
+                None => v["message"] == "admin listening",
+            });
+        if let Some(addr) = found.as_ref().and_then(|v| v["address"].as_str()) {
+            return addr.parse().expect("a socket address in the log");
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("weir exited ({status}) before listening:\n{text}");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "weir did not log its address within 20 s:\n{text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 const BASE: &str = r#"
 [[listeners]]
 name = "web"

@@ -7,21 +7,11 @@ use std::time::{Duration, Instant};
 use weir_tests::client::Client;
 use weir_tests::upstream::Upstream;
 
-use crate::config_errors::weir_bin;
-
-async fn free_port() -> u16 {
-    tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use crate::config_errors::{bound_address, weir_bin};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     let up = Upstream::http1("up").start().await;
-    let (port, admin) = (free_port().await, free_port().await);
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("weir.toml");
     std::fs::write(
@@ -35,10 +25,10 @@ drain_timeout = "10s"
 format = "json"
 access_log = true
 [admin]
-address = "127.0.0.1:{admin}"
+address = "127.0.0.1:0"
 [[listeners]]
 name = "web"
-address = "127.0.0.1:{port}"
+address = "127.0.0.1:0"
 [[routes]]
 cluster = "c"
 [clusters.c]
@@ -55,8 +45,8 @@ endpoints = ["{}"]
         .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
         .spawn()
         .unwrap();
-    let listener: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let admin_addr: std::net::SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    let listener = bound_address(&mut child, &log, Some("web")).await;
+    let admin_addr = bound_address(&mut child, &log, None).await;
     let start = Instant::now();
     loop {
         if tokio::net::TcpStream::connect(admin_addr).await.is_ok() {

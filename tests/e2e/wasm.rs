@@ -177,12 +177,6 @@ endpoints = ["{}"]
 async fn a_filter_log_line_lands_in_weirs_logs_tagged_with_its_name() {
     use std::process::{Command, Stdio};
     let up = Upstream::http1("up").start().await;
-    let port = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("weir.toml");
     std::fs::write(
@@ -195,7 +189,7 @@ format = "json"
 enabled = false
 [[listeners]]
 name = "web"
-address = "127.0.0.1:{port}"
+address = "127.0.0.1:0"
 filters = [{{ name = "policy", file = "{POLICY}", config = {{ value = "yes", deny_path = "/admin" }} }}]
 [[routes]]
 cluster = "c"
@@ -213,12 +207,7 @@ endpoints = ["{}"]
         .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
         .spawn()
         .unwrap();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let start = Instant::now();
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(start.elapsed() < Duration::from_secs(20), "weir did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let addr = crate::config_errors::bound_address(&mut child, &log, Some("web")).await;
     let status = Client::h1(addr).await.get("/admin", "x").await.status();
     assert_eq!(status, 403);
     Command::new("kill")
