@@ -110,14 +110,73 @@ mod imp {
     pub fn log_write(l: wt::LogLevel, m: &str) {
         lg::write(l, m)
     }
-    pub fn metrics_counter_add(n: &str, l: &[(String, String)], v: u64) -> Result<(), wt::Error> {
-        mt::counter_add(n, l, v)
+    pub fn metrics_counter_add(n: &str, l: &[(&str, &str)], v: u64) -> Result<(), wt::Error> {
+        mt::add(series::handle(mt::MetricKind::Counter, n, l)?, v)
     }
-    pub fn metrics_gauge_set(n: &str, l: &[(String, String)], v: i64) -> Result<(), wt::Error> {
-        mt::gauge_set(n, l, v)
+    pub fn metrics_gauge_set(n: &str, l: &[(&str, &str)], v: i64) -> Result<(), wt::Error> {
+        mt::set(series::handle(mt::MetricKind::Gauge, n, l)?, v)
     }
-    pub fn metrics_histogram_observe(n: &str, l: &[(String, String)], v: f64) -> Result<(), wt::Error> {
-        mt::histogram_observe(n, l, v)
+    pub fn metrics_histogram_observe(n: &str, l: &[(&str, &str)], v: f64) -> Result<(), wt::Error> {
+        mt::observe(series::handle(mt::MetricKind::Histogram, n, l)?, v)
+    }
+
+    /// The handles of the series this instance has named: looked up by a hash of kind, name
+    /// and labels without allocating, named to the host on first use.
+    mod series {
+        use super::{mt, wt};
+        use std::cell::RefCell;
+        use std::collections::HashMap;
+        use std::hash::{Hash, Hasher};
+
+        struct Named {
+            kind: mt::MetricKind,
+            name: String,
+            labels: Vec<(String, String)>,
+            handle: u32,
+        }
+
+        thread_local! {
+            static HANDLES: RefCell<HashMap<u64, Vec<Named>>> = RefCell::new(HashMap::new());
+        }
+
+        pub fn handle(kind: mt::MetricKind, name: &str, labels: &[(&str, &str)]) -> Result<u32, wt::Error> {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (kind as u8).hash(&mut h);
+            name.hash(&mut h);
+            labels.hash(&mut h);
+            let hash = h.finish();
+            let same = |n: &Named| {
+                n.kind == kind
+                    && n.name == name
+                    && n.labels.len() == labels.len()
+                    && n.labels
+                        .iter()
+                        .zip(labels)
+                        .all(|((a, b), (c, d))| a == c && b == d)
+            };
+            let known = HANDLES.with(|m| {
+                m.borrow()
+                    .get(&hash)
+                    .and_then(|v| v.iter().find(|n| same(n)).map(|n| n.handle))
+            });
+            if let Some(handle) = known {
+                return Ok(handle);
+            }
+            let owned: Vec<(String, String)> = labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            let handle = mt::series(kind, name, &owned)?;
+            HANDLES.with(|m| {
+                m.borrow_mut().entry(hash).or_default().push(Named {
+                    kind,
+                    name: name.to_string(),
+                    labels: owned,
+                    handle,
+                })
+            });
+            Ok(handle)
+        }
     }
     pub fn state_get(k: &str) -> Option<st::Entry> {
         st::get(k)

@@ -206,7 +206,7 @@ fn get(list: &[(String, Vec<u8>)], name: &str) -> Option<Vec<u8>> {
         .map(|(_, v)| v.clone())
 }
 
-fn key(name: &str, labels: &[(String, String)]) -> String {
+fn key(name: &str, labels: &[(&str, &str)]) -> String {
     let l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
     format!("{name}{{{}}}", l.join(","))
 }
@@ -417,15 +417,15 @@ pub(crate) mod imp {
         };
         m(|h| h.logs.push((level, msg.to_string())))
     }
-    pub fn metrics_counter_add(n: &str, l: &[(String, String)], v: u64) -> Result<(), wt::Error> {
+    pub fn metrics_counter_add(n: &str, l: &[(&str, &str)], v: u64) -> Result<(), wt::Error> {
         m(|h| *h.counters.entry(key(n, l)).or_default() += v);
         Ok(())
     }
-    pub fn metrics_gauge_set(n: &str, l: &[(String, String)], v: i64) -> Result<(), wt::Error> {
+    pub fn metrics_gauge_set(n: &str, l: &[(&str, &str)], v: i64) -> Result<(), wt::Error> {
         m(|h| h.gauges.insert(key(n, l), v));
         Ok(())
     }
-    pub fn metrics_histogram_observe(n: &str, l: &[(String, String)], v: f64) -> Result<(), wt::Error> {
+    pub fn metrics_histogram_observe(n: &str, l: &[(&str, &str)], v: f64) -> Result<(), wt::Error> {
         m(|h| h.histograms.entry(key(n, l)).or_default().push(v));
         Ok(())
     }

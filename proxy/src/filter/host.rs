@@ -515,13 +515,42 @@ impl log::Host for HostState {
 /// Metrics a filter records, exported on `/metrics` as `weir_filter_<name>`.
 #[derive(Default)]
 pub struct FilterMetrics {
-    series: Mutex<BTreeMap<SeriesKey, Series>>,
+    series: Mutex<SeriesTable>,
+}
+
+/// Series by identity (in export order) and by handle (the index the guest holds).
+#[derive(Default)]
+struct SeriesTable {
+    by_key: BTreeMap<SeriesKey, u32>,
+    values: Vec<Series>,
 }
 
 enum Series {
     Counter(u64),
     Gauge(i64),
     Histogram { count: u64, sum: f64 },
+}
+
+impl Series {
+    fn kind(&self) -> &'static str {
+        match self {
+            Series::Counter(_) => "counter",
+            Series::Gauge(_) => "gauge",
+            Series::Histogram { .. } => "histogram",
+        }
+    }
+}
+
+impl SeriesTable {
+    fn insert(&mut self, key: SeriesKey, s: Series) -> Result<u32, Error> {
+        if self.values.len() >= MAX_FILTER_SERIES {
+            return Err(Error::Limit(format!("more than {MAX_FILTER_SERIES} series")));
+        }
+        let i = self.values.len() as u32;
+        self.values.push(s);
+        self.by_key.insert(key, i);
+        Ok(i)
+    }
 }
 
 fn valid_metric_name(n: &str) -> bool {
@@ -570,25 +599,54 @@ fn label_text(filter: &str, labels: &[(String, String)]) -> String {
 }
 
 impl FilterMetrics {
+    /// Updates the series `key` names (made by `f(None)` when new): the name-based calls.
     fn update(
         &self,
         key: SeriesKey,
         f: impl FnOnce(Option<&mut Series>) -> Option<Series>,
     ) -> Result<(), Error> {
         let mut g = self.series.lock().expect("metrics lock");
-        if let Some(s) = g.get_mut(&key) {
+        if let Some(&i) = g.by_key.get(&key) {
+            let s = &mut g.values[i as usize];
             if let Some(new) = f(Some(s)) {
                 *s = new;
             }
             return Ok(());
         }
-        if g.len() >= MAX_FILTER_SERIES {
-            return Err(Error::Limit(format!("more than {MAX_FILTER_SERIES} series")));
-        }
         if let Some(new) = f(None) {
-            g.insert(key, new);
+            g.insert(key, new)?;
         }
         Ok(())
+    }
+
+    /// The handle of the series `key` names, made (at zero) when new.
+    fn handle(&self, key: SeriesKey, zero: Series) -> Result<u32, Error> {
+        let mut g = self.series.lock().expect("metrics lock");
+        match g.by_key.get(&key) {
+            Some(&i) if g.values[i as usize].kind() == zero.kind() => Ok(i),
+            Some(&i) => Err(Error::Invalid(format!(
+                "{} is a {}, not a {}",
+                key.0,
+                g.values[i as usize].kind(),
+                zero.kind()
+            ))),
+            None => g.insert(key, zero),
+        }
+    }
+
+    /// Updates the series behind a handle; `f` answers false when it is of another kind.
+    fn update_handle(&self, handle: u32, f: impl FnOnce(&mut Series) -> bool) -> Result<(), Error> {
+        let mut g = self.series.lock().expect("metrics lock");
+        let s = g
+            .values
+            .get_mut(handle as usize)
+            .ok_or_else(|| Error::Invalid(format!("no series {handle}")))?;
+        let kind = s.kind();
+        if f(s) {
+            Ok(())
+        } else {
+            Err(Error::Invalid(format!("series {handle} is a {kind}")))
+        }
     }
 
     /// Appends the OpenMetrics text of every series, for `filter`.
@@ -596,15 +654,15 @@ impl FilterMetrics {
         use std::fmt::Write;
         let g = self.series.lock().expect("metrics lock");
         let mut last = String::new();
-        for ((name, labels), s) in g.iter() {
+        for ((name, labels), &i) in g.by_key.iter() {
+            let s = &g.values[i as usize];
             let full = format!(
                 "weir_filter_{}_{name}",
                 filter.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
             );
             let kind = match s {
-                Series::Counter(_) => "counter",
-                Series::Gauge(_) => "gauge",
                 Series::Histogram { .. } => "summary",
+                s => s.kind(),
             };
             if full != last {
                 let _ = writeln!(out, "# TYPE {full} {kind}");
@@ -659,6 +717,50 @@ impl metrics::Host for HostState {
                 None
             }
             _ => Some(Series::Histogram { count: 1, sum: value }),
+        })
+    }
+    fn series(
+        &mut self,
+        kind: metrics::MetricKind,
+        name: String,
+        labels: Vec<(String, String)>,
+    ) -> Result<u32, Error> {
+        let zero = match kind {
+            metrics::MetricKind::Counter => Series::Counter(0),
+            metrics::MetricKind::Gauge => Series::Gauge(0),
+            metrics::MetricKind::Histogram => Series::Histogram { count: 0, sum: 0.0 },
+        };
+        self.shared.metrics.handle(series_key(name, labels)?, zero)
+    }
+    fn add(&mut self, series: u32, value: u64) -> Result<(), Error> {
+        self.shared.metrics.update_handle(series, |s| match s {
+            Series::Counter(v) => {
+                *v += value;
+                true
+            }
+            _ => false,
+        })
+    }
+    fn set(&mut self, series: u32, value: i64) -> Result<(), Error> {
+        self.shared.metrics.update_handle(series, |s| match s {
+            Series::Gauge(v) => {
+                *v = value;
+                true
+            }
+            _ => false,
+        })
+    }
+    fn observe(&mut self, series: u32, value: f64) -> Result<(), Error> {
+        if !value.is_finite() {
+            return Err(Error::Invalid("value must be finite".into()));
+        }
+        self.shared.metrics.update_handle(series, |s| match s {
+            Series::Histogram { count, sum } => {
+                *count += 1;
+                *sum += value;
+                true
+            }
+            _ => false,
         })
     }
 }
@@ -878,5 +980,54 @@ mod tests {
             "the host owns `filter`"
         );
         assert!(series_key("hits".into(), l("k", &"v".repeat(129))).is_err());
+    }
+
+    #[test]
+    fn a_handle_updates_the_series_its_name_does_and_holds_its_kind() {
+        let m = FilterMetrics::default();
+        let key = || series_key("decisions".into(), vec![("result".into(), "allowed".into())]).unwrap();
+        let h = m.handle(key(), Series::Counter(0)).unwrap();
+        assert_eq!(
+            m.handle(key(), Series::Counter(0)).unwrap(),
+            h,
+            "one series, one handle"
+        );
+        let counter = |s: &mut Series| match s {
+            Series::Counter(v) => {
+                *v += 2;
+                true
+            }
+            _ => false,
+        };
+        m.update_handle(h, counter).unwrap();
+        // The name-based call reaches the same series.
+        m.update(key(), |s| match s {
+            Some(Series::Counter(v)) => {
+                *v += 1;
+                None
+            }
+            _ => Some(Series::Counter(1)),
+        })
+        .unwrap();
+        let mut out = String::new();
+        m.encode("auth", &mut out);
+        assert!(
+            out.contains("weir_filter_auth_decisions_total{filter=\"auth\",result=\"allowed\"} 3\n"),
+            "{out}"
+        );
+        let e = m.handle(key(), Series::Gauge(0)).unwrap_err();
+        assert!(
+            matches!(&e, Error::Invalid(m) if m.contains("is a counter")),
+            "{e:?}"
+        );
+        let gauge = |s: &mut Series| matches!(s, Series::Gauge(_));
+        assert!(
+            m.update_handle(h, gauge).is_err(),
+            "a counter's handle sets no gauge"
+        );
+        assert!(
+            m.update_handle(h + 1, counter).is_err(),
+            "an unknown handle is an error"
+        );
     }
 }
