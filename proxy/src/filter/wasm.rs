@@ -410,10 +410,17 @@ impl WasmFilter {
             Err(e) => return (state, Err(self.failed(e))),
         };
         inst.store.data_mut().call = Some(state);
+        let result = self.call(&mut inst, call).await;
+        let state = inst.store.data_mut().call.take().expect("set before the call");
+        (state, self.finish(inst, result))
+    }
+
+    /// One guest call on an instance whose store holds the call's state.
+    async fn call(&self, inst: &mut Instance, call: Call<'_>) -> wasmtime::Result<Answer> {
         inst.store.data_mut().ticks_left = ticks(self.limits.cpu_budget);
         inst.store.set_epoch_deadline(1);
         let handler = inst.exports.weir_filter_handler();
-        let result = match call {
+        match call {
             Call::RequestHeaders => handler
                 .call_on_request_headers(&mut inst.store)
                 .await
@@ -434,22 +441,24 @@ impl WasmFilter {
                 .call_on_log(&mut inst.store, &summary)
                 .await
                 .map(Answer::Log),
-        };
-        let state = inst.store.data_mut().call.take().expect("set before the call");
+        }
+    }
+
+    /// Returns a healthy instance to the pool; drops and counts a failed one.
+    fn finish(&self, inst: Instance, result: wasmtime::Result<Answer>) -> Result<Answer, FilterError> {
         match result {
             Ok(answer) => {
                 self.checkin(inst);
-                (state, Ok(answer))
+                Ok(answer)
             }
             Err(e) => {
                 // The instance's state may be inconsistent after a trap: it is not reused.
                 drop(inst);
                 self.live.fetch_sub(1, Ordering::Relaxed);
-                let e = self.failed(FilterError {
+                Err(self.failed(FilterError {
                     kind: classify(&e),
                     message: format!("{e:#}"),
-                });
-                (state, Err(e))
+                }))
             }
         }
     }
@@ -461,23 +470,26 @@ impl WasmFilter {
         resp: Option<&mut response::Parts>,
         ctx: &mut RequestContext,
     ) -> Result<Action, FilterError> {
-        let placeholder = http::Request::new(()).into_parts().0;
+        let mut inst = self.checkout().await.map_err(|e| self.failed(e))?;
+        // The heads and the context move straight into the store and straight back: no
+        // intermediate copies of a few hundred bytes each way.
         let mut resp = resp;
-        let state = CallState {
+        inst.store.data_mut().call = Some(CallState {
             phase,
-            req: std::mem::replace(req, placeholder),
+            req: std::mem::replace(req, http::Request::new(()).into_parts().0),
             resp: resp
                 .as_deref_mut()
                 .map(|r| std::mem::replace(r, http::Response::new(()).into_parts().0)),
             heads: None,
             ctx: RequestContext::take(ctx),
-        };
+        });
         let call = match phase {
             Phase::ResponseHeaders => Call::ResponseHeaders,
             _ => Call::RequestHeaders,
         };
+        let result = self.call(&mut inst, call).await;
         // The heads come back even when the guest failed: a fail-open request goes on.
-        let (state, answer) = self.run(state, call).await;
+        let state = inst.store.data_mut().call.take().expect("set before the call");
         *req = state.req;
         if let (Some(dst), Some(src)) = (resp, state.resp) {
             *dst = src;
@@ -485,7 +497,7 @@ impl WasmFilter {
         // The host calls change only what a filter may steer (cluster, timeout, values, retry
         // delay); the whole context comes back.
         *ctx = state.ctx;
-        match answer {
+        match self.finish(inst, result) {
             Ok(Answer::Head(wt::Action::NotImplemented)) => {
                 self.skipped.fetch_or(phase_bit(phase), Ordering::Relaxed);
                 Ok(Action::Continue)
