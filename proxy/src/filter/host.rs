@@ -337,7 +337,7 @@ impl wresp::Host for HostState {
 impl properties::Host for HostState {
     fn client_address(&mut self) -> String {
         self.call()
-            .map(|c| c.ctx.client_addr.to_string())
+            .map(|c| addr_text(&c.ctx.client_addr))
             .unwrap_or_default()
     }
     fn peer(&mut self) -> Option<PeerIdentity> {
@@ -509,6 +509,39 @@ impl log::Host for HostState {
                 tracing::error!(target: "weir::filter", filter, request.id = request_id, "{message}")
             }
         }
+    }
+}
+
+/// `ip:port` (`[v6]:port`), as `SocketAddr`'s `Display` writes it; IPv4 without the
+/// formatting machinery (rate limits by client read it on every request).
+fn addr_text(a: &std::net::SocketAddr) -> String {
+    fn push_u16(s: &mut String, mut n: u16) {
+        let mut digits = [0u8; 5];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        digits[i..].iter().for_each(|&d| s.push(d as char));
+    }
+    match a {
+        std::net::SocketAddr::V4(v4) => {
+            let mut s = String::with_capacity(21);
+            for (i, o) in v4.ip().octets().into_iter().enumerate() {
+                if i > 0 {
+                    s.push('.');
+                }
+                push_u16(&mut s, o.into());
+            }
+            s.push(':');
+            push_u16(&mut s, v4.port());
+            s
+        }
+        v6 => v6.to_string(),
     }
 }
 
@@ -980,6 +1013,20 @@ mod tests {
             "the host owns `filter`"
         );
         assert!(series_key("hits".into(), l("k", &"v".repeat(129))).is_err());
+    }
+
+    #[test]
+    fn client_addresses_read_as_display_writes_them() {
+        for a in [
+            "127.0.0.1:5000",
+            "0.0.0.0:0",
+            "255.255.255.255:65535",
+            "10.0.20.3:80",
+            "[::1]:8080",
+        ] {
+            let a: std::net::SocketAddr = a.parse().unwrap();
+            assert_eq!(addr_text(&a), a.to_string());
+        }
     }
 
     #[test]
