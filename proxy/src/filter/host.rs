@@ -574,6 +574,18 @@ impl Series {
     }
 }
 
+/// A name-based counter update: adds to the counter, or makes one (replacing a series of
+/// another kind, as the name-based calls always have).
+fn counter_plus(value: u64) -> impl FnOnce(Option<&mut Series>) -> Option<Series> {
+    move |s| match s {
+        Some(Series::Counter(v)) => {
+            *v += value;
+            None
+        }
+        _ => Some(Series::Counter(value)),
+    }
+}
+
 impl SeriesTable {
     fn insert(&mut self, key: SeriesKey, s: Series) -> Result<u32, Error> {
         if self.values.len() >= MAX_FILTER_SERIES {
@@ -720,13 +732,7 @@ impl metrics::Host for HostState {
     fn counter_add(&mut self, name: String, labels: Vec<(String, String)>, value: u64) -> Result<(), Error> {
         self.shared
             .metrics
-            .update(series_key(name, labels)?, |s| match s {
-                Some(Series::Counter(v)) => {
-                    *v += value;
-                    None
-                }
-                _ => Some(Series::Counter(value)),
-            })
+            .update(series_key(name, labels)?, counter_plus(value))
     }
     fn gauge_set(&mut self, name: String, labels: Vec<(String, String)>, value: i64) -> Result<(), Error> {
         self.shared
@@ -990,13 +996,7 @@ mod tests {
         for _ in 0..2 {
             m.update(
                 series_key("hits".into(), l("path", "a\"b\\c\nd")).unwrap(),
-                |s| match s {
-                    Some(Series::Counter(v)) => {
-                        *v += 1;
-                        None
-                    }
-                    _ => Some(Series::Counter(1)),
-                },
+                counter_plus(1),
             )
             .unwrap();
         }
@@ -1048,14 +1048,7 @@ mod tests {
         };
         m.update_handle(h, counter).unwrap();
         // The name-based call reaches the same series.
-        m.update(key(), |s| match s {
-            Some(Series::Counter(v)) => {
-                *v += 1;
-                None
-            }
-            _ => Some(Series::Counter(1)),
-        })
-        .unwrap();
+        m.update(key(), counter_plus(1)).unwrap();
         let mut out = String::new();
         m.encode("auth", &mut out);
         assert!(
