@@ -59,6 +59,19 @@ pub fn guest_header_name(name: &str) -> Result<HeaderName, Error> {
     Ok(n)
 }
 
+/// The checks of [`guest_header_name`] without making a `HeaderName` (which copies a name
+/// that is not a standard one): for removals, which look names up by `&str`.
+fn check_guest_header_name(name: &str) -> Result<(), Error> {
+    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if name.is_empty() || name.len() > u16::MAX as usize || !name.bytes().all(token) {
+        return Err(Error::Invalid(format!("invalid header name {name:?}")));
+    }
+    if let Some(r) = REFUSED.iter().find(|r| name.eq_ignore_ascii_case(r)) {
+        return Err(Error::Invalid(format!("header {r:?} is managed by the proxy")));
+    }
+    Ok(())
+}
+
 /// Parses a header value from a guest.
 pub fn guest_header_value(v: &[u8]) -> Result<HeaderValue, Error> {
     HeaderValue::from_bytes(v).map_err(|_| Error::Invalid("invalid header value".into()))
@@ -185,7 +198,8 @@ fn put(h: &mut http::HeaderMap, name: &str, value: &[u8], append: bool) -> Resul
 
 /// Removes a header a guest named, after checking the name.
 fn take(h: &mut http::HeaderMap, name: &str) -> Result<(), Error> {
-    h.remove(guest_header_name(name)?);
+    check_guest_header_name(name)?;
+    h.remove(name);
     Ok(())
 }
 
@@ -1013,6 +1027,30 @@ mod tests {
             "the host owns `filter`"
         );
         assert!(series_key("hits".into(), l("k", &"v".repeat(129))).is_err());
+    }
+
+    #[test]
+    fn removal_checks_names_as_setting_does() {
+        let mut h = http::HeaderMap::new();
+        h.insert("x-api-key", HeaderValue::from_static("k"));
+        h.insert("x-other", HeaderValue::from_static("o"));
+        take(&mut h, "X-Api-Key").unwrap();
+        assert!(h.get("x-api-key").is_none(), "names match case-insensitively");
+        take(&mut h, "x-absent").unwrap();
+        assert_eq!(h.len(), 1);
+        for name in ["", "bad name", "x\u{e9}", "a:b"] {
+            assert!(take(&mut h, name).is_err(), "{name:?}");
+            assert!(guest_header_name(name).is_err(), "{name:?}");
+        }
+        for name in ["Host", "content-length", "Transfer-Encoding"] {
+            let e = take(&mut h, name).unwrap_err();
+            assert!(
+                matches!(&e, Error::Invalid(m) if m.contains("managed by the proxy")),
+                "{e:?}"
+            );
+            assert!(guest_header_name(name).is_err(), "{name:?}");
+        }
+        assert_eq!(h.len(), 1);
     }
 
     #[test]
