@@ -48,19 +48,14 @@ const REFUSED: &[&str] = &[
 
 /// Parses a header name from a guest and refuses the ones the proxy manages.
 pub fn guest_header_name(name: &str) -> Result<HeaderName, Error> {
-    let n = HeaderName::from_bytes(name.as_bytes())
-        .map_err(|_| Error::Invalid(format!("invalid header name {name:?}")))?;
-    if REFUSED.contains(&n.as_str()) {
-        return Err(Error::Invalid(format!(
-            "header {:?} is managed by the proxy",
-            n.as_str()
-        )));
-    }
-    Ok(n)
+    check_guest_header_name(name)?;
+    HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| Error::Invalid(format!("invalid header name {name:?}")))
 }
 
-/// The checks of [`guest_header_name`] without making a `HeaderName` (which copies a name
-/// that is not a standard one): for removals, which look names up by `&str`.
+/// What a guest's header name must be: a token, and not one of the headers the proxy owns.
+/// Without making a `HeaderName` (which copies a name that is not a standard one), so
+/// removals, which look names up by `&str`, check names exactly as setting does.
 fn check_guest_header_name(name: &str) -> Result<(), Error> {
     let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
     if name.is_empty() || name.len() > u16::MAX as usize || !name.bytes().all(token) {
