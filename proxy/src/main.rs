@@ -126,11 +126,20 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     weir::log::init(&config.log);
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    // One worker: a current-thread runtime. It serves the same tasks on one thread without
+    // the multi-thread scheduler's bookkeeping (work-stealing queues, per-poll timing and its
+    // moving average): 1.2k fewer instructions per proxied request (of 45k; callgrind).
+    let mut rt = match config.runtime.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if n > 0 {
+                b.worker_threads(n);
+            }
+            b
+        }
+    };
     rt.enable_all();
-    if config.runtime.worker_threads > 0 {
-        rt.worker_threads(config.runtime.worker_threads);
-    }
     let rt = match rt.build() {
         Ok(rt) => rt,
         Err(e) => {

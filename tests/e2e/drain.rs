@@ -11,6 +11,16 @@ use crate::config_errors::{bound_address, weir_bin};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_requests_and_exits_zero() {
+    drains_and_exits_zero(2).await;
+}
+
+/// One worker runs Weir on a current-thread runtime: the same drain there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_with_one_worker_thread() {
+    drains_and_exits_zero(1).await;
+}
+
+async fn drains_and_exits_zero(workers: usize) {
     let up = Upstream::http1("up").start().await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("weir.toml");
@@ -19,7 +29,7 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
         format!(
             r#"
 [runtime]
-worker_threads = 2
+worker_threads = {workers}
 drain_timeout = "10s"
 [log]
 format = "json"
@@ -34,7 +44,7 @@ cluster = "c"
 [clusters.c]
 endpoints = ["{}"]
 "#,
-            up.addr
+            up.addr,
         ),
     )
     .unwrap();
