@@ -15,7 +15,8 @@
 # each Weir target is driven over one keep-alive connection (every request a full wake-up,
 # so no batching that depends on the load); the report gives the user-space instructions
 # Weir executes per request, end to end. Repeatable to about 0.1 % where timings here spread
-# ±20 %: the measure for comparing two builds on a noisy machine. No nginx, no h2load.
+# ±20 %: the measure for comparing two builds on a noisy machine. nginx (as one process) is
+# counted the same way; no h2load.
 #
 # Usage: bench/load.sh [--h2 | --instructions]   (or: cargo xtask bench [--h2])
 # Knobs (environment):
@@ -46,7 +47,7 @@ SKIP_BUILD="${SKIP_BUILD:-0}"
 H2=0
 INSTR=0
 
-usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; }
 
 for arg in "$@"; do
     case "$arg" in
@@ -261,7 +262,7 @@ EOF
 log "starting Weir on 127.0.0.1:$WEIR_PORT (admin $ADMIN_PORT, $WORKERS worker thread(s))"
 if ((INSTR)); then
     # Counting starts off (--instr-atstart=no): start-up and filter compilation run at
-    # valgrind's uninstrumented speed; count_target switches it on per measured run. Filters
+    # valgrind's uninstrumented speed; it is switched on before the first target. Filters
     # without the pooling allocator, whose address-space reservation valgrind cannot make.
     WEIR_WASM_ALLOCATOR=on-demand valgrind -q --tool=callgrind --instr-atstart=no \
         --callgrind-out-file="$TMP/callgrind.out" \
@@ -276,68 +277,6 @@ WAIT_S="${WAIT_S:-10}" wait_ok "http://127.0.0.1:$ADMIN_PORT/ready" "$WEIR_PID" 
 # Ready is not enough: check a request really goes through to the upstream.
 WAIT_S="${WAIT_S:-10}" wait_ok "http://127.0.0.1:$WEIR_PORT/" "$WEIR_PID" "$TMP/weir.log"
 
-# --- instructions (--instructions) -----------------------------------------------------------
-if ((INSTR)); then
-    declare -A INS=() NREQ=()
-    # Counting on from here (warm-ups run counted but their counts are zeroed): switching it off
-    # and on again between runs loses counts.
-    callgrind_control -i on "$WEIR_PID" >/dev/null
-    # One target: a warm-up, then the counters zeroed, one measured run over one connection,
-    # and a dump of the counts.
-    count_target() {
-        local name="$1" url="$2" out="$TMP/wrk-$1.txt" dump n total
-        log "$name: warm-up $WARMUP (1 connection, under callgrind)"
-        timeout --foreground 300 wrk -t1 -c1 -d "$WARMUP" "${WRK_HEADERS[@]}" "$url" >/dev/null ||
-            die "$name: warm-up failed"
-        callgrind_control -z "$WEIR_PID" >/dev/null
-        log "$name: counting over $DURATION"
-        timeout --foreground 300 wrk -t1 -c1 -d "$DURATION" "${WRK_HEADERS[@]}" "$url" >"$out" ||
-            { cat "$out" >&2; die "$name: wrk failed"; }
-        callgrind_control -d "$WEIR_PID" >/dev/null
-        dump="$(ls -t "$TMP"/callgrind.out.* | head -1)"
-        total="$(awk '/^totals:/ { print $2; exit }' "$dump")"
-        n="$(awk '/ requests in / { print $1 }' "$out")"
-        grep -q "Non-2xx" "$out" && { cat "$out" >&2; die "$name: some responses were not 2xx"; }
-        [[ -n "$total" && "${n:-0}" -gt 0 ]] || die "$name: no count (dump $dump)"
-        NREQ[$name]="$n"
-        INS[$name]=$((total / n))
-        rm -f "$dump"
-    }
-    count_target weir "http://127.0.0.1:$WEIR_PORT/"
-    count_target weir-1-filter "http://127.0.0.1:$WEIR1_PORT/"
-    count_target weir-3-filters "http://127.0.0.1:$WEIR3_PORT/"
-    WRK_HEADERS=(-H "x-api-key: bench-key")
-    count_target weir-gateway "http://127.0.0.1:$WEIRG_PORT/api/items"
-    WRK_HEADERS=()
-    report="$TMP/report.md"
-    {
-        echo "# Instructions per request, $(date -u '+%Y-%m-%d %H:%M UTC')"
-        echo
-        rev="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-        git diff --quiet HEAD 2>/dev/null || rev="$rev (with local changes)"
-        echo "- commit: $rev"
-        echo "- $(valgrind --version), Weir under callgrind (filters without the pooling allocator)"
-        echo "- each target: wrk -t1 -c1 -d $DURATION after a $WARMUP warm-up"
-        echo
-        echo "| target | requests counted | instructions per request | vs no filter |"
-        echo "|---|---:|---:|---:|"
-        for t in weir weir-1-filter weir-3-filters weir-gateway; do
-            awk -v t="$t" -v n="${NREQ[$t]}" -v i="${INS[$t]}" -v w="${INS[weir]}" \
-                'BEGIN { printf "| %s | %d | %d | %+d |\n", t, n, i, i - w }'
-        done
-        echo
-        echo "User-space instructions of the Weir process (all threads) over the measured run,"
-        echo "divided by the requests wrk counted. The kernel's share (the sockets) is not counted."
-    } >"$report"
-    mkdir -p bench/results
-    result="bench/results/instructions-$(date -u +%Y-%m-%dT%H%M%SZ).md"
-    cp "$report" "$result"
-    echo
-    cat "$report"
-    echo
-    echo "written to $result"
-    exit 0
-fi
 
 # --- nginx ---------------------------------------------------------------------------------
 # The equivalent reverse proxy: same worker count, keep-alive to the upstream (HTTP/1.1 and
@@ -397,11 +336,89 @@ http {
 EOF
 log "starting nginx on 127.0.0.1:$NGINX_PORT ($WORKERS worker process(es))"
 # -e: the error log used before the config is read (else the compiled-in /var/log path).
-"${SERVER[@]}" nginx -c "$TMP/nginx/nginx.conf" -p "$TMP/nginx" -e "$TMP/nginx/error.log" \
-    -g 'daemon off;' >"$TMP/nginx/stdout.log" 2>&1 &
+if ((INSTR)); then
+    # One process (no master), so callgrind counts the process that serves.
+    valgrind -q --tool=callgrind --instr-atstart=no --callgrind-out-file="$TMP/callgrind-nginx.out" \
+        nginx -c "$TMP/nginx/nginx.conf" -p "$TMP/nginx" -e "$TMP/nginx/error.log" \
+        -g 'daemon off; master_process off;' >"$TMP/nginx/stdout.log" 2>&1 &
+else
+    "${SERVER[@]}" nginx -c "$TMP/nginx/nginx.conf" -p "$TMP/nginx" -e "$TMP/nginx/error.log" \
+        -g 'daemon off;' >"$TMP/nginx/stdout.log" 2>&1 &
+fi
 PIDS+=("$!")
 NGINX_PID="$!"
-wait_ok "http://127.0.0.1:$NGINX_PORT/" "$!" "$TMP/nginx/error.log"
+WAIT_S="${WAIT_S:-10}" wait_ok "http://127.0.0.1:$NGINX_PORT/" "$!" "$TMP/nginx/error.log"
+
+# --- instructions (--instructions) -----------------------------------------------------------
+if ((INSTR)); then
+    declare -A INS=() NREQ=()
+    # Counting on from here (warm-ups run counted but their counts are zeroed): switching it off
+    # and on again between runs loses counts.
+    callgrind_control -i on "$WEIR_PID" >/dev/null
+    callgrind_control -i on "$NGINX_PID" >/dev/null
+    # One target: a warm-up, then the counters zeroed, one measured run over one connection,
+    # and a dump of the counts.
+    count_target() {
+        local name="$1" url="$2" pid="$3" out="$TMP/wrk-$1.txt" dump n total
+        log "$name: warm-up $WARMUP (1 connection, under callgrind)"
+        timeout --foreground 300 wrk -t1 -c1 -d "$WARMUP" "${WRK_HEADERS[@]}" "$url" >/dev/null ||
+            die "$name: warm-up failed"
+        callgrind_control -z "$pid" >/dev/null
+        log "$name: counting over $DURATION"
+        timeout --foreground 300 wrk -t1 -c1 -d "$DURATION" "${WRK_HEADERS[@]}" "$url" >"$out" ||
+            { cat "$out" >&2; die "$name: wrk failed"; }
+        callgrind_control -d "$pid" >/dev/null
+        dump="$(ls -t "$TMP"/callgrind*.out.* | head -1)"
+        total="$(awk '/^totals:/ { print $2; exit }' "$dump")"
+        n="$(awk '/ requests in / { print $1 }' "$out")"
+        grep -q "Non-2xx" "$out" && { cat "$out" >&2; die "$name: some responses were not 2xx"; }
+        [[ -n "$total" && "${n:-0}" -gt 0 ]] || die "$name: no count (dump $dump)"
+        NREQ[$name]="$n"
+        INS[$name]=$((total / n))
+        rm -f "$dump"
+    }
+    count_target weir "http://127.0.0.1:$WEIR_PORT/" "$WEIR_PID"
+    count_target weir-1-filter "http://127.0.0.1:$WEIR1_PORT/" "$WEIR_PID"
+    count_target weir-3-filters "http://127.0.0.1:$WEIR3_PORT/" "$WEIR_PID"
+    count_target nginx "http://127.0.0.1:$NGINX_PORT/" "$NGINX_PID"
+    WRK_HEADERS=(-H "x-api-key: bench-key")
+    count_target weir-gateway "http://127.0.0.1:$WEIRG_PORT/api/items" "$WEIR_PID"
+    count_target nginx-gateway "http://127.0.0.1:$NGINXG_PORT/api/items" "$NGINX_PID"
+    WRK_HEADERS=()
+    report="$TMP/report.md"
+    {
+        echo "# Instructions per request, $(date -u '+%Y-%m-%d %H:%M UTC')"
+        echo
+        rev="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+        git diff --quiet HEAD 2>/dev/null || rev="$rev (with local changes)"
+        echo "- commit: $rev"
+        echo "- $(valgrind --version), Weir under callgrind (filters without the pooling allocator)"
+        echo "- each target: wrk -t1 -c1 -d $DURATION after a $WARMUP warm-up"
+        echo
+        echo "| target | requests counted | instructions per request | vs Weir without filters | vs nginx's equivalent |"
+        echo "|---|---:|---:|---:|---:|"
+        for t in weir weir-1-filter weir-3-filters weir-gateway nginx nginx-gateway; do
+            n="${INS[nginx]}"
+            [[ "$t" == weir-gateway ]] && n="${INS[nginx-gateway]}"
+            awk -v t="$t" -v c="${NREQ[$t]}" -v i="${INS[$t]}" -v w="${INS[weir]}" -v n="$n" 'BEGIN {
+                if (t ~ /^nginx/) printf "| %s | %d | %d | – | – |\n", t, c, i
+                else printf "| %s | %d | %d | %+d | %.2f |\n", t, c, i, i - w, i / n
+            }'
+        done
+        echo
+        echo "User-space instructions of the serving process (Weir, all threads; nginx as one"
+        echo "process without a master) over the measured run, divided by the requests wrk counted."
+        echo "The kernel's share (the sockets) is not counted."
+    } >"$report"
+    mkdir -p bench/results
+    result="bench/results/instructions-$(date -u +%Y-%m-%dT%H%M%SZ).md"
+    cp "$report" "$result"
+    echo
+    cat "$report"
+    echo
+    echo "written to $result"
+    exit 0
+fi
 
 # --- wrk -----------------------------------------------------------------------------------
 # Same settings for every target. --timeout bounds a stuck request; the `timeout` watchdog
