@@ -974,6 +974,11 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// trailers` survives: gRPC needs it end to end and it is the one TE value h2 allows.
 /// `Content-Length` is left to hyper, which derives framing from the body it sends.
 pub fn strip_hop_by_hop(h: &mut HeaderMap, request: bool) {
+    // Most messages carry none of them: one pass over the names present (standard names
+    // compare as small integers) costs less than a hashed lookup per hop-by-hop name.
+    if !h.keys().any(|n| n == header::UPGRADE || HOP_BY_HOP.contains(n)) {
+        return;
+    }
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -1072,6 +1077,23 @@ mod tests {
         r.insert(header::TE, HeaderValue::from_static("trailers"));
         strip_hop_by_hop(&mut r, false);
         assert!(r.is_empty());
+    }
+
+    #[test]
+    fn end_to_end_headers_stay_and_a_lone_hop_by_hop_header_goes() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("a.example"));
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        let before = h.clone();
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h, before);
+        for name in HOP_BY_HOP.iter().chain([&header::UPGRADE]) {
+            let mut one = before.clone();
+            one.insert(name.clone(), HeaderValue::from_static("x"));
+            strip_hop_by_hop(&mut one, false);
+            assert_eq!(one, before, "{name} is stripped");
+        }
     }
 
     #[test]
