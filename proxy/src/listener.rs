@@ -4,11 +4,15 @@
 //! Plain listeners detect HTTP/2 by its prior-knowledge preface (h2c); TLS listeners follow
 //! ALPN. hyper's HTTP/1 header-read timeout only works with a timer, so every builder gets one.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use futures_util::task::AtomicWaker;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -228,31 +232,69 @@ async fn serve_http<I>(
     let force_close = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(force_close);
     let mut idle_closing = false;
-    loop {
-        tokio::select! {
-            r = c.as_mut() => {
-                if let Err(e) = r {
-                    tracing::debug!(listener = %conn.listener, client.addr = %conn.client, error = %e, "connection ended with error");
-                }
-                return;
+    let mut drained = std::pin::pin!(drain.changed());
+    // The drain signal, the idle tick and the forced close are polled with their own waker and
+    // only when it fired: the connection is woken a few times per request, and polling all
+    // three every time (as a `select!` does) cost more than a thousand instructions a request.
+    let side = Arc::new(SideWake::default());
+    let side_waker = Waker::from(side.clone());
+    std::future::poll_fn(|cx| loop {
+        side.task.register(cx.waker());
+        if let Poll::Ready(r) = c.as_mut().poll(cx) {
+            if let Err(e) = r {
+                tracing::debug!(listener = %conn.listener, client.addr = %conn.client, error = %e, "connection ended with error");
             }
-            _ = drain.changed(), if !closing => {
+            return Poll::Ready(());
+        }
+        if !side.due.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        let mut scx = Context::from_waker(&side_waker);
+        if !closing && drained.as_mut().poll(&mut scx).is_ready() {
+            closing = true;
+            c.as_mut().graceful_shutdown();
+        }
+        while !closing && tick.poll_tick(&mut scx).is_ready() {
+            if conn.idle_for().is_some_and(|d| d >= idle_timeout) {
+                tracing::debug!(listener = %conn.listener, client.addr = %conn.client, "closing idle connection");
                 closing = true;
+                idle_closing = true;
+                force_close.as_mut().reset(tokio::time::Instant::now() + crate::limits::IDLE_CLOSE_GRACE);
                 c.as_mut().graceful_shutdown();
             }
-            _ = tick.tick(), if !closing => {
-                if conn.idle_for().is_some_and(|d| d >= idle_timeout) {
-                    tracing::debug!(listener = %conn.listener, client.addr = %conn.client, "closing idle connection");
-                    closing = true;
-                    idle_closing = true;
-                    force_close.as_mut().reset(tokio::time::Instant::now() + crate::limits::IDLE_CLOSE_GRACE);
-                    c.as_mut().graceful_shutdown();
-                }
-            }
-            _ = &mut force_close, if idle_closing => {
-                tracing::debug!(listener = %conn.listener, client.addr = %conn.client, "idle connection did not close in time; dropping it");
-                return;
-            }
         }
+        if idle_closing && force_close.as_mut().poll(&mut scx).is_ready() {
+            tracing::debug!(listener = %conn.listener, client.addr = %conn.client, "idle connection did not close in time; dropping it");
+            return Poll::Ready(());
+        }
+        // Round again: a shutdown just asked for needs the connection polled.
+    })
+    .await
+}
+
+/// The waker of a connection's side events: notes that one is due and wakes the task.
+struct SideWake {
+    due: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Default for SideWake {
+    fn default() -> SideWake {
+        // Due at first, so every side future is polled once and registers.
+        SideWake {
+            due: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        }
+    }
+}
+
+impl Wake for SideWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.due.store(true, Ordering::Release);
+        self.task.wake();
     }
 }
