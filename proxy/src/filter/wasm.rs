@@ -246,7 +246,10 @@ pub struct WasmFilter {
     config_json: String,
     limits: FilterLimits,
     shared: Arc<FilterShared>,
-    idle: Mutex<Vec<Instance>>,
+    /// Boxed: an instance moves in and out of the pool and through every phase call's future;
+    /// as a pointer that is 8 bytes, not the store and the export table.
+    #[allow(clippy::vec_box)]
+    idle: Mutex<Vec<Box<Instance>>>,
     live: AtomicUsize,
     metrics: Arc<Metrics>,
     /// Phases the filter said it does not implement (bit per phase): never called again.
@@ -305,7 +308,7 @@ fn classify(e: &wasmtime::Error) -> &'static str {
 }
 
 impl WasmFilter {
-    async fn instantiate(&self) -> Result<(Instance, wt::Capabilities), FilterError> {
+    async fn instantiate(&self) -> Result<(Box<Instance>, wt::Capabilities), FilterError> {
         let limits = StoreLimitsBuilder::new()
             .memory_size(self.limits.memory)
             .instances(64)
@@ -360,7 +363,7 @@ impl WasmFilter {
         {
             Ok(Ok(caps)) => {
                 self.live.fetch_add(1, Ordering::Relaxed);
-                Ok((Instance { store, exports }, caps))
+                Ok((Box::new(Instance { store, exports }), caps))
             }
             Ok(Err(msg)) => Err(FilterError {
                 kind: "config",
@@ -370,7 +373,7 @@ impl WasmFilter {
         }
     }
 
-    async fn checkout(&self) -> Result<Instance, FilterError> {
+    async fn checkout(&self) -> Result<Box<Instance>, FilterError> {
         if let Some(i) = self.idle.lock().expect("idle lock").pop() {
             return Ok(i);
         }
@@ -392,7 +395,7 @@ impl WasmFilter {
         Ok(())
     }
 
-    fn checkin(&self, i: Instance) {
+    fn checkin(&self, i: Box<Instance>) {
         self.idle.lock().expect("idle lock").push(i);
     }
 
@@ -445,7 +448,7 @@ impl WasmFilter {
     }
 
     /// Returns a healthy instance to the pool; drops and counts a failed one.
-    fn finish(&self, inst: Instance, result: wasmtime::Result<Answer>) -> Result<Answer, FilterError> {
+    fn finish(&self, inst: Box<Instance>, result: wasmtime::Result<Answer>) -> Result<Answer, FilterError> {
         match result {
             Ok(answer) => {
                 self.checkin(inst);
