@@ -46,6 +46,35 @@ const REFUSED: &[&str] = &[
     "host",
 ];
 
+/// The bytes of an RFC 9110 token (a header name), as a table: one load per byte.
+const TOKEN: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'!' | b'#'
+                    | b'$'
+                    | b'%'
+                    | b'&'
+                    | b'\''
+                    | b'*'
+                    | b'+'
+                    | b'-'
+                    | b'.'
+                    | b'^'
+                    | b'_'
+                    | b'`'
+                    | b'|'
+                    | b'~'
+            );
+        b += 1;
+    }
+    t
+};
+
 /// Parses a header name from a guest and refuses the ones the proxy manages.
 pub fn guest_header_name(name: &str) -> Result<HeaderName, Error> {
     check_guest_header_name(name)?;
@@ -57,8 +86,7 @@ pub fn guest_header_name(name: &str) -> Result<HeaderName, Error> {
 /// Without making a `HeaderName` (which copies a name that is not a standard one), so
 /// removals, which look names up by `&str`, check names exactly as setting does.
 fn check_guest_header_name(name: &str) -> Result<(), Error> {
-    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
-    if name.is_empty() || name.len() > u16::MAX as usize || !name.bytes().all(token) {
+    if name.is_empty() || name.len() > u16::MAX as usize || !name.bytes().all(|b| TOKEN[b as usize]) {
         return Err(Error::Invalid(format!("invalid header name {name:?}")));
     }
     if let Some(r) = REFUSED.iter().find(|r| name.eq_ignore_ascii_case(r)) {
@@ -181,8 +209,11 @@ impl HostState {
 }
 
 /// Sets (or appends) a header a guest named, after checking name and value.
-fn put(h: &mut http::HeaderMap, name: &str, value: &[u8], append: bool) -> Result<(), Error> {
-    let (n, v) = (guest_header_name(name)?, guest_header_value(value)?);
+fn put(h: &mut http::HeaderMap, name: &str, value: Vec<u8>, append: bool) -> Result<(), Error> {
+    let n = guest_header_name(name)?;
+    // The value the guest's call lifted becomes the header's bytes: no second copy.
+    let v = HeaderValue::from_maybe_shared(bytes::Bytes::from(value))
+        .map_err(|_| Error::Invalid("invalid header value".into()))?;
     if append {
         h.append(n, v);
     } else {
@@ -265,10 +296,10 @@ impl wreq::Host for HostState {
             .unwrap_or_default()
     }
     fn set_header(&mut self, name: String, value: Vec<u8>) -> Result<(), Error> {
-        put(&mut self.request_mut()?.headers, &name, &value, false)
+        put(&mut self.request_mut()?.headers, &name, value, false)
     }
     fn append_header(&mut self, name: String, value: Vec<u8>) -> Result<(), Error> {
-        put(&mut self.request_mut()?.headers, &name, &value, true)
+        put(&mut self.request_mut()?.headers, &name, value, true)
     }
     fn remove_header(&mut self, name: String) -> Result<(), Error> {
         take(&mut self.request_mut()?.headers, &name)
@@ -333,10 +364,10 @@ impl wresp::Host for HostState {
             .unwrap_or_default()
     }
     fn set_header(&mut self, name: String, value: Vec<u8>) -> Result<(), Error> {
-        put(&mut self.response_mut()?.headers, &name, &value, false)
+        put(&mut self.response_mut()?.headers, &name, value, false)
     }
     fn append_header(&mut self, name: String, value: Vec<u8>) -> Result<(), Error> {
-        put(&mut self.response_mut()?.headers, &name, &value, true)
+        put(&mut self.response_mut()?.headers, &name, value, true)
     }
     fn remove_header(&mut self, name: String) -> Result<(), Error> {
         take(&mut self.response_mut()?.headers, &name)
