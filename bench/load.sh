@@ -183,13 +183,25 @@ wait_ok() {
     done
 }
 
-# Distinct free loopback ports: bind them all at once to port 0 so they differ.
+# Distinct free loopback ports, below the kernel's ephemeral range: a port handed out by
+# binding to port 0 and released comes from that range, where an outgoing connection (or one
+# still in TIME_WAIT) can take it before the server binds it; seen as "Address already in use".
 read -r UP_PORT WEIR_PORT ADMIN_PORT NGINX_PORT WEIR1_PORT WEIR3_PORT WEIRG_PORT NGINXG_PORT < <(python3 -c '
-import socket
-socks = [socket.socket() for _ in range(8)]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(*(s.getsockname()[1] for s in socks))
+import random, socket
+low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+ports, socks = [], []
+while len(ports) < 8:
+    p = random.randrange(10000, max(low, 10001))
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", p))
+    except OSError:
+        s.close()
+        continue
+    if p not in ports:
+        ports.append(p)
+        socks.append(s)
+print(*ports)
 ')
 
 # --- upstream ------------------------------------------------------------------------------
