@@ -7,14 +7,14 @@ use weir_tests::client::Client;
 use weir_tests::proxy::{TestProxy, ADMIN};
 use weir_tests::upstream::Upstream;
 
-async fn free_addr() -> std::net::SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap()
+/// A loopback address nothing listens on (yet).
+fn free_addr() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], weir_tests::unused_port()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn down_then_back() {
-    let addr = free_addr().await; // nothing listens there now
+    let addr = free_addr(); // nothing listens there now
     let toml = format!(
         r#"{ADMIN}
 [[listeners]]
@@ -68,7 +68,7 @@ connect_timeout = "500ms"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_failures_fall_over_to_a_live_endpoint() {
-    let dead = free_addr().await;
+    let dead = free_addr();
     let up = Upstream::http1("alive").start().await;
     let toml = format!(
         r#"{ADMIN}

@@ -319,14 +319,6 @@ async fn a_configmap_symlink_swap_reloads_config_and_filter() {
     );
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_changes_move_listeners_and_rotate_certificates() {
     let pki = Pki::new("rotate");
@@ -337,7 +329,7 @@ async fn config_changes_move_listeners_and_rotate_certificates() {
     std::fs::copy(&first.cert, served.join("cert.pem")).unwrap();
     std::fs::copy(&first.key, served.join("key.pem")).unwrap();
     let up = Upstream::http1("up").start().await;
-    let (p1, p2) = (free_port(), free_port());
+    let (p1, p2) = (weir_tests::unused_port(), weir_tests::unused_port());
     let toml = |port: u16| {
         format!(
             "{ADMIN}\n[[listeners]]\nname = \"tls\"\naddress = \"127.0.0.1:{port}\"\n\

@@ -43,6 +43,29 @@ where
         .to_bytes())
 }
 
+/// A free loopback port below the kernel's ephemeral range, never handed out twice in one test
+/// process: for a test that must name a port before anything listens on it (a dead endpoint,
+/// a listener a reload moves, a registry that restarts). A port got by binding port 0 and
+/// releasing it comes from the ephemeral range, where an outgoing connection or another
+/// test's port-0 bind can take it the moment it is free.
+pub fn unused_port() -> u16 {
+    use rand::Rng;
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768)
+        .max(10_001);
+    let mut given = GIVEN.lock().unwrap();
+    loop {
+        let p = rand::thread_rng().gen_range(10_000..low);
+        if !given.contains(&p) && std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            given.push(p);
+            return p;
+        }
+    }
+}
+
 /// Installs the ring crypto provider and a test log subscriber once.
 pub fn init() {
     weir::tls::install_default_provider();

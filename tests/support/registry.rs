@@ -42,13 +42,7 @@ impl TestRegistry {
             .find(|p| Path::new(p).exists())
             .expect("docker-registry missing: `apt-get install docker-registry` (the test command does)");
         let dir = tempfile::tempdir().unwrap();
-        let port = port.unwrap_or_else(|| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        });
+        let port = port.unwrap_or_else(crate::unused_port);
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let hash = bcrypt::hash(PASSWORD, 5).unwrap();
         std::fs::write(dir.path().join("htpasswd"), format!("{USER}:{hash}\n")).unwrap();
