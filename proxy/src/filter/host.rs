@@ -95,9 +95,11 @@ fn check_guest_header_name(name: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// Parses a header value from a guest.
-pub fn guest_header_value(v: &[u8]) -> Result<HeaderValue, Error> {
-    HeaderValue::from_bytes(v).map_err(|_| Error::Invalid("invalid header value".into()))
+/// Parses a header value from a guest. An owned value (what a guest's call lifted) becomes
+/// the header's bytes without a second copy.
+pub fn guest_header_value(v: impl Into<Vec<u8>>) -> Result<HeaderValue, Error> {
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(v.into()))
+        .map_err(|_| Error::Invalid("invalid header value".into()))
 }
 
 /// What every instance of one filter shares.
@@ -210,10 +212,7 @@ impl HostState {
 
 /// Sets (or appends) a header a guest named, after checking name and value.
 fn put(h: &mut http::HeaderMap, name: &str, value: Vec<u8>, append: bool) -> Result<(), Error> {
-    let n = guest_header_name(name)?;
-    // The value the guest's call lifted becomes the header's bytes: no second copy.
-    let v = HeaderValue::from_maybe_shared(bytes::Bytes::from(value))
-        .map_err(|_| Error::Invalid("invalid header value".into()))?;
+    let (n, v) = (guest_header_name(name)?, guest_header_value(value)?);
     if append {
         h.append(n, v);
     } else {
@@ -904,7 +903,7 @@ impl outbound::Host for HostState {
             .map_err(|_| format!("invalid path {:?}", request.path))?;
         for h in &request.headers {
             guest_header_name(&h.name).map_err(|e| format!("{e:?}"))?;
-            guest_header_value(&h.value).map_err(|e| format!("{e:?}"))?;
+            guest_header_value(h.value.as_slice()).map_err(|e| format!("{e:?}"))?;
         }
         let shared = self.shared.clone();
         if shared.sends.fetch_add(1, Ordering::Relaxed) >= MAX_SENDS_IN_FLIGHT {
@@ -948,7 +947,7 @@ async fn outbound_call(
     let mut b = http::Request::builder().method(method);
     for h in &r.headers {
         let n = guest_header_name(&h.name).map_err(|e| format!("{e:?}"))?;
-        let v = guest_header_value(&h.value).map_err(|e| format!("{e:?}"))?;
+        let v = guest_header_value(h.value.as_slice()).map_err(|e| format!("{e:?}"))?;
         b = b.header(n, v);
     }
     let path: http::uri::PathAndQuery = r.path.parse().map_err(|_| format!("invalid path {:?}", r.path))?;

@@ -583,7 +583,7 @@ impl WasmFilter {
                 for h in r.headers {
                     let n = guest_header_name(&h.name).map_err(|e| invalid(format!("{e:?}")))?;
                     let v: HeaderValue =
-                        guest_header_value(&h.value).map_err(|e| invalid(format!("{e:?}")))?;
+                        guest_header_value(h.value).map_err(|e| invalid(format!("{e:?}")))?;
                     resp.headers_mut().append(n, v);
                 }
                 Ok(Action::Respond(resp))
