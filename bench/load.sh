@@ -27,6 +27,8 @@
 #   WARMUP=2s        unmeasured run before each measured one (warms pools, caches, CPU clocks)
 #   PIN=1            pin the load generator to the last CPU and the servers to the others
 #   SKIP_BUILD=1     use the release binaries already built instead of running cargo
+#   KEEP_DUMPS=DIR   with --instructions: keep each target's callgrind dump in DIR
+#                    (callgrind_annotate DIR/weir.callgrind shows where the instructions go)
 #
 # It prints a Markdown table and writes the same report to bench/results/load-<date>.md.
 # It is a manual tool: never part of the test suite (numbers depend on the machine).
@@ -44,10 +46,11 @@ WORKERS="${WORKERS:-1}"
 WARMUP="${WARMUP:-2s}"
 PIN="${PIN:-0}"
 SKIP_BUILD="${SKIP_BUILD:-0}"
+KEEP_DUMPS="${KEEP_DUMPS:-}"
 H2=0
 INSTR=0
 
-usage() { sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; }
 
 for arg in "$@"; do
     case "$arg" in
@@ -183,9 +186,8 @@ wait_ok() {
     done
 }
 
-# Distinct free loopback ports, below the kernel's ephemeral range: a port handed out by
-# binding to port 0 and released comes from that range, where an outgoing connection (or one
-# still in TIME_WAIT) can take it before the server binds it; seen as "Address already in use".
+# Distinct free loopback ports, below the kernel's ephemeral range (where a port handed out by
+# binding to port 0 comes from, and where any outgoing connection may take it next).
 read -r UP_PORT WEIR_PORT ADMIN_PORT NGINX_PORT WEIR1_PORT WEIR3_PORT WEIRG_PORT NGINXG_PORT < <(python3 -c '
 import random, socket
 low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
@@ -201,7 +203,11 @@ while len(ports) < 8:
     if p not in ports:
         ports.append(p)
         socks.append(s)
-print(*ports)
+# Closed before the ports are printed: the servers start as soon as the line is read, and a
+# socket still bound here (until this process exits) makes their bind fail.
+for s in socks:
+    s.close()
+print(*ports, flush=True)
 ')
 
 # --- upstream ------------------------------------------------------------------------------
@@ -387,6 +393,10 @@ if ((INSTR)); then
         [[ -n "$total" && "${n:-0}" -gt 0 ]] || die "$name: no count (dump $dump)"
         NREQ[$name]="$n"
         INS[$name]=$((total / n))
+        if [[ -n "$KEEP_DUMPS" ]]; then
+            mkdir -p "$KEEP_DUMPS"
+            cp "$dump" "$KEEP_DUMPS/$name.callgrind"
+        fi
         rm -f "$dump"
     }
     count_target weir "http://127.0.0.1:$WEIR_PORT/" "$WEIR_PID"
