@@ -56,6 +56,34 @@ async fn idle_connections_are_closed() {
     assert!(r.is_ok(), "an idle keep-alive connection must be closed");
 }
 
+/// A connection the idle timeout asked to close but that cannot close gracefully (its request
+/// head never completes) is dropped after the grace period, long before the header timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_that_does_not_close_is_dropped_after_the_grace() {
+    let up = Upstream::http1("up").start().await;
+    let proxy = start_one_route(
+        up.addr,
+        r#"limits = { idle_timeout = "300ms", header_read_timeout = "60s" }"#,
+        "",
+    )
+    .await;
+    let mut c = tokio::net::TcpStream::connect(proxy.addr("web")).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Half: ")
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let mut rest = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(15), c.read_to_end(&mut rest)).await;
+    assert!(r.is_ok(), "the connection must be dropped");
+    let took = t.elapsed();
+    // Idle timeout (300 ms, checked every 75 ms) plus the 5 s grace; the header timeout is 60 s.
+    assert!(
+        took >= Duration::from_secs(4) && took < Duration::from_secs(12),
+        "dropped after {took:?}"
+    );
+    assert_eq!(up.hits(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connection_cap_holds_new_connections_until_one_closes() {
     let up = Upstream::http1("up").start().await;
