@@ -1,9 +1,11 @@
 //! Project tasks, so a fresh machine needs only cargo:
 //!
-//! - `cargo xtask demo` (alias `cargo demo`): builds Weir and the demo upstream, starts two
-//!   demo upstreams and Weir with `examples/quickstart/weir.toml`, until Ctrl-C.
+//! - `cargo xtask demo` (alias `cargo demo`): builds Weir, the demo upstream and the hello
+//!   filter (`examples/hello-filter`, into `examples/quickstart/filters/`), starts two demo
+//!   upstreams and Weir with `examples/quickstart/weir.toml`, until Ctrl-C.
 //! - `cargo xtask test`: installs what the tests need, checks formatting and lints, builds the
-//!   `weir` binary (the end-to-end tests run it) and runs every test of the workspace.
+//!   `weir` binary (the end-to-end tests run it), runs every test of the workspace, and
+//!   checks the quickstart config with the filter `cargo demo` builds.
 //! - `cargo xtask bench`: the load bench (`bench/load.sh`): direct vs Weir vs nginx.
 
 use std::path::{Path, PathBuf};
@@ -121,7 +123,39 @@ fn test(extra: &[String]) -> Result<()> {
     // --workspace` builds it for weir's own integration test. No separate `cargo build -p
     // weir`: its feature unification differs from the workspace's, and it built wasmtime's
     // whole tree a second time.
-    run_tests(cargo().args(["test", "--workspace"]).args(extra))
+    run_tests(cargo().args(["test", "--workspace"]).args(extra))?;
+    // The README's first command: the quickstart config must load with what `cargo demo`
+    // builds (it once named a filter file nothing built).
+    quickstart_filters()?;
+    run(Command::new(target_dir().join("debug/weir"))
+        .args(["check", "-c"])
+        .arg(root().join("examples/quickstart/weir.toml")))
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root().join("target"))
+}
+
+/// Builds the hello filter for wasm32-wasip2 as its README shows and drops it where the
+/// quickstart config loads filters from (`examples/quickstart/filters/`, git-ignored).
+fn quickstart_filters() -> Result<()> {
+    ensure_wasm_target()?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "--target",
+        "wasm32-wasip2",
+        "-p",
+        "hello-filter",
+    ]))?;
+    let built = target_dir().join("wasm32-wasip2/release/hello_filter.wasm");
+    let dir = root().join("examples/quickstart/filters");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::copy(&built, dir.join("hello_filter.wasm"))
+        .with_context(|| format!("cannot copy {} into {}", built.display(), dir.display()))?;
+    Ok(())
 }
 
 /// Runs `cargo test`, echoing its output, and ends with one total line (`N passed, N failed`):
@@ -173,12 +207,9 @@ impl Drop for Children {
 
 fn demo() -> Result<()> {
     ensure_packages(&[("curl", "curl")])?;
-    ensure_wasm_target()?;
     run(cargo().args(["build", "-p", "weir", "-p", "weir-demo-upstream"]))?;
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root().join("target"));
-    let bin = target.join("debug");
+    quickstart_filters()?;
+    let bin = target_dir().join("debug");
     let mut children = Children(Vec::new());
     for (port, name) in [(9001, "one"), (9002, "two")] {
         children.0.push(
