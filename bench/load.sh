@@ -49,13 +49,15 @@ SKIP_BUILD="${SKIP_BUILD:-0}"
 KEEP_DUMPS="${KEEP_DUMPS:-}"
 H2=0
 INSTR=0
+# How long a server may take to answer its first request (wait_ok).
+WAIT_S=10
 
 usage() { sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; }
 
 for arg in "$@"; do
     case "$arg" in
         --h2) H2=1 ;;
-        --instructions) INSTR=1 ;;
+        --instructions) INSTR=1 WAIT_S=300 ;; # under valgrind, start-up takes minutes
         -h | --help) usage; exit 0 ;;
         *) echo "load.sh: unknown argument: $arg (try --help)" >&2; exit 2 ;;
     esac
@@ -171,13 +173,24 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
+# The report's commit line: the short hash, and whether the tree had local changes.
+commit_line() {
+    local rev
+    if rev="$(git rev-parse --short HEAD 2>/dev/null)"; then
+        git diff --quiet HEAD 2>/dev/null || rev="$rev (with local changes)"
+    else
+        rev=unknown
+    fi
+    echo "- commit: $rev"
+}
+
 # Shows the tail of a server's log when something goes wrong with it.
 show_log() { echo "--- last lines of $1:" >&2; tail -n 20 "$1" >&2 || true; }
 
-# Polls URL until it answers 200; gives up after WAIT_S seconds (default 10) or as soon as
-# process PID has died.
+# Polls URL until it answers 200; gives up after WAIT_S seconds or as soon as process PID has
+# died.
 wait_ok() {
-    local url="$1" pid="$2" logf="$3" wait_s="${WAIT_S:-10}"
+    local url="$1" pid="$2" logf="$3" wait_s="$WAIT_S"
     local deadline=$((SECONDS + wait_s))
     until curl -fsS -o /dev/null --max-time 1 "$url" 2>/dev/null; do
         if ! kill -0 "$pid" 2>/dev/null; then show_log "$logf"; die "process for $url exited"; fi
@@ -290,11 +303,9 @@ else
 fi
 PIDS+=("$!")
 WEIR_PID="$!"
-((INSTR)) && WAIT_S=300
-WAIT_S="${WAIT_S:-10}" wait_ok "http://127.0.0.1:$ADMIN_PORT/ready" "$WEIR_PID" "$TMP/weir.log"
+wait_ok "http://127.0.0.1:$ADMIN_PORT/ready" "$WEIR_PID" "$TMP/weir.log"
 # Ready is not enough: check a request really goes through to the upstream.
-WAIT_S="${WAIT_S:-10}" wait_ok "http://127.0.0.1:$WEIR_PORT/" "$WEIR_PID" "$TMP/weir.log"
-
+wait_ok "http://127.0.0.1:$WEIR_PORT/" "$WEIR_PID" "$TMP/weir.log"
 
 # --- nginx ---------------------------------------------------------------------------------
 # The equivalent reverse proxy: same worker count, keep-alive to the upstream (HTTP/1.1 and
@@ -365,7 +376,7 @@ else
 fi
 PIDS+=("$!")
 NGINX_PID="$!"
-WAIT_S="${WAIT_S:-10}" wait_ok "http://127.0.0.1:$NGINX_PORT/" "$!" "$TMP/nginx/error.log"
+wait_ok "http://127.0.0.1:$NGINX_PORT/" "$!" "$TMP/nginx/error.log"
 
 # --- instructions (--instructions) -----------------------------------------------------------
 if ((INSTR)); then
@@ -411,9 +422,7 @@ if ((INSTR)); then
     {
         echo "# Instructions per request, $(date -u '+%Y-%m-%d %H:%M UTC')"
         echo
-        rev="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-        git diff --quiet HEAD 2>/dev/null || rev="$rev (with local changes)"
-        echo "- commit: $rev"
+        commit_line
         echo "- $(valgrind --version), Weir under callgrind (filters without the pooling allocator)"
         echo "- each target: wrk -t1 -c1 -d $DURATION after a $WARMUP warm-up"
         echo
@@ -563,12 +572,7 @@ report="$TMP/report.md"
 {
     echo "# Load bench, $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo
-    if rev="$(git rev-parse --short HEAD 2>/dev/null)"; then
-        git diff --quiet HEAD 2>/dev/null || rev="$rev (with local changes)"
-    else
-        rev=unknown
-    fi
-    echo "- commit: $rev"
+    commit_line
     echo "- machine: $(nproc) CPUs, $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo 2>/dev/null || echo unknown CPU), Linux $(uname -r)"
     echo "- tools: $(wrk --version 2>&1 | awk 'NR == 1 { print $1, $2 }'), $(nginx -v 2>&1 | sed 's/^nginx version: //')"
     echo "- settings: DURATION=$DURATION CONNECTIONS=$CONNECTIONS THREADS=$THREADS WORKERS=$WORKERS WARMUP=$WARMUP PIN=$PIN"
