@@ -90,7 +90,7 @@ use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
-use subtle::{ConditionallySelectable, ConstantTimeEq};
+use subtle::ConditionallySelectable;
 use weir_sdk::config::parse_duration;
 use weir_sdk::{log, metrics, props, state, Action, Filter, Request, Response};
 
@@ -845,7 +845,7 @@ impl ApiKeys {
         let mut found = subtle::Choice::from(0);
         let mut index = 0u32;
         for (i, h) in self.hashes.iter().enumerate() {
-            let eq = h.ct_eq(digest);
+            let eq = digests_equal(h, digest);
             index.conditional_assign(&(i as u32), eq);
             found |= eq;
         }
@@ -882,6 +882,22 @@ impl ApiKeys {
             )),
         }
     }
+}
+
+/// Whether two digests are equal, in constant time: the difference of the four words is
+/// folded into one bit without a data-dependent branch, and `Choice` hides that bit from the
+/// optimiser. (`subtle`'s slice `ct_eq` puts an optimisation barrier on every byte: 32 of them
+/// per key per request.)
+fn digests_equal(a: &[u8; 32], b: &[u8; 32]) -> subtle::Choice {
+    let mut diff = 0u64;
+    for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        let x = u64::from_le_bytes(x.try_into().expect("8 bytes"));
+        let y = u64::from_le_bytes(y.try_into().expect("8 bytes"));
+        diff |= x ^ y;
+    }
+    // 1 when diff is 0: only then is neither diff nor its negation's top bit set.
+    let zero = ((diff | diff.wrapping_neg()) >> 63) ^ 1;
+    subtle::Choice::from(zero as u8)
 }
 
 fn hex(b: &[u8]) -> String {
@@ -1503,6 +1519,20 @@ mod tests {
             ));
             assert!(last_log().contains(why), "{why}: {}", last_log());
         }
+    }
+
+    #[test]
+    fn digests_are_equal_only_when_every_bit_is() {
+        let a: [u8; 32] = Sha256::digest(b"key-one").into();
+        assert!(bool::from(digests_equal(&a, &a)));
+        for byte in 0..32 {
+            for bit in [0, 7] {
+                let mut b = a;
+                b[byte] ^= 1 << bit;
+                assert!(!bool::from(digests_equal(&a, &b)), "byte {byte} bit {bit}");
+            }
+        }
+        assert!(!bool::from(digests_equal(&[0; 32], &[0xff; 32])));
     }
 
     #[test]
