@@ -71,38 +71,33 @@ impl SharedState {
         self.shards[i].lock().expect("state lock")
     }
 
-    /// The live entry of `key`; an expired one is dropped on the way.
-    fn live<'m>(
-        &self,
-        map: &'m mut HashMap<String, Entry>,
-        key: &str,
-        now: Instant,
-    ) -> Option<&'m mut Entry> {
-        if map.get(key).is_some_and(|e| e.expired(now)) {
-            map.remove(key);
-            self.len.fetch_sub(1, Ordering::Relaxed);
-            return None;
-        }
-        map.get_mut(key)
-    }
-
+    /// Writes `key`: in place when it exists (one hashed lookup: a write to a key that
+    /// exists is what a rate limit does on every request), else as a new key under the bound.
+    /// An expired entry counts as absent for `guard` and its slot is reused.
     fn write(
         &self,
         map: &mut HashMap<String, Entry>,
         key: String,
+        guard: Option<Option<u64>>,
         value: Vec<u8>,
         ttl: Option<Duration>,
         now: Instant,
-    ) -> Result<(), Full> {
-        let version = self.next_version.fetch_add(1, Ordering::Relaxed) + 1;
+    ) -> Result<bool, Full> {
         let expires = ttl.map(|d| now + d);
         if let Some(e) = map.get_mut(key.as_str()) {
+            let current = (!e.expired(now)).then_some(e.version);
+            if guard.is_some_and(|expected| current != expected) {
+                return Ok(false);
+            }
             *e = Entry {
                 value,
-                version,
+                version: self.next_version.fetch_add(1, Ordering::Relaxed) + 1,
                 expires,
             };
-            return Ok(());
+            return Ok(true);
+        }
+        if guard.is_some_and(|expected| expected.is_some()) {
+            return Ok(false);
         }
         if self.len.fetch_add(1, Ordering::Relaxed) >= MAX_ENTRIES {
             self.len.fetch_sub(1, Ordering::Relaxed);
@@ -112,11 +107,11 @@ impl SharedState {
             key,
             Entry {
                 value,
-                version,
+                version: self.next_version.fetch_add(1, Ordering::Relaxed) + 1,
                 expires,
             },
         );
-        Ok(())
+        Ok(true)
     }
 
     /// Drops every expired entry, one shard at a time (never two locks at once).
@@ -145,8 +140,16 @@ impl SharedState {
     /// The value and version of a key, if present and not expired.
     pub fn get(&self, key: &str) -> Option<(Vec<u8>, u64)> {
         let mut map = self.shard(key);
-        self.live(&mut map, key, Instant::now())
-            .map(|e| (e.value.clone(), e.version))
+        let now = Instant::now();
+        match map.get(key) {
+            Some(e) if !e.expired(now) => Some((e.value.clone(), e.version)),
+            Some(_) => {
+                map.remove(key);
+                self.len.fetch_sub(1, Ordering::Relaxed);
+                None
+            }
+            None => None,
+        }
     }
 
     /// Writes a key.
@@ -178,23 +181,15 @@ impl SharedState {
         Self::check_size(&value)?;
         let now = Instant::now();
         let mut map = self.shard(&key);
-        let current = self.live(&mut map, &key, now).map(|e| e.version);
-        if guard.is_some_and(|expected| current != expected) {
-            return Ok(false);
-        }
-        let Err(Full(key, value)) = self.write(&mut map, key, value, ttl, now) else {
-            return Ok(true);
+        let (key, value) = match self.write(&mut map, key, guard, value, ttl, now) {
+            Ok(wrote) => return Ok(wrote),
+            Err(Full(key, value)) => (key, value),
         };
         drop(map);
         self.purge(now);
         let mut map = self.shard(&key);
-        // Someone may have written the key meanwhile: compare again.
-        let current = self.live(&mut map, &key, now).map(|e| e.version);
-        if guard.is_some_and(|expected| current != expected) {
-            return Ok(false);
-        }
-        self.write(&mut map, key, value, ttl, now)
-            .map(|()| true)
+        // Someone may have written the key meanwhile: `write` compares again.
+        self.write(&mut map, key, guard, value, ttl, now)
             .map_err(|_| Self::full())
     }
 
@@ -231,6 +226,19 @@ mod tests {
             .unwrap();
         std::thread::sleep(Duration::from_millis(5));
         assert!(s.get("t").is_none());
+        // An expired key is absent to compare-and-swap too, and its slot is written in place.
+        s.set("e".into(), b"x".to_vec(), Some(Duration::from_millis(20)))
+            .unwrap();
+        let (_, ver) = s.get("e").unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(
+            !s.compare_and_swap("e".into(), Some(ver), b"y".to_vec(), None).unwrap(),
+            "expired: no longer at its last version"
+        );
+        assert!(s.compare_and_swap("e".into(), None, b"y".to_vec(), None).unwrap());
+        assert_eq!(s.get("e").unwrap().0, b"y");
+        assert_eq!(s.len.load(Ordering::Relaxed), 2, "k and e, each counted once");
+        s.delete("e");
         s.delete("k");
         assert!(s.get("k").is_none());
         assert_eq!(s.len.load(Ordering::Relaxed), 0, "every key counted out");
