@@ -104,8 +104,23 @@ mod imp {
     pub fn prop_filter_name() -> String {
         pr::filter_name()
     }
+    /// Asked of the host once per level and instance: the answer holds for an instance's life
+    /// (see `enabled` in the WIT), and a filter that logs at debug on every request would
+    /// otherwise pay a host call per request to learn that debug is off.
     pub fn log_enabled(l: wt::LogLevel) -> bool {
-        lg::enabled(l)
+        use std::cell::Cell;
+        thread_local! {
+            /// Per level (bit 2i: known, bit 2i + 1: enabled).
+            static LEVELS: Cell<u16> = const { Cell::new(0) };
+        }
+        let shift = 2 * (l as u16);
+        let known = LEVELS.get();
+        if known & (1 << shift) != 0 {
+            return known & (2 << shift) != 0;
+        }
+        let on = lg::enabled(l);
+        LEVELS.set(known | (1 << shift) | (u16::from(on) << (shift + 1)));
+        on
     }
     pub fn log_write(l: wt::LogLevel, m: &str) {
         lg::write(l, m)

@@ -31,7 +31,8 @@ impl Level {
     }
 }
 
-/// Whether a level is enabled (skip building expensive messages).
+/// Whether a level is enabled (skip building expensive messages). Weir sets its levels when it
+/// starts; the answer is asked of the host once per level and instance, then remembered.
 pub fn enabled(level: Level) -> bool {
     host::log_enabled(level.wit())
 }
