@@ -40,8 +40,9 @@
 //!   claims (dotted paths reach into objects; arrays are joined with `,`).
 //! - `api_keys`: the key in `header` (default `x-api-key`) is hashed with SHA-256 and compared,
 //!   in constant time, with every configured `sha256` (make one with
-//!   `printf %s KEY | sha256sum`). The principal is `key:<name>` (names default to `key1`,
-//!   `key2`, ...); `name_header` forwards the name.
+//!   `printf %s KEY | sha256sum`); a key found valid is remembered by the instance (up to
+//!   1,024 keys) so its hash is computed once, not on every request. The principal is
+//!   `key:<name>` (names default to `key1`, `key2`, ...); `name_header` forwards the name.
 //! - `basic`: `Authorization: Basic ...` against `users`, each with a bcrypt hash (`$2a$`,
 //!   `$2b$`, `$2y$`; e.g. `htpasswd -nbBC 10 USER PASS`) or an Argon2 PHC string
 //!   (`$argon2id$...`). A verified password is remembered in the shared state for `cache_ttl`
@@ -792,7 +793,15 @@ struct ApiKeys {
     name_header: Option<String>,
     hashes: Vec<[u8; 32]>,
     names: Vec<String>,
+    /// Keys this instance has seen valid, with their index: SHA-256 runs once per key and
+    /// instance rather than on every request (it was the largest part of the filter's work).
+    /// Only valid keys are kept, so a lookup's timing tells no more than the answer does; at
+    /// most `SEEN_KEYS`, forgotten all at once when full; a config change replaces the instance.
+    seen: std::cell::RefCell<HashMap<Vec<u8>, usize>>,
 }
+
+/// Most valid keys one instance remembers (see `ApiKeys::seen`).
+const SEEN_KEYS: usize = 1024;
 
 fn parse_sha256_hex(field: &str, s: &str) -> Result<[u8; 32], String> {
     let s = s.trim();
@@ -837,6 +846,7 @@ impl ApiKeys {
                 .transpose()?,
             hashes,
             names,
+            seen: Default::default(),
         })
     }
 
@@ -859,9 +869,26 @@ impl ApiKeys {
         if key.is_empty() {
             return Outcome::Invalid(format!("empty {}", self.header));
         }
-        let digest: [u8; 32] = Sha256::digest(&key).into();
-        match self.find(&digest) {
-            Some(i) => {
+        let known = self.seen.borrow().get(key.as_slice()).copied();
+        let found = match known {
+            Some(i) => Ok(i),
+            None => {
+                let digest: [u8; 32] = Sha256::digest(&key).into();
+                match self.find(&digest) {
+                    Some(i) => {
+                        let mut seen = self.seen.borrow_mut();
+                        if seen.len() >= SEEN_KEYS {
+                            seen.clear();
+                        }
+                        seen.insert(key, i);
+                        Ok(i)
+                    }
+                    None => Err(digest),
+                }
+            }
+        };
+        match found {
+            Ok(i) => {
                 let name = self.names[i].clone();
                 Outcome::Valid(Authenticated {
                     headers: self
@@ -875,7 +902,7 @@ impl ApiKeys {
                     },
                 })
             }
-            None => Outcome::Invalid(format!(
+            Err(digest) => Outcome::Invalid(format!(
                 "unknown API key in {} (sha256 {}...)",
                 self.header,
                 hex(&digest[..4])
@@ -1550,6 +1577,33 @@ mod tests {
         request(&[("x-api-key", "key-two")]);
         assert_eq!(status(&f.on_request_headers()), 401);
         assert!(last_log().contains("unknown API key"), "{}", last_log());
+    }
+
+    #[test]
+    fn a_remembered_key_keeps_its_own_name_and_others_are_still_checked() {
+        let (one, two) = (hex(&Sha256::digest(b"key-one")), hex(&Sha256::digest(b"key-two")));
+        let f = TestFilter::<Auth>::new(
+            &json!({"api_keys": {"name_header": "x-client", "keys": [{"name": "one", "sha256": one}, {"name": "two", "sha256": two}]}})
+                .to_string(),
+        )
+        .unwrap();
+        for key in ["key-one", "key-two", "key-one", "key-two"] {
+            request(&[("x-api-key", key)]);
+            assert_eq!(f.on_request_headers(), Action::Continue, "{key}");
+            assert_eq!(
+                MockHost::request_header("x-client").as_deref(),
+                Some(&key[4..]),
+                "{key} is named as itself, also when remembered"
+            );
+        }
+        for key in ["key-on", "key-one ", "KEY-ONE", ""] {
+            request(&[("x-api-key", key)]);
+            assert_eq!(
+                status(&f.on_request_headers()),
+                401,
+                "{key:?} after key-one was remembered"
+            );
+        }
     }
 
     #[test]
