@@ -6,6 +6,125 @@ pub(crate) use crate::testing::imp::*;
 #[cfg(target_arch = "wasm32")]
 pub(crate) use imp::*;
 
+/// What the metrics series cache of the wasm build uses, here so it is unit-tested natively.
+#[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
+mod fast {
+    use std::hash::Hasher;
+
+    /// A word-at-a-time multiplicative hash (the Fx hash of rustc): a metric bump hashes
+    /// its name and labels on every call, and SipHash cost ten times as much. The keys
+    /// are the filter's own series, bounded by the host, and collisions are told apart by
+    /// comparing, so a weaker hash costs nothing but an extra comparison.
+    #[derive(Default)]
+    pub(crate) struct Fx(u64);
+
+    impl Fx {
+        fn add(&mut self, word: u64) {
+            self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+
+    impl Hasher for Fx {
+        fn write(&mut self, bytes: &[u8]) {
+            let mut chunks = bytes.chunks_exact(8);
+            for c in &mut chunks {
+                self.add(u64::from_le_bytes(c.try_into().expect("8 bytes")));
+            }
+            let rest = chunks.remainder();
+            if !rest.is_empty() {
+                let mut w = [0u8; 8];
+                w[..rest.len()].copy_from_slice(rest);
+                self.add(u64::from_le_bytes(w));
+            }
+        }
+        fn write_u8(&mut self, i: u8) {
+            self.add(u64::from(i));
+        }
+        fn write_usize(&mut self, i: usize) {
+            self.add(i as u64);
+        }
+        fn write_u64(&mut self, i: u64) {
+            self.add(i);
+        }
+        fn finish(&self) -> u64 {
+            self.0
+        }
+    }
+
+    /// The map's keys are already hashes: used as they are.
+    #[derive(Default)]
+    pub(crate) struct Identity(u64);
+
+    impl Hasher for Identity {
+        fn write(&mut self, bytes: &[u8]) {
+            for &b in bytes {
+                self.0 = (self.0 << 8) | u64::from(b);
+            }
+        }
+        fn write_u64(&mut self, i: u64) {
+            self.0 = i;
+        }
+        fn finish(&self) -> u64 {
+            self.0
+        }
+    }
+
+    /// String equality a word at a time: `==` calls wasi-libc's `memcmp`, a byte loop,
+    /// and a metric bump compares its name and every label with the cached ones.
+    pub(crate) fn eq(a: &str, b: &str) -> bool {
+        let (a, b) = (a.as_bytes(), b.as_bytes());
+        if a.len() != b.len() {
+            return false;
+        }
+        let (mut x, mut y) = (a.chunks_exact(8), b.chunks_exact(8));
+        let words = (&mut x).zip(&mut y).all(|(p, q)| {
+            u64::from_le_bytes(p.try_into().expect("8 bytes"))
+                == u64::from_le_bytes(q.try_into().expect("8 bytes"))
+        });
+        words && x.remainder().iter().zip(y.remainder()).all(|(p, q)| p == q)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use std::hash::Hash;
+
+        #[test]
+        fn equal_strings_of_every_length_around_a_word_compare_equal_and_any_changed_byte_does_not() {
+            let text = "abcdefghijklmnopqrstuvwxyz0123456789";
+            for len in 0..text.len() {
+                let a = &text[..len];
+                assert!(eq(a, &a.to_string()));
+                for i in 0..len {
+                    let mut b = a.as_bytes().to_vec();
+                    b[i] ^= 0x20;
+                    let b = String::from_utf8(b).unwrap();
+                    assert!(!eq(a, &b), "{a:?} vs {b:?}");
+                }
+                if len > 0 {
+                    assert!(!eq(a, &text[..len - 1]), "lengths differ");
+                }
+            }
+        }
+
+        #[test]
+        fn the_hash_tells_apart_what_the_cache_keys_by() {
+            let h = |name: &str, labels: &[(&str, &str)]| {
+                let mut f = Fx::default();
+                name.hash(&mut f);
+                labels.hash(&mut f);
+                f.finish()
+            };
+            let base = h("decisions", &[("result", "allowed")]);
+            assert_eq!(base, h("decisions", &[("result", "allowed")]));
+            assert_ne!(base, h("decisions", &[("result", "denied")]));
+            assert_ne!(base, h("decisions", &[("resul", "tallowed")]));
+            assert_ne!(base, h("decision", &[("result", "allowed")]));
+            assert_ne!(h("a", &[]), h("a", &[("", "")]));
+        }
+    }
+}
+
 #[cfg(target_arch = "wasm32")]
 mod imp {
     use crate::outbound::{OutboundRequest, OutboundResponse};
@@ -138,6 +257,7 @@ mod imp {
     /// The handles of the series this instance has named: looked up by a hash of kind, name
     /// and labels without allocating, named to the host on first use.
     mod series {
+        use super::super::fast::{eq, Fx, Identity};
         use super::{mt, wt};
         use std::cell::RefCell;
         use std::collections::HashMap;
@@ -148,64 +268,6 @@ mod imp {
             name: String,
             labels: Vec<(String, String)>,
             handle: u32,
-        }
-
-        /// A word-at-a-time multiplicative hash (the Fx hash of rustc): a metric bump hashes
-        /// its name and labels on every call, and SipHash cost ten times as much. The keys
-        /// are the filter's own series, bounded by the host, and collisions are told apart by
-        /// comparing, so a weaker hash costs nothing but an extra comparison.
-        #[derive(Default)]
-        struct Fx(u64);
-
-        impl Fx {
-            fn add(&mut self, word: u64) {
-                self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-            }
-        }
-
-        impl Hasher for Fx {
-            fn write(&mut self, bytes: &[u8]) {
-                let mut chunks = bytes.chunks_exact(8);
-                for c in &mut chunks {
-                    self.add(u64::from_le_bytes(c.try_into().expect("8 bytes")));
-                }
-                let rest = chunks.remainder();
-                if !rest.is_empty() {
-                    let mut w = [0u8; 8];
-                    w[..rest.len()].copy_from_slice(rest);
-                    self.add(u64::from_le_bytes(w));
-                }
-            }
-            fn write_u8(&mut self, i: u8) {
-                self.add(u64::from(i));
-            }
-            fn write_usize(&mut self, i: usize) {
-                self.add(i as u64);
-            }
-            fn write_u64(&mut self, i: u64) {
-                self.add(i);
-            }
-            fn finish(&self) -> u64 {
-                self.0
-            }
-        }
-
-        /// The map's keys are already hashes: used as they are.
-        #[derive(Default)]
-        struct Identity(u64);
-
-        impl Hasher for Identity {
-            fn write(&mut self, bytes: &[u8]) {
-                for &b in bytes {
-                    self.0 = (self.0 << 8) | u64::from(b);
-                }
-            }
-            fn write_u64(&mut self, i: u64) {
-                self.0 = i;
-            }
-            fn finish(&self) -> u64 {
-                self.0
-            }
         }
 
         type Handles = HashMap<u64, Vec<Named>, BuildHasherDefault<Identity>>;
@@ -222,12 +284,12 @@ mod imp {
             let hash = h.finish();
             let same = |n: &Named| {
                 n.kind == kind
-                    && n.name == name
+                    && eq(&n.name, name)
                     && n.labels.len() == labels.len()
                     && n.labels
                         .iter()
                         .zip(labels)
-                        .all(|((a, b), (c, d))| a == c && b == d)
+                        .all(|((a, b), (c, d))| eq(a, c) && eq(b, d))
             };
             let known = HANDLES.with(|m| {
                 m.borrow()
