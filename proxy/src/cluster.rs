@@ -50,6 +50,11 @@ pub fn parse_endpoint(s: &str) -> Result<(String, u16), String> {
     Ok((host.to_string(), port))
 }
 
+/// Clusters by name, as every request looks them up (routes, filters' `set-cluster`): keys
+/// from the config, hashed with foldhash (randomly seeded; lookups only, so nothing for a
+/// client to flood), which costs a fraction of SipHash on every request.
+pub type Clusters = std::collections::HashMap<Arc<str>, Arc<Cluster>, foldhash::fast::RandomState>;
+
 /// One upstream address of a cluster with its load, health and pooled connections.
 pub struct Endpoint {
     /// The resolved address.

@@ -39,9 +39,9 @@ use crate::tls::TlsInfo;
 /// it once and use the same snapshot for all their phases.
 pub struct Gateway {
     /// Clusters by name.
-    pub clusters: std::collections::HashMap<Arc<str>, Arc<Cluster>>,
+    pub clusters: crate::cluster::Clusters,
     /// Listener state by name.
-    pub listeners: std::collections::HashMap<Arc<str>, Arc<ListenerState>>,
+    pub listeners: std::collections::HashMap<Arc<str>, Arc<ListenerState>, foldhash::fast::RandomState>,
     /// Whether to write access-log lines.
     pub access_log: bool,
     /// Process metrics.
@@ -74,7 +74,7 @@ impl Gateway {
     pub fn assemble(
         config: &Config,
         metrics: &Arc<Metrics>,
-        clusters: std::collections::HashMap<Arc<str>, Arc<Cluster>>,
+        clusters: crate::cluster::Clusters,
         filters: &std::collections::HashMap<String, Arc<dyn crate::filter::Filter>>,
         native: &std::collections::HashMap<String, FilterChain>,
     ) -> Gateway {
@@ -86,7 +86,7 @@ impl Gateway {
                 })
                 .collect()
         };
-        let mut listeners = std::collections::HashMap::new();
+        let mut listeners = std::collections::HashMap::default();
         for l in &config.listeners {
             // The listener's chain: native filters handed in (embedders, tests), then Wasm.
             let native = native.get(&l.name).cloned().unwrap_or_default();

@@ -492,7 +492,7 @@ async fn build(
     keep_on_error: bool,
 ) -> anyhow::Result<(Gateway, Vec<String>)> {
     // Clusters: kept when their config and files are the same.
-    let mut clusters: HashMap<Arc<str>, Arc<Cluster>> = HashMap::new();
+    let mut clusters = crate::cluster::Clusters::default();
     let mut built_clusters = HashMap::new();
     for (name, c) in &config.clusters {
         let mut key = serde_json::to_string(c).unwrap_or_default();

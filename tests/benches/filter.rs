@@ -24,7 +24,7 @@ async fn load_with(
     name: &str,
     path: &str,
     json: &str,
-    clusters: Arc<std::collections::HashMap<Arc<str>, Arc<weir::cluster::Cluster>>>,
+    clusters: Arc<weir::cluster::Clusters>,
 ) -> WasmFilter {
     let shared = Arc::new(FilterShared::new(name.into(), clusters));
     let limits = FilterLimits {
@@ -159,7 +159,7 @@ fn filters(c: &mut Criterion) {
     )
     .unwrap();
     let up = weir::cluster::Cluster::new("up", &cfg.clusters["up"], &cfg, Arc::new(Metrics::new())).unwrap();
-    let clusters: Arc<std::collections::HashMap<Arc<str>, Arc<weir::cluster::Cluster>>> =
+    let clusters: Arc<weir::cluster::Clusters> =
         Arc::new([(Arc::from("up"), Arc::new(up))].into_iter().collect());
     let key = weir::filter::wasm::digest(b"bench-key");
     let key = key.strip_prefix("sha256:").expect("an OCI-style digest");

@@ -6,7 +6,7 @@
 //! values are parsed, hop-by-hop, framing and `host` headers are refused, clusters must
 //! exist, sizes are bounded; a bad value is an `error` answer to the guest, never a panic.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -111,14 +111,14 @@ pub struct FilterShared {
     /// Its metrics.
     pub metrics: Arc<FilterMetrics>,
     /// Clusters it may route to and call.
-    pub clusters: arc_swap::ArcSwap<HashMap<Arc<str>, Arc<Cluster>>>,
+    pub clusters: arc_swap::ArcSwap<crate::cluster::Clusters>,
     /// Fire-and-forget sends in flight (bounded).
     pub sends: std::sync::atomic::AtomicUsize,
 }
 
 impl FilterShared {
     /// A filter's shared parts: empty state, fresh metrics.
-    pub fn new(name: Arc<str>, clusters: Arc<HashMap<Arc<str>, Arc<Cluster>>>) -> FilterShared {
+    pub fn new(name: Arc<str>, clusters: Arc<crate::cluster::Clusters>) -> FilterShared {
         FilterShared {
             name,
             state: SharedState::default(),

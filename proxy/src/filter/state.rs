@@ -232,7 +232,8 @@ mod tests {
         let (_, ver) = s.get("e").unwrap();
         std::thread::sleep(Duration::from_millis(30));
         assert!(
-            !s.compare_and_swap("e".into(), Some(ver), b"y".to_vec(), None).unwrap(),
+            !s.compare_and_swap("e".into(), Some(ver), b"y".to_vec(), None)
+                .unwrap(),
             "expired: no longer at its last version"
         );
         assert!(s.compare_and_swap("e".into(), None, b"y".to_vec(), None).unwrap());
