@@ -9,64 +9,13 @@ pub(crate) use imp::*;
 /// What the metrics series cache of the wasm build uses, here so it is unit-tested natively.
 #[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 mod fast {
-    use std::hash::Hasher;
+    use std::hash::BuildHasher;
 
-    /// A word-at-a-time multiplicative hash (the Fx hash of rustc): a metric bump hashes
-    /// its name and labels on every call, and SipHash cost ten times as much. The keys
-    /// are the filter's own series, bounded by the host, and collisions are told apart by
-    /// comparing, so a weaker hash costs nothing but an extra comparison.
-    #[derive(Default)]
-    pub(crate) struct Fx(u64);
-
-    impl Fx {
-        fn add(&mut self, word: u64) {
-            self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-        }
-    }
-
-    impl Hasher for Fx {
-        fn write(&mut self, bytes: &[u8]) {
-            let mut chunks = bytes.chunks_exact(8);
-            for c in &mut chunks {
-                self.add(u64::from_le_bytes(c.try_into().expect("8 bytes")));
-            }
-            let rest = chunks.remainder();
-            if !rest.is_empty() {
-                let mut w = [0u8; 8];
-                w[..rest.len()].copy_from_slice(rest);
-                self.add(u64::from_le_bytes(w));
-            }
-        }
-        fn write_u8(&mut self, i: u8) {
-            self.add(u64::from(i));
-        }
-        fn write_usize(&mut self, i: usize) {
-            self.add(i as u64);
-        }
-        fn write_u64(&mut self, i: u64) {
-            self.add(i);
-        }
-        fn finish(&self) -> u64 {
-            self.0
-        }
-    }
-
-    /// The map's keys are already hashes: used as they are.
-    #[derive(Default)]
-    pub(crate) struct Identity(u64);
-
-    impl Hasher for Identity {
-        fn write(&mut self, bytes: &[u8]) {
-            for &b in bytes {
-                self.0 = (self.0 << 8) | u64::from(b);
-            }
-        }
-        fn write_u64(&mut self, i: u64) {
-            self.0 = i;
-        }
-        fn finish(&self) -> u64 {
-            self.0
-        }
+    /// The hash the series cache keys by: foldhash with a fixed seed (SipHash, run twice per
+    /// metric bump, cost ten times as much). The keys are the filter's own series, bounded by
+    /// the host, and collisions are told apart by comparing, so no seed is needed.
+    pub(crate) fn series_hash(kind: u8, name: &str, labels: &[(&str, &str)]) -> u64 {
+        foldhash::fast::FixedState::with_seed(0).hash_one((kind, name, labels))
     }
 
     /// String equality a word at a time: `==` calls wasi-libc's `memcmp`, a byte loop,
@@ -87,7 +36,6 @@ mod fast {
     #[cfg(test)]
     mod tests {
         use super::*;
-        use std::hash::Hash;
 
         #[test]
         fn equal_strings_of_every_length_around_a_word_compare_equal_and_any_changed_byte_does_not() {
@@ -109,12 +57,7 @@ mod fast {
 
         #[test]
         fn the_hash_tells_apart_what_the_cache_keys_by() {
-            let h = |name: &str, labels: &[(&str, &str)]| {
-                let mut f = Fx::default();
-                name.hash(&mut f);
-                labels.hash(&mut f);
-                f.finish()
-            };
+            let h = |name: &str, labels: &[(&str, &str)]| series_hash(0, name, labels);
             let base = h("decisions", &[("result", "allowed")]);
             assert_eq!(base, h("decisions", &[("result", "allowed")]));
             assert_ne!(base, h("decisions", &[("result", "denied")]));
@@ -257,11 +200,10 @@ mod imp {
     /// The handles of the series this instance has named: looked up by a hash of kind, name
     /// and labels without allocating, named to the host on first use.
     mod series {
-        use super::super::fast::{eq, Fx, Identity};
+        use super::super::fast::{eq, series_hash};
         use super::{mt, wt};
         use std::cell::RefCell;
         use std::collections::HashMap;
-        use std::hash::{BuildHasherDefault, Hash, Hasher};
 
         struct Named {
             kind: mt::MetricKind,
@@ -270,18 +212,14 @@ mod imp {
             handle: u32,
         }
 
-        type Handles = HashMap<u64, Vec<Named>, BuildHasherDefault<Identity>>;
+        type Handles = HashMap<u64, Vec<Named>, foldhash::fast::FixedState>;
 
         thread_local! {
             static HANDLES: RefCell<Handles> = RefCell::new(Handles::default());
         }
 
         pub fn handle(kind: mt::MetricKind, name: &str, labels: &[(&str, &str)]) -> Result<u32, wt::Error> {
-            let mut h = Fx::default();
-            (kind as u8).hash(&mut h);
-            name.hash(&mut h);
-            labels.hash(&mut h);
-            let hash = h.finish();
+            let hash = series_hash(kind as u8, name, labels);
             let same = |n: &Named| {
                 n.kind == kind
                     && eq(&n.name, name)
