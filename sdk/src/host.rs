@@ -262,6 +262,9 @@ mod imp {
     pub fn state_cas(k: &str, e: Option<u64>, v: &[u8], ttl: Option<u64>) -> Result<bool, wt::Error> {
         st::compare_and_swap(k, e, v, ttl)
     }
+    pub fn state_swap(k: &str, e: Option<u64>, v: &[u8], ttl: Option<u64>) -> Result<st::Swapped, wt::Error> {
+        st::swap(k, e, v, ttl)
+    }
     pub fn state_delete(k: &str) {
         st::delete(k)
     }

@@ -451,6 +451,19 @@ pub(crate) mod imp {
         }
         state_set(k, v, ttl).map(|()| true)
     }
+    pub fn state_swap(
+        k: &str,
+        expected: Option<u64>,
+        v: &[u8],
+        ttl: Option<u64>,
+    ) -> Result<st::Swapped, wt::Error> {
+        let current = state_get(k);
+        if current.as_ref().map(|e| e.version) != expected {
+            return Ok(st::Swapped::Conflict(current));
+        }
+        state_set(k, v, ttl)?;
+        Ok(st::Swapped::Written(m(|h| h.state[k].1)))
+    }
     pub fn state_delete(k: &str) {
         m(|h| h.state.remove(k));
     }

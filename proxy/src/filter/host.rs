@@ -868,6 +868,26 @@ impl state::Host for HostState {
             .compare_and_swap(key, expected, value, ttl_ms.map(Duration::from_millis))
             .map_err(|e| Error::Limit(e.to_string()))
     }
+    fn swap(
+        &mut self,
+        key: String,
+        expected: Option<u64>,
+        value: Vec<u8>,
+        ttl_ms: Option<u64>,
+    ) -> Result<state::Swapped, Error> {
+        use super::state::Swap;
+        match self
+            .shared
+            .state
+            .swap(key, expected, value, ttl_ms.map(Duration::from_millis))
+        {
+            Ok(Swap::Written(version)) => Ok(state::Swapped::Written(version)),
+            Ok(Swap::Conflict(current)) => Ok(state::Swapped::Conflict(
+                current.map(|(value, version)| state::Entry { value, version }),
+            )),
+            Err(e) => Err(Error::Limit(e.to_string())),
+        }
+    }
     fn delete(&mut self, key: String) {
         self.shared.state.delete(&key)
     }

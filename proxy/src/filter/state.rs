@@ -2,15 +2,17 @@
 //! versioned for compare-and-swap, with optional expiry and a bound on entries.
 //!
 //! The keys are spread over shards, each behind its own lock, so the workers serving
-//! different keys (clients, routes) do not queue on one lock per filter; a write to a key
-//! that exists replaces its value in place, without allocating.
+//! different keys (clients, routes) do not queue on one lock per filter. A key is hashed once
+//! per operation (SipHash with a random key: keys come from requests), and that hash picks
+//! the shard and finds the entry; a write to a key that exists replaces its value in place.
 
 use std::collections::hash_map::RandomState;
-use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use hashbrown::HashTable;
 
 /// Most keys one filter may hold; a filter that keys by something unbounded hits this
 /// instead of exhausting the proxy's memory.
@@ -23,6 +25,9 @@ pub const MAX_VALUE_BYTES: usize = 64 * 1024;
 const SHARDS: usize = 16;
 
 struct Entry {
+    /// The key's hash, kept so that growing a shard never hashes a key again.
+    hash: u64,
+    key: String,
     value: Vec<u8>,
     version: u64,
     expires: Option<Instant>,
@@ -34,9 +39,11 @@ impl Entry {
     }
 }
 
+type Shard = HashTable<Entry>;
+
 /// One filter's shared state.
 pub struct SharedState {
-    shards: [Mutex<HashMap<String, Entry>>; SHARDS],
+    shards: [Mutex<Shard>; SHARDS],
     hasher: RandomState,
     /// Keys held, over all shards (the [`MAX_ENTRIES`] bound).
     len: AtomicUsize,
@@ -62,65 +69,89 @@ pub enum StateError {
     Limit(String),
 }
 
+/// What a guarded write did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Swap {
+    /// Written; the key's new version.
+    Written(u64),
+    /// Not written: the key's current value and version (`None`: absent or expired).
+    Conflict(Option<(Vec<u8>, u64)>),
+}
+
 /// A write that needs a new key while the state is full; hands the key and value back.
 struct Full(String, Vec<u8>);
 
+fn matches<'a>(hash: u64, key: &'a str) -> impl Fn(&Entry) -> bool + 'a {
+    move |e| e.hash == hash && e.key == key
+}
+
 impl SharedState {
-    fn shard(&self, key: &str) -> MutexGuard<'_, HashMap<String, Entry>> {
-        let i = self.hasher.hash_one(key) as usize & (SHARDS - 1);
-        self.shards[i].lock().expect("state lock")
+    /// Hashes `key` and locks its shard, chosen by bits 32..36 of the hash: the table inside
+    /// uses the low bits for the bucket and the top seven for its tags.
+    fn shard(&self, key: &str) -> (u64, MutexGuard<'_, Shard>) {
+        let hash = self.hasher.hash_one(key);
+        let i = (hash >> 32) as usize & (SHARDS - 1);
+        (hash, self.shards[i].lock().expect("state lock"))
     }
 
-    /// Writes `key`: in place when it exists (one hashed lookup: a write to a key that
-    /// exists is what a rate limit does on every request), else as a new key under the bound.
-    /// An expired entry counts as absent for `guard` and its slot is reused.
+    fn version(&self) -> u64 {
+        self.next_version.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Writes the key: in place when it exists (a write to a key that exists is what a rate
+    /// limit does on every request), else as a new key under the bound. An expired entry
+    /// counts as absent for `guard` and its slot is reused.
+    #[allow(clippy::too_many_arguments)]
     fn write(
         &self,
-        map: &mut HashMap<String, Entry>,
+        shard: &mut Shard,
+        hash: u64,
         key: String,
         guard: Option<Option<u64>>,
         value: Vec<u8>,
         ttl: Option<Duration>,
         now: Instant,
-    ) -> Result<bool, Full> {
+    ) -> Result<Swap, Full> {
         let expires = ttl.map(|d| now + d);
-        if let Some(e) = map.get_mut(key.as_str()) {
-            let current = (!e.expired(now)).then_some(e.version);
-            if guard.is_some_and(|expected| current != expected) {
-                return Ok(false);
+        if let Some(e) = shard.find_mut(hash, matches(hash, &key)) {
+            let live = !e.expired(now);
+            if guard.is_some_and(|expected| expected != live.then_some(e.version)) {
+                return Ok(Swap::Conflict(live.then(|| (e.value.clone(), e.version))));
             }
-            *e = Entry {
-                value,
-                version: self.next_version.fetch_add(1, Ordering::Relaxed) + 1,
-                expires,
-            };
-            return Ok(true);
+            e.value = value;
+            e.version = self.version();
+            e.expires = expires;
+            return Ok(Swap::Written(e.version));
         }
         if guard.is_some_and(|expected| expected.is_some()) {
-            return Ok(false);
+            return Ok(Swap::Conflict(None));
         }
         if self.len.fetch_add(1, Ordering::Relaxed) >= MAX_ENTRIES {
             self.len.fetch_sub(1, Ordering::Relaxed);
             return Err(Full(key, value));
         }
-        map.insert(
-            key,
+        let version = self.version();
+        shard.insert_unique(
+            hash,
             Entry {
+                hash,
+                key,
                 value,
-                version: self.next_version.fetch_add(1, Ordering::Relaxed) + 1,
+                version,
                 expires,
             },
+            |e| e.hash,
         );
-        Ok(true)
+        Ok(Swap::Written(version))
     }
 
     /// Drops every expired entry, one shard at a time (never two locks at once).
     fn purge(&self, now: Instant) {
         for shard in &self.shards {
-            let mut map = shard.lock().expect("state lock");
-            let before = map.len();
-            map.retain(|_, e| !e.expired(now));
-            self.len.fetch_sub(before - map.len(), Ordering::Relaxed);
+            let mut shard = shard.lock().expect("state lock");
+            let before = shard.len();
+            shard.retain(|e| !e.expired(now));
+            self.len.fetch_sub(before - shard.len(), Ordering::Relaxed);
         }
     }
 
@@ -139,16 +170,16 @@ impl SharedState {
 
     /// The value and version of a key, if present and not expired.
     pub fn get(&self, key: &str) -> Option<(Vec<u8>, u64)> {
-        let mut map = self.shard(key);
+        let (hash, mut shard) = self.shard(key);
         let now = Instant::now();
-        match map.get(key) {
-            Some(e) if !e.expired(now) => Some((e.value.clone(), e.version)),
-            Some(_) => {
-                map.remove(key);
+        match shard.find_entry(hash, matches(hash, key)) {
+            Ok(e) if !e.get().expired(now) => Some((e.get().value.clone(), e.get().version)),
+            Ok(e) => {
+                e.remove();
                 self.len.fetch_sub(1, Ordering::Relaxed);
                 None
             }
-            None => None,
+            Err(_) => None,
         }
     }
 
@@ -165,37 +196,52 @@ impl SharedState {
         value: Vec<u8>,
         ttl: Option<Duration>,
     ) -> Result<bool, StateError> {
+        self.swap(key, expected, value, ttl)
+            .map(|s| matches!(s, Swap::Written(_)))
+    }
+
+    /// Writes only if the current version is `expected` (`None`: absent); returns the new
+    /// version, or the current entry when the version did not match.
+    pub fn swap(
+        &self,
+        key: String,
+        expected: Option<u64>,
+        value: Vec<u8>,
+        ttl: Option<Duration>,
+    ) -> Result<Swap, StateError> {
         self.put(key, Some(expected), value, ttl)
     }
 
     /// Writes `key`, unconditionally (`guard` `None`) or only if its current version is the
-    /// guard's; returns whether it wrote. A new key while full first makes room from expired
-    /// entries; a key that exists is replaced in place and never refused.
+    /// guard's. A new key while full first makes room from expired entries; a key that exists
+    /// is replaced in place and never refused.
     fn put(
         &self,
         key: String,
         guard: Option<Option<u64>>,
         value: Vec<u8>,
         ttl: Option<Duration>,
-    ) -> Result<bool, StateError> {
+    ) -> Result<Swap, StateError> {
         Self::check_size(&value)?;
         let now = Instant::now();
-        let mut map = self.shard(&key);
-        let (key, value) = match self.write(&mut map, key, guard, value, ttl, now) {
-            Ok(wrote) => return Ok(wrote),
+        let (hash, mut shard) = self.shard(&key);
+        let (key, value) = match self.write(&mut shard, hash, key, guard, value, ttl, now) {
+            Ok(done) => return Ok(done),
             Err(Full(key, value)) => (key, value),
         };
-        drop(map);
+        drop(shard);
         self.purge(now);
-        let mut map = self.shard(&key);
+        let (hash, mut shard) = self.shard(&key);
         // Someone may have written the key meanwhile: `write` compares again.
-        self.write(&mut map, key, guard, value, ttl, now)
+        self.write(&mut shard, hash, key, guard, value, ttl, now)
             .map_err(|_| Self::full())
     }
 
     /// Removes a key.
     pub fn delete(&self, key: &str) {
-        if self.shard(key).remove(key).is_some() {
+        let (hash, mut shard) = self.shard(key);
+        if let Ok(e) = shard.find_entry(hash, matches(hash, key)) {
+            e.remove();
             self.len.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -243,6 +289,78 @@ mod tests {
         s.delete("k");
         assert!(s.get("k").is_none());
         assert_eq!(s.len.load(Ordering::Relaxed), 0, "every key counted out");
+    }
+
+    #[test]
+    fn swap_answers_the_new_version_or_the_current_entry() {
+        let s = SharedState::default();
+        let Swap::Written(v1) = s.swap("k".into(), None, b"1".to_vec(), None).unwrap() else {
+            panic!("an absent key is written with expected None");
+        };
+        assert_eq!(
+            s.get("k"),
+            Some((b"1".to_vec(), v1)),
+            "the version swap answered is the key's"
+        );
+        assert_eq!(
+            s.swap("k".into(), None, b"x".to_vec(), None).unwrap(),
+            Swap::Conflict(Some((b"1".to_vec(), v1))),
+            "present: the conflict carries the current entry"
+        );
+        // Updating from the version the last write answered: no read needed.
+        let Swap::Written(v2) = s.swap("k".into(), Some(v1), b"2".to_vec(), None).unwrap() else {
+            panic!("the remembered version is current");
+        };
+        assert!(v2 > v1);
+        assert_eq!(
+            s.swap("k".into(), Some(v1), b"3".to_vec(), None).unwrap(),
+            Swap::Conflict(Some((b"2".to_vec(), v2))),
+            "a stale version gets the current entry"
+        );
+        assert_eq!(
+            s.swap("gone".into(), Some(v2), b"3".to_vec(), None).unwrap(),
+            Swap::Conflict(None),
+            "an absent key with a version expected"
+        );
+        s.set("t".into(), b"x".to_vec(), Some(Duration::from_millis(1)))
+            .unwrap();
+        let (_, vt) = s.get("t").unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(
+            s.swap("t".into(), Some(vt), b"y".to_vec(), None).unwrap(),
+            Swap::Conflict(None),
+            "an expired key is absent to swap"
+        );
+        assert_eq!(s.get("gone"), None);
+        assert_eq!(s.len.load(Ordering::Relaxed), 2, "k and t");
+    }
+
+    #[test]
+    fn many_keys_over_every_shard_stay_readable_through_growth() {
+        // Keys land in all shards and grow each table several times (entries move, hashes
+        // are reused); every key keeps its own value and version.
+        let s = SharedState::default();
+        let mut versions = Vec::new();
+        for i in 0..5000u32 {
+            let Swap::Written(v) = s
+                .swap(format!("key-{i}"), None, i.to_le_bytes().to_vec(), None)
+                .unwrap()
+            else {
+                panic!("new key {i}");
+            };
+            versions.push(v);
+        }
+        for i in (0..5000u32).step_by(7) {
+            assert_eq!(
+                s.get(&format!("key-{i}")),
+                Some((i.to_le_bytes().to_vec(), versions[i as usize]))
+            );
+        }
+        for i in 0..5000u32 {
+            s.delete(&format!("key-{i}"));
+        }
+        assert_eq!(s.len.load(Ordering::Relaxed), 0);
+        assert!(s.shards.iter().all(|m| m.lock().unwrap().is_empty()));
     }
 
     #[test]
