@@ -16,9 +16,11 @@
 //!   local rate limit: it costs a response-phase call per request). Buckets expire once full
 //!   and idle, so memory follows active keys.
 
+use std::cell::RefCell;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use weir_sdk::{metrics, props, state, Action, Filter, Request, Response, ResponseHead};
+use weir_sdk::state::{self, Swapped};
+use weir_sdk::{metrics, props, Action, Filter, Request, Response, ResponseHead};
 
 /// How requests are grouped into buckets.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,6 +110,17 @@ pub struct RateLimit {
     micro_per_ms: f64,
     period: Duration,
     headers_on_success: bool,
+    /// The bucket this instance wrote last and the version its write got: the next request
+    /// with the same key updates from it without reading the state first. A stale copy
+    /// (another instance wrote since) costs nothing extra: the conflict brings the current
+    /// bucket.
+    last: RefCell<Last>,
+}
+
+#[derive(Default)]
+struct Last {
+    key: String,
+    written: Option<(u64, Bucket)>,
 }
 
 /// The outcome of taking a token.
@@ -148,9 +161,23 @@ impl RateLimit {
         // Idle buckets refill completely within this time; then they may as well be gone.
         let ttl =
             Duration::from_millis((self.capacity as f64 * MICRO as f64 / self.micro_per_ms) as u64 + 1000);
+        // What the key holds as far as this instance knows: its version and bucket.
+        let mut known = {
+            let last = self.last.borrow();
+            (last.key == bucket_key)
+                .then_some(last.written)
+                .flatten()
+                .map(|(version, bucket)| (Some(version), Some(bucket)))
+        };
         for _ in 0..16 {
-            let current = state::get(bucket_key);
-            let bucket = self.refill(current.as_ref().and_then(|e| Bucket::decode(&e.value)), now);
+            let (version, stored) = known.take().unwrap_or_else(|| {
+                let e = state::get(bucket_key);
+                (
+                    e.as_ref().map(|e| e.version),
+                    e.and_then(|e| Bucket::decode(&e.value)),
+                )
+            });
+            let bucket = self.refill(stored, now);
             if bucket.micro_tokens < MICRO {
                 let missing = MICRO - bucket.micro_tokens;
                 let wait = (missing as f64 / self.micro_per_ms).ceil() as u64;
@@ -160,9 +187,22 @@ impl RateLimit {
                 micro_tokens: bucket.micro_tokens - MICRO,
                 at_ms: bucket.at_ms,
             };
-            match state::compare_and_swap(bucket_key, current.map(|e| e.version), &next.encode(), Some(ttl)) {
-                Ok(true) => return Taken::Allowed(next.micro_tokens / MICRO),
-                Ok(false) => continue,
+            match state::swap(bucket_key, version, &next.encode(), Some(ttl)) {
+                Ok(Swapped::Written(version)) => {
+                    let mut last = self.last.borrow_mut();
+                    if last.key != bucket_key {
+                        last.key.clear();
+                        last.key.push_str(bucket_key);
+                    }
+                    last.written = Some((version, next));
+                    return Taken::Allowed(next.micro_tokens / MICRO);
+                }
+                Ok(Swapped::Conflict(current)) => {
+                    known = Some((
+                        current.as_ref().map(|e| e.version),
+                        current.and_then(|e| Bucket::decode(&e.value)),
+                    ));
+                }
                 Err(e) => {
                     weir_sdk::log::warn(&format!("rate limit state unavailable: {e}; allowing"));
                     return Taken::Allowed(0);
@@ -178,7 +218,8 @@ impl RateLimit {
             Key::ClientIp => {
                 let a = props::client_address();
                 // ip:port or [v6]:port: drop the port.
-                a.rsplit_once(':').map_or(a.clone(), |(ip, _)| ip.to_string())
+                let ip = a.rsplit_once(':').map_or(a.as_str(), |(ip, _)| ip);
+                return ["b:", ip].concat();
             }
             Key::Route => props::route().unwrap_or_default(),
             Key::Global => String::new(),
@@ -226,6 +267,7 @@ impl Filter for RateLimit {
             micro_per_ms: c.requests as f64 * MICRO as f64 / period.as_millis() as f64,
             period,
             headers_on_success: c.headers_on_success,
+            last: RefCell::default(),
         })
     }
 
@@ -297,6 +339,33 @@ mod tests {
             Taken::Allowed(2),
             "keys have their own buckets"
         );
+    }
+
+    #[test]
+    fn instances_that_remember_stale_buckets_still_share_one_limit() {
+        // Two instances of the filter over the same state: each remembers the bucket it wrote
+        // last, which the other's writes make stale; no token is handed out twice.
+        MockHost::reset(|_| {});
+        let config = || serde_json::from_str(r#"{"requests": 1, "per": "1m", "burst": 5}"#).unwrap();
+        let (a, b) = (
+            RateLimit::new(config()).unwrap(),
+            RateLimit::new(config()).unwrap(),
+        );
+        let t = 1_000_000;
+        assert_eq!(a.take("k", t), Taken::Allowed(4));
+        assert_eq!(a.take("k", t), Taken::Allowed(3), "from a's own copy");
+        assert_eq!(b.take("k", t), Taken::Allowed(2), "b reads what a wrote");
+        assert_eq!(
+            a.take("k", t),
+            Taken::Allowed(1),
+            "a's copy is stale: the conflict corrects it"
+        );
+        assert_eq!(b.take("k", t), Taken::Allowed(0));
+        assert!(matches!(a.take("k", t), Taken::Refused(_)));
+        assert!(matches!(b.take("k", t), Taken::Refused(_)));
+        // A key deleted behind an instance's back (expired) starts a full bucket again.
+        weir_sdk::state::delete("k");
+        assert_eq!(a.take("k", t), Taken::Allowed(4));
     }
 
     #[test]

@@ -259,22 +259,22 @@ fn now_ms() -> u64 {
 }
 
 /// Reads, changes and writes a shared record with compare-and-swap; `f` returns what to
-/// report. Retried on contention.
+/// report. Retried on contention, from the entry the conflict hands back (no second read).
 fn update<T, R>(key: &str, ttl: Duration, mut f: impl FnMut(&mut T) -> R) -> Option<R>
 where
     T: Serialize + for<'de> Deserialize<'de> + Default,
 {
+    let mut current = state::get(key);
     for _ in 0..16 {
-        let current = state::get(key);
         let mut value: T = current
             .as_ref()
             .and_then(|e| serde_json::from_slice(&e.value).ok())
             .unwrap_or_default();
         let out = f(&mut value);
         let bytes = serde_json::to_vec(&value).ok()?;
-        match state::compare_and_swap(key, current.map(|e| e.version), &bytes, Some(ttl)) {
-            Ok(true) => return Some(out),
-            Ok(false) => continue,
+        match state::swap(key, current.map(|e| e.version), &bytes, Some(ttl)) {
+            Ok(state::Swapped::Written(_)) => return Some(out),
+            Ok(state::Swapped::Conflict(now)) => current = now,
             Err(e) => {
                 weir_sdk::log::warn(&format!("shared state unavailable for {key}: {e}"));
                 return None;
