@@ -217,9 +217,13 @@ impl RateLimit {
         let part = match &self.key {
             Key::ClientIp => {
                 let a = props::client_address();
-                // ip:port or [v6]:port: drop the port.
-                let ip = a.rsplit_once(':').map_or(a.as_str(), |(ip, _)| ip);
-                return ["b:", ip].concat();
+                // ip:port or [v6]:port: drop the port (the last colon is a few bytes from
+                // the end; a plain loop, not the generic memrchr).
+                let ip = a.bytes().rposition(|b| b == b':').map_or(a.as_str(), |i| &a[..i]);
+                let mut key = String::with_capacity(2 + ip.len());
+                key.push_str("b:");
+                key.push_str(ip);
+                return key;
             }
             Key::Route => props::route().unwrap_or_default(),
             Key::Global => String::new(),
