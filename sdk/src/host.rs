@@ -223,6 +223,18 @@ mod imp {
     pub fn metrics_histogram_observe(n: &str, l: &[(&str, &str)], v: f64) -> Result<(), wt::Error> {
         mt::observe(series::handle(mt::MetricKind::Histogram, n, l)?, v)
     }
+    pub fn metrics_series(k: mt::MetricKind, n: &str, l: &[(&str, &str)]) -> Result<u32, wt::Error> {
+        series::handle(k, n, l)
+    }
+    pub fn metrics_add(h: u32, v: u64) -> Result<(), wt::Error> {
+        mt::add(h, v)
+    }
+    pub fn metrics_set(h: u32, v: i64) -> Result<(), wt::Error> {
+        mt::set(h, v)
+    }
+    pub fn metrics_observe(h: u32, v: f64) -> Result<(), wt::Error> {
+        mt::observe(h, v)
+    }
 
     /// The handles of the series this instance has named: looked up by a hash of kind, name
     /// and labels without allocating, named to the host on first use.

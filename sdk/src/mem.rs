@@ -71,8 +71,16 @@ mod tests {
                     b[i] = b[i].wrapping_add(delta);
                     let want = a.cmp(&b[..]);
                     let got = compare(a, &b);
-                    assert_eq!(got.signum(), want as i32, "length {len}, byte {i} changed by {delta}");
-                    assert_eq!(got, i32::from(a[i]) - i32::from(b[i]), "memcmp's value: the byte difference");
+                    assert_eq!(
+                        got.signum(),
+                        want as i32,
+                        "length {len}, byte {i} changed by {delta}"
+                    );
+                    assert_eq!(
+                        got,
+                        i32::from(a[i]) - i32::from(b[i]),
+                        "memcmp's value: the byte difference"
+                    );
                 }
             }
         }

@@ -215,7 +215,7 @@ fn key(name: &str, labels: &[(&str, &str)]) -> String {
 #[doc(hidden)]
 pub(crate) mod imp {
     use super::*;
-    use crate::wit::weir::filter::{state as st, types as wt};
+    use crate::wit::weir::filter::{metrics as mt, state as st, types as wt};
 
     /// The host's rules for names filters may set: the same refusals the proxy makes.
     fn check_name(n: &str) -> Result<(), wt::Error> {
@@ -427,6 +427,45 @@ pub(crate) mod imp {
     }
     pub fn metrics_histogram_observe(n: &str, l: &[(&str, &str)], v: f64) -> Result<(), wt::Error> {
         m(|h| h.histograms.entry(key(n, l)).or_default().push(v));
+        Ok(())
+    }
+    thread_local! {
+        /// Series named through handles: (kind, key). Kept across `MockHost::reset`, as a
+        /// filter instance keeps its handles; the values live in the mock host.
+        static SERIES: RefCell<Vec<(mt::MetricKind, String)>> = const { RefCell::new(Vec::new()) };
+    }
+    pub fn metrics_series(k: mt::MetricKind, n: &str, l: &[(&str, &str)]) -> Result<u32, wt::Error> {
+        let key = key(n, l);
+        Ok(SERIES.with(|s| {
+            let mut s = s.borrow_mut();
+            match s.iter().position(|(kind, have)| *kind == k && *have == key) {
+                Some(i) => i as u32,
+                None => {
+                    s.push((k, key));
+                    (s.len() - 1) as u32
+                }
+            }
+        }))
+    }
+    fn series(h: u32, want: mt::MetricKind) -> Result<String, wt::Error> {
+        SERIES.with(|s| match s.borrow().get(h as usize) {
+            Some((kind, key)) if *kind == want => Ok(key.clone()),
+            _ => Err(wt::Error::Invalid(format!("unknown {want:?} series handle {h}"))),
+        })
+    }
+    pub fn metrics_add(h: u32, v: u64) -> Result<(), wt::Error> {
+        let key = series(h, mt::MetricKind::Counter)?;
+        m(|host| *host.counters.entry(key).or_default() += v);
+        Ok(())
+    }
+    pub fn metrics_set(h: u32, v: i64) -> Result<(), wt::Error> {
+        let key = series(h, mt::MetricKind::Gauge)?;
+        m(|host| host.gauges.insert(key, v));
+        Ok(())
+    }
+    pub fn metrics_observe(h: u32, v: f64) -> Result<(), wt::Error> {
+        let key = series(h, mt::MetricKind::Histogram)?;
+        m(|host| host.histograms.entry(key).or_default().push(v));
         Ok(())
     }
     pub fn state_get(k: &str) -> Option<st::Entry> {
