@@ -1156,6 +1156,10 @@ pub struct Auth {
     /// (an unchecked token beside a valid API key must not reach the upstream).
     credential_headers: Vec<String>,
     credential_query: Option<String>,
+    /// `decisions{result="allowed"}` per provider (same order), counted on every allowed
+    /// request: made once, so a count is one host call with nothing to look up.
+    allowed: Vec<metrics::Counter>,
+    allowed_mtls: metrics::Counter,
 }
 
 /// Takes the query parameter `name` out of `query`; `None` when nothing is left.
@@ -1265,7 +1269,13 @@ impl Filter for Auth {
             }
             credential_query = credential_query.or(q);
         }
+        let allowed = providers
+            .iter()
+            .map(|p| metrics::Counter::new("decisions", &[("result", "allowed"), ("provider", p.name())]))
+            .collect();
         Ok(Auth {
+            allowed,
+            allowed_mtls: metrics::Counter::new("decisions", &[("result", "allowed"), ("provider", "mtls")]),
             realm: c.realm,
             providers,
             rules,
@@ -1282,12 +1292,12 @@ impl Filter for Auth {
             let _ = req.remove_header(h);
         }
 
-        let mut authenticated: Option<(&Provider, Authenticated)> = None;
-        for p in &self.providers {
+        let mut authenticated: Option<(usize, &Provider, Authenticated)> = None;
+        for (i, p) in self.providers.iter().enumerate() {
             match p.authenticate(req) {
                 Outcome::Absent => continue,
                 Outcome::Valid(a) => {
-                    authenticated = Some((p, a));
+                    authenticated = Some((i, p, a));
                     break;
                 }
                 Outcome::Invalid(why) => {
@@ -1306,7 +1316,7 @@ impl Filter for Auth {
             }
         }
 
-        let mut ids: Vec<Identity> = authenticated.iter().map(|(_, a)| a.identity.clone()).collect();
+        let mut ids: Vec<Identity> = authenticated.iter().map(|(_, _, a)| a.identity.clone()).collect();
         // The TLS peer's names matter to the rules and the debug line only: without either,
         // no host call for them.
         let debug = authenticated.is_some() && log::enabled(log::Level::Debug);
@@ -1350,7 +1360,7 @@ impl Filter for Auth {
                 return match status {
                     401 => self.respond(401, &self.challenges(), result, "none"),
                     _ => {
-                        let provider = authenticated.as_ref().map_or("mtls", |(p, _)| p.name());
+                        let provider = authenticated.as_ref().map_or("mtls", |(_, p, _)| p.name());
                         self.respond(403, &[], result, provider)
                     }
                 };
@@ -1362,9 +1372,9 @@ impl Filter for Auth {
             return self.respond(401, &self.challenges(), "unauthenticated", "none");
         }
 
-        let provider = match authenticated {
-            None => "mtls",
-            Some((p, a)) => {
+        let (provider, allowed) = match authenticated {
+            None => ("mtls", &self.allowed_mtls),
+            Some((i, p, a)) => {
                 for (h, v) in &a.headers {
                     if let Err(e) = req.set_header(h, v) {
                         log::warn(&format!("cannot forward {h}: {e}"));
@@ -1373,7 +1383,7 @@ impl Filter for Auth {
                 if debug {
                     log::debug(&format!("allowed: {}", Auth::describe(&ids)));
                 }
-                p.name()
+                (p.name(), &self.allowed[i])
             }
         };
         if !self.forward_credentials {
@@ -1395,7 +1405,7 @@ impl Filter for Auth {
                 }
             }
         }
-        let _ = metrics::counter_add("decisions", &[("result", "allowed"), ("provider", provider)], 1);
+        let _ = allowed.add(1);
         Action::Continue
     }
 }
@@ -1604,6 +1614,37 @@ mod tests {
                 "{key:?} after key-one was remembered"
             );
         }
+    }
+
+    #[test]
+    fn decisions_are_counted_by_result_and_provider() {
+        let one = hex(&Sha256::digest(b"key-one"));
+        let f = TestFilter::<Auth>::new(
+            &json!({"api_keys": {"keys": [{"name": "one", "sha256": one}]}}).to_string(),
+        )
+        .unwrap();
+        let count = |series: &str| MockHost::with(|h| h.counters.get(series).copied().unwrap_or(0));
+        request(&[("x-api-key", "key-one")]);
+        assert_eq!(f.on_request_headers(), Action::Continue);
+        // The key is taken off an allowed request; the same request again, sent anew.
+        MockHost::with(|h| h.request_headers = vec![("x-api-key".into(), b"key-one".to_vec())]);
+        assert_eq!(f.on_request_headers(), Action::Continue);
+        assert_eq!(count("decisions{result=allowed,provider=api_keys}"), 2);
+        request(&[("x-api-key", "key-two")]);
+        assert_eq!(status(&f.on_request_headers()), 401);
+        assert_eq!(count("decisions{result=unauthenticated,provider=api_keys}"), 1);
+        assert_eq!(
+            count("decisions{result=allowed,provider=api_keys}"),
+            0,
+            "a fresh mock host"
+        );
+        request(&[("x-api-key", "key-one")]);
+        assert_eq!(f.on_request_headers(), Action::Continue);
+        assert_eq!(
+            count("decisions{result=allowed,provider=api_keys}"),
+            1,
+            "the counter made at init still counts"
+        );
     }
 
     #[test]

@@ -162,13 +162,11 @@ impl RateLimit {
         let ttl =
             Duration::from_millis((self.capacity as f64 * MICRO as f64 / self.micro_per_ms) as u64 + 1000);
         // What the key holds as far as this instance knows: its version and bucket.
-        let mut known = {
-            let last = self.last.borrow();
-            (last.key == bucket_key)
-                .then_some(last.written)
-                .flatten()
-                .map(|(version, bucket)| (Some(version), Some(bucket)))
-        };
+        let same_key = self.last.borrow().key == bucket_key;
+        let mut known = same_key
+            .then(|| self.last.borrow().written)
+            .flatten()
+            .map(|(version, bucket)| (Some(version), Some(bucket)));
         for _ in 0..16 {
             let (version, stored) = known.take().unwrap_or_else(|| {
                 let e = state::get(bucket_key);
@@ -190,7 +188,7 @@ impl RateLimit {
             match state::swap(bucket_key, version, &next.encode(), Some(ttl)) {
                 Ok(Swapped::Written(version)) => {
                     let mut last = self.last.borrow_mut();
-                    if last.key != bucket_key {
+                    if !same_key {
                         last.key.clear();
                         last.key.push_str(bucket_key);
                     }
