@@ -137,14 +137,18 @@ pub const MAX_REQUEST_VALUES: usize = 32;
 /// See [`MAX_REQUEST_VALUES`].
 pub const MAX_REQUEST_VALUE_BYTES: usize = 4096;
 
-/// The request being processed, moved into the store for one phase call.
+/// The request being processed, in the store for one phase call. The store keeps one
+/// between calls, holding empty heads and context: a header phase swaps the request's in and
+/// back out (two swaps of a few hundred bytes, no empty heads built and dropped per call).
 pub struct CallState {
     /// The phase running.
     pub phase: Phase,
     /// The request head (editable in `on-request-headers`).
     pub req: request::Parts,
-    /// The response head, in response phases.
-    pub resp: Option<response::Parts>,
+    /// The response head, in response phases (when `has_resp`).
+    pub resp: response::Parts,
+    /// `resp` holds the response head (a response phase).
+    pub has_resp: bool,
     /// In body phases: the heads, read-only (`req` and `resp` are then empty).
     pub heads: Option<Arc<Heads>>,
     /// The request context.
@@ -152,6 +156,18 @@ pub struct CallState {
 }
 
 impl CallState {
+    /// What a store holds between calls.
+    pub fn idle() -> CallState {
+        CallState {
+            phase: Phase::RequestHeaders,
+            req: http::Request::new(()).into_parts().0,
+            resp: http::Response::new(()).into_parts().0,
+            has_resp: false,
+            heads: None,
+            ctx: RequestContext::empty(),
+        }
+    }
+
     /// The request head this call reads.
     pub fn req(&self) -> &request::Parts {
         self.heads.as_ref().map_or(&self.req, |h| &h.req)
@@ -161,7 +177,7 @@ impl CallState {
     pub fn resp(&self) -> Option<&response::Parts> {
         match &self.heads {
             Some(h) => h.resp.as_ref(),
-            None => self.resp.as_ref(),
+            None => self.has_resp.then_some(&self.resp),
         }
     }
 }
@@ -172,7 +188,11 @@ pub struct HostState {
     pub(crate) table: ResourceTable,
     pub(crate) limits: StoreLimits,
     pub(crate) shared: Arc<FilterShared>,
-    pub(crate) call: Option<CallState>,
+    /// The call's request; read by the host functions only while `active`.
+    pub(crate) call: CallState,
+    /// A phase call is running (host functions that read the request answer nothing
+    /// otherwise: `init` has no request).
+    pub(crate) active: bool,
     /// Epoch ticks the running call may still use (see `WasmFilter`'s deadline callback).
     pub(crate) ticks_left: u64,
 }
@@ -188,23 +208,28 @@ impl WasiView for HostState {
 
 impl HostState {
     fn call(&self) -> Option<&CallState> {
-        self.call.as_ref()
+        self.active.then_some(&self.call)
+    }
+
+    fn call_mut(&mut self) -> Option<&mut CallState> {
+        self.active.then_some(&mut self.call)
     }
 
     fn request_mut(&mut self) -> Result<&mut request::Parts, Error> {
-        match self.call.as_mut() {
+        match self.call_mut() {
             Some(c) if c.phase == Phase::RequestHeaders => Ok(&mut c.req),
             _ => Err(Error::WrongPhase),
         }
     }
 
     fn response_mut(&mut self) -> Result<&mut response::Parts, Error> {
-        match self.call.as_mut() {
+        match self.call_mut() {
             Some(CallState {
                 phase: Phase::ResponseHeaders,
-                resp: Some(r),
+                resp,
+                has_resp: true,
                 ..
-            }) => Ok(r),
+            }) => Ok(resp),
             _ => Err(Error::WrongPhase),
         }
     }
@@ -418,7 +443,7 @@ impl properties::Host for HostState {
             return Err(Error::Invalid(format!("unknown cluster {name:?}")));
         };
         let key = key.clone();
-        match self.call.as_mut() {
+        match self.call_mut() {
             Some(c) if c.phase == Phase::RequestHeaders => {
                 c.ctx.cluster = Some(key);
                 Ok(())
@@ -430,7 +455,7 @@ impl properties::Host for HostState {
         if ms == 0 {
             return Err(Error::Invalid("timeout must be greater than zero".into()));
         }
-        match self.call.as_mut() {
+        match self.call_mut() {
             Some(c) if c.phase == Phase::RequestHeaders => {
                 c.ctx.timeout = Some(Duration::from_millis(ms.into()));
                 Ok(())
@@ -475,7 +500,7 @@ impl properties::Host for HostState {
         Ok(())
     }
     fn set_retry_delay(&mut self, ms: u32) -> Result<(), Error> {
-        match self.call.as_mut() {
+        match self.call_mut() {
             Some(c) if c.phase == Phase::ResponseHeaders => {
                 c.ctx.retry_delay =
                     Some(Duration::from_millis(ms.into()).min(crate::limits::MAX_RETRY_DELAY));
@@ -490,7 +515,7 @@ impl properties::Host for HostState {
     }
     fn set_request_value(&mut self, key: String, value: Vec<u8>) -> Result<(), Error> {
         let name = self.shared.name.clone();
-        let c = match self.call.as_mut() {
+        let c = match self.call_mut() {
             Some(c) if matches!(c.phase, Phase::RequestHeaders | Phase::ResponseHeaders) => c,
             _ => return Err(Error::WrongPhase),
         };

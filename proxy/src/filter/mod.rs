@@ -135,17 +135,16 @@ impl RequestContext {
         }
     }
 
-    /// Takes the context out of `slot`, leaving an empty one: what a filter call borrows for
-    /// its duration (moving costs nothing; a clone costs reference counts and allocations).
-    pub(crate) fn take(slot: &mut RequestContext) -> RequestContext {
-        static NONE: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
-        let empty = RequestContext::new(
-            NONE.clone(),
+    /// An empty context: what a filter instance's store holds between calls, swapped with
+    /// the request's for the duration of a call (moving costs nothing; a clone costs
+    /// reference counts and allocations).
+    pub(crate) fn empty() -> RequestContext {
+        RequestContext::new(
+            Arc::from(""),
             SocketAddr::from(([0, 0, 0, 0], 0)),
             None,
             http::HeaderValue::from_static(""),
-        );
-        std::mem::replace(slot, empty)
+        )
     }
 }
 

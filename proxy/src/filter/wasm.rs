@@ -330,7 +330,8 @@ impl WasmFilter {
             table: ResourceTable::new(),
             limits,
             shared: self.shared.clone(),
-            call: None,
+            call: CallState::idle(),
+            active: false,
             // Instantiation and init run the guest's start code and config parsing: a larger budget.
             ticks_left: ticks(self.limits.cpu_budget * 10),
         };
@@ -407,20 +408,28 @@ impl WasmFilter {
     /// Runs one guest call on a pooled instance with `state` in the store; returns the state
     /// (always: a fail-open request goes on with its heads) and the answer. A failed instance
     /// is dropped, never reused.
-    async fn run(&self, state: CallState, call: Call<'_>) -> (CallState, Result<Answer, FilterError>) {
+    async fn run(&self, mut state: CallState, call: Call<'_>) -> (CallState, Result<Answer, FilterError>) {
         let mut inst = match self.checkout().await {
             Ok(i) => i,
             Err(e) => return (state, Err(self.failed(e))),
         };
-        inst.store.data_mut().call = Some(state);
+        std::mem::swap(&mut inst.store.data_mut().call, &mut state);
         let result = self.call(&mut inst, call).await;
-        let state = inst.store.data_mut().call.take().expect("set before the call");
+        std::mem::swap(&mut inst.store.data_mut().call, &mut state);
         (state, self.finish(inst, result))
     }
 
     /// One guest call on an instance whose store holds the call's state.
     async fn call(&self, inst: &mut Instance, call: Call<'_>) -> wasmtime::Result<Answer> {
-        inst.store.data_mut().ticks_left = ticks(self.limits.cpu_budget);
+        let data = inst.store.data_mut();
+        data.ticks_left = ticks(self.limits.cpu_budget);
+        data.active = true;
+        let result = self.call_guest(inst, call).await;
+        inst.store.data_mut().active = false;
+        result
+    }
+
+    async fn call_guest(&self, inst: &mut Instance, call: Call<'_>) -> wasmtime::Result<Answer> {
         inst.store.set_epoch_deadline(1);
         let handler = inst.exports.weir_filter_handler();
         match call {
@@ -474,32 +483,32 @@ impl WasmFilter {
         ctx: &mut RequestContext,
     ) -> Result<Action, FilterError> {
         let mut inst = self.checkout().await.map_err(|e| self.failed(e))?;
-        // The heads and the context move straight into the store and straight back: no
-        // intermediate copies of a few hundred bytes each way.
+        // The heads and the context swap with the store's idle ones and back: no copies
+        // through intermediate values, no empty heads built and dropped.
+        let data = inst.store.data_mut();
+        data.call.phase = phase;
+        std::mem::swap(req, &mut data.call.req);
+        std::mem::swap(ctx, &mut data.call.ctx);
         let mut resp = resp;
-        inst.store.data_mut().call = Some(CallState {
-            phase,
-            req: std::mem::replace(req, http::Request::new(()).into_parts().0),
-            resp: resp
-                .as_deref_mut()
-                .map(|r| std::mem::replace(r, http::Response::new(()).into_parts().0)),
-            heads: None,
-            ctx: RequestContext::take(ctx),
-        });
+        if let Some(r) = resp.as_deref_mut() {
+            std::mem::swap(r, &mut data.call.resp);
+            data.call.has_resp = true;
+        }
         let call = match phase {
             Phase::ResponseHeaders => Call::ResponseHeaders,
             _ => Call::RequestHeaders,
         };
         let result = self.call(&mut inst, call).await;
-        // The heads come back even when the guest failed: a fail-open request goes on.
-        let state = inst.store.data_mut().call.take().expect("set before the call");
-        *req = state.req;
-        if let (Some(dst), Some(src)) = (resp, state.resp) {
-            *dst = src;
-        }
-        // The host calls change only what a filter may steer (cluster, timeout, values, retry
+        // The heads come back even when the guest failed: a fail-open request goes on. The
+        // host calls change only what a filter may steer (cluster, timeout, values, retry
         // delay); the whole context comes back.
-        *ctx = state.ctx;
+        let data = inst.store.data_mut();
+        std::mem::swap(req, &mut data.call.req);
+        std::mem::swap(ctx, &mut data.call.ctx);
+        if let Some(r) = resp {
+            std::mem::swap(r, &mut data.call.resp);
+            data.call.has_resp = false;
+        }
         match self.finish(inst, result) {
             Ok(Answer::Head(wt::Action::NotImplemented)) => {
                 self.skipped.fetch_or(phase_bit(phase), Ordering::Relaxed);
@@ -522,7 +531,8 @@ impl WasmFilter {
         let state = CallState {
             phase,
             req: http::Request::new(()).into_parts().0,
-            resp: None,
+            resp: http::Response::new(()).into_parts().0,
+            has_resp: false,
             heads: Some(heads.clone()),
             ctx: ctx.clone(),
         };
@@ -612,7 +622,8 @@ impl Filter for WasmFilter {
             let state = CallState {
                 phase: Phase::Log,
                 req: head.into_parts().0,
-                resp: None,
+                resp: http::Response::new(()).into_parts().0,
+                has_resp: false,
                 heads: None,
                 ctx: ctx.clone(),
             };
