@@ -174,6 +174,49 @@ endpoints = ["{}"]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_leave_mid_filter_call_do_not_use_up_the_filters_instances() {
+    // One instance allowed and a budget far longer than the test: only the cancelled calls
+    // giving their instance back lets the last request through.
+    let up = Upstream::http1("up").start().await;
+    let toml = format!(
+        r#"{ADMIN}
+[filter_host]
+cpu_budget = "60s"
+max_instances = 1
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+filters = [{{ name = "loop", file = "{HOSTILE}", config = {{ mode = "loop" }} }}]
+[[routes]]
+cluster = "c"
+[clusters.c]
+endpoints = ["{}"]
+"#,
+        up.addr
+    );
+    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+    let addr = proxy.addr("web");
+    for _ in 0..3 {
+        // An h2 client gives up on a request stuck in the filter: the stream is reset and
+        // the connection closed while the guest is mid-call.
+        let stuck = tokio::spawn(async move { Client::h2c(addr).await.get("/hostile", "x").await.status() });
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        stuck.abort();
+        let _ = stuck.await;
+        // The proxy notices the reset asynchronously: ask until the instance is free again.
+        let mut status = 0;
+        for _ in 0..100 {
+            status = Client::h1(addr).await.get("/", "x").await.status().as_u16();
+            if status == 200 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(status, 200, "the cancelled call's instance was never given back");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_filter_log_line_lands_in_weirs_logs_tagged_with_its_name() {
     use std::process::{Command, Stdio};
     let up = Upstream::http1("up").start().await;

@@ -218,7 +218,7 @@ impl WasmEngine {
             limits,
             shared,
             idle: Mutex::new(Vec::new()),
-            live: AtomicUsize::new(0),
+            live: Arc::new(AtomicUsize::new(0)),
             metrics,
             skipped: std::sync::atomic::AtomicU8::new(0),
             body_modes: [BodyMode::None; 2],
@@ -236,6 +236,27 @@ impl WasmEngine {
 struct Instance {
     store: Store<HostState>,
     exports: bindings::Filter,
+    _live: Live,
+}
+
+/// One live instance in its filter's count, for as long as the instance exists: however it
+/// goes (back to the pool, dropped after a trap, or dropped with a cancelled phase call's
+/// future when the client goes away mid-call), the count follows. A count kept by hand
+/// missed the last case, and after `max_instances` cancelled calls every request was
+/// answered "overload".
+struct Live(Arc<AtomicUsize>);
+
+impl Live {
+    fn new(count: &Arc<AtomicUsize>) -> Live {
+        count.fetch_add(1, Ordering::Relaxed);
+        Live(count.clone())
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A loaded Wasm filter, with its pool of warm instances.
@@ -250,7 +271,8 @@ pub struct WasmFilter {
     /// as a pointer that is 8 bytes, not the store and the export table.
     #[allow(clippy::vec_box)]
     idle: Mutex<Vec<Box<Instance>>>,
-    live: AtomicUsize,
+    /// Instances in existence, pooled or in a call (see [`Live`]).
+    live: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
     /// Phases the filter said it does not implement (bit per phase): never called again.
     skipped: std::sync::atomic::AtomicU8,
@@ -362,10 +384,14 @@ impl WasmFilter {
             .call_init(&mut store, &self.config_json)
             .await
         {
-            Ok(Ok(caps)) => {
-                self.live.fetch_add(1, Ordering::Relaxed);
-                Ok((Box::new(Instance { store, exports }), caps))
-            }
+            Ok(Ok(caps)) => Ok((
+                Box::new(Instance {
+                    store,
+                    exports,
+                    _live: Live::new(&self.live),
+                }),
+                caps,
+            )),
             Ok(Err(msg)) => Err(FilterError {
                 kind: "config",
                 message: format!("init: {msg}"),
@@ -466,7 +492,6 @@ impl WasmFilter {
             Err(e) => {
                 // The instance's state may be inconsistent after a trap: it is not reused.
                 drop(inst);
-                self.live.fetch_sub(1, Ordering::Relaxed);
                 Err(self.failed(FilterError {
                     kind: classify(&e),
                     message: format!("{e:#}"),
