@@ -217,6 +217,64 @@ endpoints = ["{}"]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_never_run_more_instances_than_max_instances() {
+    // Five requests at once into a filter that loops, two instances allowed: two run (one
+    // from the pool, one made), the other three are refused at once, however their
+    // checkouts interleave with the instantiations.
+    let up = Upstream::http1("up").start().await;
+    let toml = format!(
+        r#"{ADMIN}
+[filter_host]
+cpu_budget = "60s"
+max_instances = 2
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+filters = [{{ name = "loop", file = "{HOSTILE}", config = {{ mode = "loop" }} }}]
+[[routes]]
+cluster = "c"
+[clusters.c]
+endpoints = ["{}"]
+"#,
+        up.addr
+    );
+    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+    let addr = proxy.addr("web");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let calls: Vec<_> = (0..5)
+        .map(|_| {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let status = Client::h1(addr).await.get("/hostile", "x").await.status();
+                let _ = tx.send(status.as_u16());
+            })
+        })
+        .collect();
+    let mut refused = Vec::new();
+    for _ in 0..3 {
+        let status = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .expect("three calls refused while two run")
+            .unwrap();
+        refused.push(status);
+    }
+    assert_eq!(refused, [500, 500, 500]);
+    // The two running calls hold their instances: nothing else comes back.
+    assert!(tokio::time::timeout(Duration::from_millis(500), rx.recv())
+        .await
+        .is_err());
+    let (_, metrics) = proxy.admin_get("/metrics").await;
+    // Counted as overload (the refused requests' log phases find no instance either).
+    assert!(
+        !metrics.contains(r#"weir_filter_errors_total{filter="loop",kind="overload"} 0"#),
+        "{metrics}"
+    );
+    for c in calls {
+        c.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_filter_log_line_lands_in_weirs_logs_tagged_with_its_name() {
     use std::process::{Command, Stdio};
     let up = Upstream::http1("up").start().await;

@@ -223,8 +223,11 @@ impl WasmEngine {
             skipped: std::sync::atomic::AtomicU8::new(0),
             body_modes: [BodyMode::None; 2],
         };
+        // The first instance, which says what the filter implements; always allowed.
+        let live =
+            Live::reserve(&filter.live, filter.limits.max_instances.max(1)).expect("a new filter has none");
         let (first, caps) = filter
-            .instantiate()
+            .instantiate(live)
             .await
             .map_err(|e| anyhow::anyhow!("{}: {}", filter.name, e.message))?;
         filter.body_modes = [body_mode(caps.request_body), body_mode(caps.response_body)];
@@ -247,9 +250,16 @@ struct Instance {
 struct Live(Arc<AtomicUsize>);
 
 impl Live {
-    fn new(count: &Arc<AtomicUsize>) -> Live {
-        count.fetch_add(1, Ordering::Relaxed);
-        Live(count.clone())
+    /// A place in `count` if it is below `max`: taken before instantiating, so concurrent
+    /// checkouts that all find the pool empty never instantiate past the limit between
+    /// them (instantiation awaits; a check then an increment afterwards let them overshoot).
+    fn reserve(count: &Arc<AtomicUsize>, max: usize) -> Option<Live> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Live(count.clone()))
     }
 }
 
@@ -330,7 +340,9 @@ fn classify(e: &wasmtime::Error) -> &'static str {
 }
 
 impl WasmFilter {
-    async fn instantiate(&self) -> Result<(Box<Instance>, wt::Capabilities), FilterError> {
+    /// A new instance, initialised, holding the place `live` reserved for it (given back
+    /// if this fails).
+    async fn instantiate(&self, live: Live) -> Result<(Box<Instance>, wt::Capabilities), FilterError> {
         let limits = StoreLimitsBuilder::new()
             .memory_size(self.limits.memory)
             .instances(64)
@@ -388,7 +400,7 @@ impl WasmFilter {
                 Box::new(Instance {
                     store,
                     exports,
-                    _live: Live::new(&self.live),
+                    _live: live,
                 }),
                 caps,
             )),
@@ -404,13 +416,13 @@ impl WasmFilter {
         if let Some(i) = self.idle.lock().expect("idle lock").pop() {
             return Ok(i);
         }
-        if self.live.load(Ordering::Relaxed) >= self.limits.max_instances {
+        let Some(live) = Live::reserve(&self.live, self.limits.max_instances) else {
             return Err(FilterError {
                 kind: "overload",
                 message: format!("all {} instances busy", self.limits.max_instances),
             });
-        }
-        self.instantiate().await.map(|(i, _)| i)
+        };
+        self.instantiate(live).await.map(|(i, _)| i)
     }
 
     /// Takes a warm instance from the pool and puts it back: what every phase call pays on
@@ -711,5 +723,38 @@ impl Filter for WasmFilter {
         ctx: &'a mut RequestContext,
     ) -> PhaseFuture<'a> {
         Box::pin(self.phase(Phase::ResponseHeaders, req, Some(resp), ctx))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn places_are_reserved_up_to_the_limit_from_many_threads_and_given_back_on_drop() {
+        let count = Arc::new(AtomicUsize::new(0));
+        let max = 3;
+        // Many threads reserving at once (as concurrent checkouts do before their awaited
+        // instantiations): exactly `max` get a place.
+        let barrier = Arc::new(std::sync::Barrier::new(16));
+        let got: Vec<Option<Live>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..16)
+                .map(|_| {
+                    let (count, barrier) = (count.clone(), barrier.clone());
+                    s.spawn(move || {
+                        barrier.wait();
+                        Live::reserve(&count, max)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(got.iter().filter(|l| l.is_some()).count(), max);
+        assert_eq!(count.load(Ordering::Relaxed), max);
+        assert!(Live::reserve(&count, max).is_none());
+        // However an instance goes, its place comes back.
+        drop(got);
+        assert_eq!(count.load(Ordering::Relaxed), 0);
+        assert!(Live::reserve(&count, max).is_some());
     }
 }
