@@ -112,7 +112,8 @@ impl SharedState {
         ttl: Option<Duration>,
         now: Instant,
     ) -> Result<Swap, Full> {
-        let expires = ttl.map(|d| now + d);
+        // A TTL too long for the clock (a guest may send u64::MAX ms) never expires.
+        let expires = ttl.and_then(|d| now.checked_add(d));
         if let Some(e) = shard.find_mut(hash, matches(hash, &key)) {
             let live = !e.expired(now);
             if guard.is_some_and(|expected| expected != live.then_some(e.version)) {
@@ -289,6 +290,22 @@ mod tests {
         s.delete("k");
         assert!(s.get("k").is_none());
         assert_eq!(s.len.load(Ordering::Relaxed), 0, "every key counted out");
+    }
+
+    #[test]
+    fn a_ttl_too_long_for_the_clock_never_expires_and_never_panics() {
+        // The TTL comes from the guest: u64::MAX milliseconds must not overflow the clock.
+        let s = SharedState::default();
+        let ttl = Some(Duration::from_millis(u64::MAX));
+        let Swap::Written(v) = s.swap("k".into(), None, b"1".to_vec(), ttl).unwrap() else {
+            panic!("an absent key is written");
+        };
+        assert_eq!(s.get("k"), Some((b"1".to_vec(), v)));
+        let ttl = Some(Duration::MAX);
+        assert!(matches!(
+            s.swap("k".into(), Some(v), b"2".to_vec(), ttl),
+            Ok(Swap::Written(_))
+        ));
     }
 
     #[test]
