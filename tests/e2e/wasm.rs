@@ -143,13 +143,15 @@ async fn hostile_filters_are_cut_off_and_the_next_request_is_served() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_looping_filter_does_not_hold_up_other_requests() {
+/// A proxy whose listener `web` runs the hostile filter in its `loop` mode (it loops on
+/// `/hostile` and passes everything else), with `filter_host` settings `host` (TOML lines),
+/// in front of one upstream (returned too: it lives as long as the test holds it).
+async fn behind_a_looping_filter(host: &str) -> (TestProxy, weir_tests::upstream::Running) {
     let up = Upstream::http1("up").start().await;
     let toml = format!(
         r#"{ADMIN}
 [filter_host]
-cpu_budget = "2s"
+{host}
 [[listeners]]
 name = "web"
 address = "127.0.0.1:0"
@@ -161,7 +163,12 @@ endpoints = ["{}"]
 "#,
         up.addr
     );
-    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+    (TestProxy::start(&toml, std::path::Path::new(".")).await, up)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_looping_filter_does_not_hold_up_other_requests() {
+    let (proxy, _up) = behind_a_looping_filter("cpu_budget = \"2s\"").await;
     let addr = proxy.addr("web");
     let hostile = tokio::spawn(async move { Client::h1(addr).await.get("/hostile", "x").await.status() });
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -177,24 +184,7 @@ endpoints = ["{}"]
 async fn clients_that_leave_mid_filter_call_do_not_use_up_the_filters_instances() {
     // One instance allowed and a budget far longer than the test: only the cancelled calls
     // giving their instance back lets the last request through.
-    let up = Upstream::http1("up").start().await;
-    let toml = format!(
-        r#"{ADMIN}
-[filter_host]
-cpu_budget = "60s"
-max_instances = 1
-[[listeners]]
-name = "web"
-address = "127.0.0.1:0"
-filters = [{{ name = "loop", file = "{HOSTILE}", config = {{ mode = "loop" }} }}]
-[[routes]]
-cluster = "c"
-[clusters.c]
-endpoints = ["{}"]
-"#,
-        up.addr
-    );
-    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+    let (proxy, _up) = behind_a_looping_filter("cpu_budget = \"60s\"\nmax_instances = 1").await;
     let addr = proxy.addr("web");
     for _ in 0..3 {
         // An h2 client gives up on a request stuck in the filter: the stream is reset and
@@ -221,24 +211,7 @@ async fn concurrent_calls_never_run_more_instances_than_max_instances() {
     // Five requests at once into a filter that loops, two instances allowed: two run (one
     // from the pool, one made), the other three are refused at once, however their
     // checkouts interleave with the instantiations.
-    let up = Upstream::http1("up").start().await;
-    let toml = format!(
-        r#"{ADMIN}
-[filter_host]
-cpu_budget = "60s"
-max_instances = 2
-[[listeners]]
-name = "web"
-address = "127.0.0.1:0"
-filters = [{{ name = "loop", file = "{HOSTILE}", config = {{ mode = "loop" }} }}]
-[[routes]]
-cluster = "c"
-[clusters.c]
-endpoints = ["{}"]
-"#,
-        up.addr
-    );
-    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+    let (proxy, _up) = behind_a_looping_filter("cpu_budget = \"60s\"\nmax_instances = 2").await;
     let addr = proxy.addr("web");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let calls: Vec<_> = (0..5)
