@@ -290,6 +290,22 @@ pub struct WasmFilter {
     body_modes: [BodyMode; 2],
 }
 
+/// Swaps a call's inputs with the store's slots: once before the call, once after.
+fn exchange(
+    c: &mut CallState,
+    req: Option<&mut request::Parts>,
+    resp: Option<&mut response::Parts>,
+    ctx: &mut RequestContext,
+) {
+    if let Some(r) = req {
+        std::mem::swap(r, &mut c.req);
+    }
+    if let Some(r) = resp {
+        std::mem::swap(r, &mut c.resp);
+    }
+    std::mem::swap(ctx, &mut c.ctx);
+}
+
 fn phase_bit(p: Phase) -> u8 {
     match p {
         Phase::RequestHeaders => 1,
@@ -443,31 +459,43 @@ impl WasmFilter {
         e
     }
 
-    /// Runs one guest call on a pooled instance with `state` in the store; returns the state
-    /// (always: a fail-open request goes on with its heads) and the answer. A failed instance
-    /// is dropped, never reused.
-    async fn run(&self, mut state: CallState, call: Call<'_>) -> (CallState, Result<Answer, FilterError>) {
-        let mut inst = match self.checkout().await {
-            Ok(i) => i,
-            Err(e) => return (state, Err(self.failed(e))),
-        };
-        std::mem::swap(&mut inst.store.data_mut().call, &mut state);
-        let result = self.call(&mut inst, call).await;
-        std::mem::swap(&mut inst.store.data_mut().call, &mut state);
-        (state, self.finish(inst, result))
-    }
-
-    /// One guest call on an instance whose store holds the call's state.
-    async fn call(&self, inst: &mut Instance, call: Call<'_>) -> wasmtime::Result<Answer> {
+    /// Runs one guest call on a pooled instance. What the call reads (the request head, the
+    /// response head, the read-only heads of a body phase, the context) is swapped into the
+    /// store's idle slots for the call and swapped back out after, also when the guest failed
+    /// (a fail-open request goes on with its heads): no copies through intermediate values,
+    /// no empty heads built and dropped. The host calls change only what a filter may steer
+    /// (heads, cluster, timeout, values, retry delay). A failed instance is dropped, never
+    /// reused.
+    async fn run(
+        &self,
+        phase: Phase,
+        mut req: Option<&mut request::Parts>,
+        mut resp: Option<&mut response::Parts>,
+        heads: Option<Arc<Heads>>,
+        ctx: &mut RequestContext,
+        call: Call<'_>,
+    ) -> Result<Answer, FilterError> {
+        let mut inst = self.checkout().await.map_err(|e| self.failed(e))?;
         let data = inst.store.data_mut();
         data.ticks_left = ticks(self.limits.cpu_budget);
         data.active = true;
-        let result = self.call_guest(inst, call).await;
-        inst.store.data_mut().active = false;
-        result
+        let c = &mut data.call;
+        c.phase = phase;
+        c.heads = heads;
+        c.has_resp = resp.is_some();
+        exchange(c, req.as_deref_mut(), resp.as_deref_mut(), ctx);
+        let result = self.call(&mut inst, call).await;
+        let data = inst.store.data_mut();
+        data.active = false;
+        let c = &mut data.call;
+        exchange(c, req, resp, ctx);
+        c.heads = None;
+        c.has_resp = false;
+        self.finish(inst, result)
     }
 
-    async fn call_guest(&self, inst: &mut Instance, call: Call<'_>) -> wasmtime::Result<Answer> {
+    /// One guest call on an instance whose store holds the call's inputs.
+    async fn call(&self, inst: &mut Instance, call: Call<'_>) -> wasmtime::Result<Answer> {
         inst.store.set_epoch_deadline(1);
         let handler = inst.exports.weir_filter_handler();
         match call {
@@ -519,34 +547,11 @@ impl WasmFilter {
         resp: Option<&mut response::Parts>,
         ctx: &mut RequestContext,
     ) -> Result<Action, FilterError> {
-        let mut inst = self.checkout().await.map_err(|e| self.failed(e))?;
-        // The heads and the context swap with the store's idle ones and back: no copies
-        // through intermediate values, no empty heads built and dropped.
-        let data = inst.store.data_mut();
-        data.call.phase = phase;
-        std::mem::swap(req, &mut data.call.req);
-        std::mem::swap(ctx, &mut data.call.ctx);
-        let mut resp = resp;
-        if let Some(r) = resp.as_deref_mut() {
-            std::mem::swap(r, &mut data.call.resp);
-            data.call.has_resp = true;
-        }
         let call = match phase {
             Phase::ResponseHeaders => Call::ResponseHeaders,
             _ => Call::RequestHeaders,
         };
-        let result = self.call(&mut inst, call).await;
-        // The heads come back even when the guest failed: a fail-open request goes on. The
-        // host calls change only what a filter may steer (cluster, timeout, values, retry
-        // delay); the whole context comes back.
-        let data = inst.store.data_mut();
-        std::mem::swap(req, &mut data.call.req);
-        std::mem::swap(ctx, &mut data.call.ctx);
-        if let Some(r) = resp {
-            std::mem::swap(r, &mut data.call.resp);
-            data.call.has_resp = false;
-        }
-        match self.finish(inst, result) {
+        match self.run(phase, Some(req), resp, None, ctx, call).await {
             Ok(Answer::Head(wt::Action::NotImplemented)) => {
                 self.skipped.fetch_or(phase_bit(phase), Ordering::Relaxed);
                 Ok(Action::Continue)
@@ -565,19 +570,14 @@ impl WasmFilter {
         heads: &Arc<Heads>,
         ctx: &RequestContext,
     ) -> Result<BodyAction, FilterError> {
-        let state = CallState {
-            phase,
-            req: http::Request::new(()).into_parts().0,
-            resp: http::Response::new(()).into_parts().0,
-            has_resp: false,
-            heads: Some(heads.clone()),
-            ctx: ctx.clone(),
-        };
         let call = match phase {
             Phase::RequestBody => Call::RequestBody(&chunk, eos),
             _ => Call::ResponseBody(&chunk, eos),
         };
-        let answer = self.run(state, call).await.1?;
+        let mut ctx = ctx.clone();
+        let answer = self
+            .run(phase, None, None, Some(heads.clone()), &mut ctx, call)
+            .await?;
         let invalid = |message: String| {
             self.failed(FilterError {
                 kind: "invalid",
@@ -656,21 +656,18 @@ impl Filter for WasmFilter {
             if let Some(t) = &summary.target {
                 *head.uri_mut() = t.clone();
             }
-            let state = CallState {
-                phase: Phase::Log,
-                req: head.into_parts().0,
-                resp: http::Response::new(()).into_parts().0,
-                has_resp: false,
-                heads: None,
-                ctx: ctx.clone(),
-            };
+            let mut head = head.into_parts().0;
+            let mut ctx = ctx.clone();
             let s = wt::Summary {
                 status: summary.status,
                 bytes_sent: summary.bytes,
                 duration_us: summary.duration.as_micros() as u64,
                 upstream: summary.upstream.map(|a| a.to_string()),
             };
-            match self.run(state, Call::Log(s)).await.1 {
+            match self
+                .run(Phase::Log, Some(&mut head), None, None, &mut ctx, Call::Log(s))
+                .await
+            {
                 Ok(Answer::Log(false)) => {
                     self.skipped.fetch_or(phase_bit(Phase::Log), Ordering::Relaxed);
                 }
