@@ -12,9 +12,12 @@
 //! - [`cluster`]: endpoints, DNS, ejection, connection pools; [`balance`]: RR and peak-EWMA.
 //! - [`filter`]: the filter chain seam; [`error`]: error causes and their statuses.
 //! - [`admin`]: `/ready`, `/live`, `/metrics`, `/config`, `/filters`; [`metrics`]: series.
-//! - [`body`]: body type and wrappers; [`log`]: tracing setup.
+//! - [`body`]: body type and wrappers; [`log`]: tracing setup; [`alloc`]: the allocator.
 
 pub mod admin;
+// The one module with unsafe code: the global allocator is FFI to mimalloc.
+#[allow(unsafe_code)]
+pub mod alloc;
 pub mod balance;
 pub mod body;
 pub mod cluster;

@@ -6,11 +6,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use weir::{Config, Proxy};
 
-/// mimalloc instead of the system allocator: a request allocates a few dozen times (hyper's
-/// buffers, header maps, the filter host's strings), and glibc's malloc/free pair costs about
-/// three times mimalloc's.
+/// mimalloc instead of the system allocator (see [`weir::alloc`]).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: weir::alloc::Allocator = weir::alloc::Allocator;
 
 /// Exit status for a configuration error (EX_CONFIG-like: sysexits' EX_USAGE).
 const EXIT_BAD_CONFIG: u8 = 64;
