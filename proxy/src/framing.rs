@@ -72,10 +72,19 @@ impl Tracker {
             match self.state {
                 State::Off => return None,
                 State::Head if self.head.is_empty() => {
-                    // The common case: the whole head is in this read; parse it in place.
-                    match find_head_end(data, 0) {
-                        Some(end) => {
-                            self.state = self.on_head(&data[..end]);
+                    // Blank lines before a request line are skipped (as hyper does) and never
+                    // buffered: a buffered head starts with its request line, which the
+                    // incremental search below relies on.
+                    let lead = data.iter().position(|&b| b != b'\r' && b != b'\n');
+                    data = &data[lead.unwrap_or(data.len())..];
+                    if data.is_empty() {
+                        return None;
+                    }
+                    // The common case: the whole head is in this read; one pass over its
+                    // lines finds both its end and the framing headers.
+                    match scan_head(data) {
+                        Some((end, head)) => {
+                            self.state = self.on_head(head);
                             data = &data[end..];
                         }
                         None => {
@@ -95,7 +104,12 @@ impl Tracker {
                         Some(end) => {
                             let carry = self.head.split_off(end);
                             let head = std::mem::take(&mut self.head);
-                            self.state = self.on_head(&head);
+                            // The end was found incrementally (a head split across reads
+                            // costs one search per read, not a rescan); now its lines.
+                            self.state = match scan_head(&head) {
+                                Some((_, h)) => self.on_head(h),
+                                None => State::Off,
+                            };
                             return (!carry.is_empty()).then_some(carry);
                         }
                         None => {
@@ -134,39 +148,17 @@ impl Tracker {
         None
     }
 
-    fn on_head(&mut self, head: &[u8]) -> State {
+    fn on_head(&mut self, head: Head) -> State {
         self.heads += 1;
-        // Only three header names matter here, so a line scan beats a full parse; hyper does
-        // the real parsing (and refuses what is malformed) on the same bytes.
-        let mut lines = head
-            .split(|&b| b == b'\n')
-            .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
-        let Some(request_line) = lines.by_ref().find(|l| !l.is_empty()) else {
+        let Head {
+            follow,
+            cl,
+            te,
+            chunked,
+            upgrade,
+        } = head;
+        if !follow {
             return State::Off;
-        };
-        if request_line.starts_with(b"PRI ") || request_line.starts_with(b"CONNECT ") {
-            return State::Off;
-        }
-        let (mut cl, mut te, mut chunked, mut upgrade) = (None, false, false, false);
-        for line in lines {
-            let Some(colon) = line.iter().position(|&b| b == b':') else {
-                continue;
-            };
-            let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
-            if name.eq_ignore_ascii_case(b"content-length") {
-                cl = std::str::from_utf8(value)
-                    .ok()
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .or(Some(u64::MAX));
-            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-                te = true;
-                chunked = value
-                    .rsplit(|&b| b == b',')
-                    .next()
-                    .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-            } else if name.eq_ignore_ascii_case(b"upgrade") {
-                upgrade = true;
-            }
         }
         if te && cl.is_some() {
             self.flag.store(self.heads, Ordering::Relaxed);
@@ -185,6 +177,69 @@ impl Tracker {
             (false, Some(u64::MAX)) => State::Off,
             (false, Some(0)) | (false, None) => State::Head,
             (false, Some(n)) => State::Body(n),
+        }
+    }
+}
+
+/// What the guard learns from a request head.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Head {
+    /// A request line this guard follows (not the h2c preface, not `CONNECT`).
+    follow: bool,
+    /// `Content-Length`, `u64::MAX` when unparsable.
+    cl: Option<u64>,
+    /// `Transfer-Encoding` present.
+    te: bool,
+    /// ... with `chunked` last.
+    chunked: bool,
+    /// `Upgrade` present.
+    upgrade: bool,
+}
+
+/// Finds the end of the head at the start of `buf` (the index after its blank line; CRLF or
+/// bare LF line ends; blank lines before the request line skipped, as hyper does) and reads
+/// the three framing headers on the way. `None`: the head is not complete in `buf`.
+///
+/// Only three header names matter here, so a line scan beats a full parse; hyper does the
+/// real parsing (and refuses what is malformed) on the same bytes. Lines are found with
+/// `memchr`, and a name is compared only when its length is one of the three.
+fn scan_head(buf: &[u8]) -> Option<(usize, Head)> {
+    let mut i = buf.iter().position(|&b| b != b'\r' && b != b'\n')?;
+    let mut head = Head::default();
+    let mut request_line = true;
+    loop {
+        let nl = i + memchr::memchr(b'\n', &buf[i..])?;
+        let line = &buf[i..nl];
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        i = nl + 1;
+        if line.is_empty() {
+            return Some((i, head));
+        }
+        if request_line {
+            request_line = false;
+            head.follow = !(line.starts_with(b"PRI ") || line.starts_with(b"CONNECT "));
+            continue;
+        }
+        let Some(colon) = memchr::memchr(b':', line) else {
+            continue;
+        };
+        let (name, value) = (&line[..colon], &line[colon + 1..]);
+        match name.len() {
+            14 if name.eq_ignore_ascii_case(b"content-length") => {
+                head.cl = std::str::from_utf8(value.trim_ascii())
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .or(Some(u64::MAX));
+            }
+            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
+                head.te = true;
+                head.chunked = value
+                    .rsplit(|&b| b == b',')
+                    .next()
+                    .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            }
+            7 if name.eq_ignore_ascii_case(b"upgrade") => head.upgrade = true,
+            _ => {}
         }
     }
 }
@@ -382,6 +437,40 @@ mod tests {
         let input = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nokGET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
         let chunks: Vec<&[u8]> = input.chunks(1).collect();
         assert_eq!(run(&chunks).0, 2);
+    }
+
+    #[test]
+    fn bare_lf_ends_leading_blank_lines_and_any_case_are_read() {
+        let a = b"\r\n\nPOST / HTTP/1.1\nHost: a\nCONTENT-LENGTH: 5\ntransfer-ENCODING: chunked\n\n";
+        assert_eq!(run(&[a]).0, 1);
+        // Split anywhere (the incremental search, then the line scan), also inside the CRLFs
+        // before the request line: a split there used to end the search at those blank
+        // lines and turn the guard off for the connection.
+        for at in 1..a.len() {
+            assert_eq!(run(&[&a[..at], &a[at..]]).0, 1, "split at {at}");
+        }
+    }
+
+    #[test]
+    fn only_the_three_names_count() {
+        // Same lengths, other names; and a value that merely mentions the header.
+        let a = b"POST / HTTP/1.1\r\nContent-Lengtx: 5\r\nTransfer-Encodinx: chunked\r\nX: Content-Length: 5\r\nContent-Length: 2\r\n\r\nokGET / HTTP/1.1\r\n\r\n";
+        assert_eq!(run(&[a]), (0, State::Head));
+        // A sized body is skipped, and the next head is read.
+        let b = b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcGET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 1\r\n\r\n";
+        assert_eq!(run(&[b]).0, 2);
+    }
+
+    #[test]
+    fn upgrade_connect_and_unreadable_lengths_stop_it() {
+        for head in [
+            &b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"[..],
+            b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+        ] {
+            assert_eq!(run(&[head]), (0, State::Off), "{}", String::from_utf8_lossy(head));
+        }
     }
 
     #[test]

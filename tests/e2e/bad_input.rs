@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use weir_tests::client::{raw_exchange, raw_status, Client};
+use weir_tests::client::{raw_exchange, raw_exchange_parts, raw_status, Client};
 use weir_tests::proxy::{start_one_route, TestProxy, ADMIN};
 use weir_tests::upstream::Upstream;
 
@@ -77,6 +77,27 @@ async fn malformed_requests_are_refused_and_others_keep_being_served() {
             "after {what}, others are still served"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smuggling_after_blank_lines_sent_on_their_own_is_refused() {
+    // Blank lines before a request line are allowed (and skipped). Sent in their own packet,
+    // they used to end the framing guard's search for the head's end, which then stopped
+    // looking at that connection: the conflicting head went through.
+    let up = Upstream::http1("up").start().await;
+    let proxy = start_one_route(up.addr, "", "").await;
+    let (out, closed) = raw_exchange_parts(
+        proxy.addr("web"),
+        &[
+            b"\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        ],
+        Duration::from_secs(3),
+    )
+    .await;
+    assert_eq!(raw_status(&out), Some(400), "got {out:?}");
+    assert!(closed, "the connection is closed");
+    assert_eq!(up.hits(), 0, "nothing reaches the upstream");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -132,8 +132,20 @@ impl Client {
 /// Writes raw bytes on a fresh connection and reads the answer until the server closes
 /// (or `wait` passes). Returns what was read and whether the server closed the connection.
 pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8], wait: Duration) -> (String, bool) {
+    raw_exchange_parts(addr, &[bytes], wait).await
+}
+
+/// [`raw_exchange`] with the bytes sent in parts, 100 ms apart, so the proxy reads each part
+/// on its own.
+pub async fn raw_exchange_parts(addr: SocketAddr, parts: &[&[u8]], wait: Duration) -> (String, bool) {
     let mut s = TcpStream::connect(addr).await.expect("connect");
-    s.write_all(bytes).await.expect("write");
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        s.write_all(part).await.expect("write");
+        s.flush().await.expect("flush");
+    }
     let mut out = Vec::new();
     let mut buf = [0u8; 8192];
     let closed = loop {
