@@ -422,6 +422,9 @@ async fn forward(
         .as_ref()
         .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
     strip_hop_by_hop(&mut parts.headers, true);
+    // Room for what the proxy adds (X-Forwarded-*, X-Request-Id) in one growth of the map
+    // hyper sized for the client's headers, not one per insert.
+    parts.headers.reserve(4);
     if let Some(proto) = &upgrade {
         parts
             .headers
