@@ -579,9 +579,12 @@ impl log::Host for HostState {
 /// `ip:port` (`[v6]:port`), as `SocketAddr`'s `Display` writes it; IPv4 without the
 /// formatting machinery (rate limits by client read it on every request).
 fn addr_text(a: &std::net::SocketAddr) -> String {
-    fn push_u16(s: &mut String, mut n: u16) {
+    // Digits written into a stack buffer, then one allocation: ratelimit-by-IP asks on
+    // every request (`to_string` goes through the formatting machinery, pushing char by
+    // char cost ~400 instructions).
+    fn put_u16(buf: &mut [u8; 21], at: &mut usize, n: u16) {
         let mut digits = [0u8; 5];
-        let mut i = digits.len();
+        let (mut i, mut n) = (digits.len(), n);
         loop {
             i -= 1;
             digits[i] = b'0' + (n % 10) as u8;
@@ -590,20 +593,25 @@ fn addr_text(a: &std::net::SocketAddr) -> String {
                 break;
             }
         }
-        digits[i..].iter().for_each(|&d| s.push(d as char));
+        let d = &digits[i..];
+        buf[*at..*at + d.len()].copy_from_slice(d);
+        *at += d.len();
     }
     match a {
         std::net::SocketAddr::V4(v4) => {
-            let mut s = String::with_capacity(21);
+            // "255.255.255.255:65535" is 21 bytes.
+            let (mut buf, mut n) = ([0u8; 21], 0);
             for (i, o) in v4.ip().octets().into_iter().enumerate() {
                 if i > 0 {
-                    s.push('.');
+                    buf[n] = b'.';
+                    n += 1;
                 }
-                push_u16(&mut s, o.into());
+                put_u16(&mut buf, &mut n, o.into());
             }
-            s.push(':');
-            push_u16(&mut s, v4.port());
-            s
+            buf[n] = b':';
+            n += 1;
+            put_u16(&mut buf, &mut n, v4.port());
+            String::from_utf8_lossy(&buf[..n]).into_owned()
         }
         v6 => v6.to_string(),
     }
