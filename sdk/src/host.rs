@@ -11,47 +11,10 @@ pub(crate) use imp::*;
 mod fast {
     use std::hash::{Hash, Hasher};
 
-    /// A word-at-a-time multiplicative hash (the Fx hash of rustc), 64-bit operations only:
-    /// a metric bump hashes its name and labels on every call. SipHash cost ten times as
-    /// much, and foldhash's 128-bit multiply is a library call on wasm32 (1.5k instructions
-    /// per bump against 0.9k). The keys are the filter's own series, bounded by the host,
-    /// and collisions are told apart by comparing, so a weaker hash costs nothing but an
-    /// extra comparison.
-    #[derive(Default)]
-    struct Fx(u64);
-
-    impl Fx {
-        fn add(&mut self, word: u64) {
-            self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-        }
-    }
-
-    impl Hasher for Fx {
-        fn write(&mut self, bytes: &[u8]) {
-            let mut chunks = bytes.chunks_exact(8);
-            for c in &mut chunks {
-                self.add(u64::from_le_bytes(c.try_into().expect("8 bytes")));
-            }
-            let rest = chunks.remainder();
-            if !rest.is_empty() {
-                let mut w = [0u8; 8];
-                w[..rest.len()].copy_from_slice(rest);
-                self.add(u64::from_le_bytes(w));
-            }
-        }
-        fn write_u8(&mut self, i: u8) {
-            self.add(u64::from(i));
-        }
-        fn write_usize(&mut self, i: usize) {
-            self.add(i as u64);
-        }
-        fn write_u64(&mut self, i: u64) {
-            self.add(i);
-        }
-        fn finish(&self) -> u64 {
-            self.0
-        }
-    }
+    // A metric bump hashes its name and labels on every call: Fx, see `crate::hash`. The
+    // keys are the filter's own series, bounded by the host, and collisions are told apart
+    // by comparing.
+    use crate::hash::FxHasher as Fx;
 
     /// The hash the series cache keys by.
     pub(crate) fn series_hash(kind: u8, name: &str, labels: &[(&str, &str)]) -> u64 {

@@ -70,6 +70,7 @@ extern crate self as weir_sdk;
 
 pub mod config;
 mod filter;
+pub mod hash;
 mod host;
 mod http;
 pub mod log;

@@ -35,8 +35,8 @@
 //!   weights 0: 500, as the Gateway API requires. No backendRefs: the route's own cluster.
 //! - `timeouts.request`: the upstream timeout of the request.
 
-use std::collections::HashMap;
 use std::time::Duration;
+use weir_sdk::hash::FastMap;
 
 use regex::Regex;
 use serde::Deserialize;
@@ -454,7 +454,7 @@ impl Router {
     fn select(&self, req: &Request, path: &str) -> Option<usize> {
         let mut method: Option<String> = None;
         let mut query: Option<String> = None;
-        let mut header_cache: HashMap<&str, Option<String>> = HashMap::new();
+        let mut header_cache: FastMap<&str, Option<String>> = FastMap::default();
         'next: for m in &self.matches {
             let path_ok = match &m.path {
                 PathRule::Exact(p) => p == path,
