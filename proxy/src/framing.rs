@@ -474,6 +474,39 @@ mod tests {
     }
 
     #[test]
+    fn how_the_bytes_are_split_never_matters() {
+        // Streams of several requests (sized, chunked with extensions and trailers, bare LF,
+        // blank lines between requests); the answer for one read of the whole stream must be
+        // the answer for any split of it into reads.
+        let streams: [&[u8]; 4] = [
+            b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nabcd\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\nPOST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n0\r\n\r\n",
+            b"POST / HTTP/1.1\nTransfer-Encoding: chunked\n\n3;ext=1\nabc\n0\nX-T: 1\n\nGET / HTTP/1.1\nContent-Length: 1\nTransfer-Encoding: chunked\n\n",
+            b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /x HTTP/1.1\r\nUpgrade: websocket\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ];
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        for stream in streams {
+            let whole = run(&[stream]);
+            for _ in 0..300 {
+                let mut chunks = Vec::new();
+                let mut rest = stream;
+                while !rest.is_empty() {
+                    let k = 1 + next(rest.len().min(24));
+                    chunks.push(&rest[..k]);
+                    rest = &rest[k..];
+                }
+                assert_eq!(run(&chunks), whole, "{chunks:?}");
+            }
+        }
+    }
+
+    #[test]
     fn h2c_preface_turns_it_off() {
         let (flag, state) = run(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"]);
         assert_eq!((flag, state), (0, State::Off));
