@@ -341,7 +341,9 @@ enum Answer {
 }
 
 fn ticks(d: Duration) -> u64 {
-    (d.as_nanos() / limits::FILTER_EPOCH_TICK.as_nanos()).max(1) as u64 + 1
+    // In u64: a u128 division is a library call, and this runs on every phase call.
+    let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    (nanos / limits::FILTER_EPOCH_TICK.as_nanos() as u64).max(1) + 1
 }
 
 /// Names a failure for `weir_filter_errors_total{kind}`.
@@ -726,6 +728,17 @@ impl Filter for WasmFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_budget_is_its_ticks_plus_the_one_under_way() {
+        let tick = limits::FILTER_EPOCH_TICK;
+        assert_eq!(ticks(tick * 20), 21);
+        // Less than a tick still gets one whole tick.
+        assert_eq!(ticks(Duration::ZERO), 2);
+        assert_eq!(ticks(tick / 2), 2);
+        // A budget too long for u64 nanoseconds saturates instead of wrapping.
+        assert!(ticks(Duration::MAX) > ticks(Duration::from_secs(86_400 * 365)));
+    }
 
     #[test]
     fn places_are_reserved_up_to_the_limit_from_many_threads_and_given_back_on_drop() {
