@@ -25,6 +25,9 @@
 #   THREADS=1        load-generator threads (on a 2-core box: one core for the load generator)
 #   WORKERS=1        Weir's runtime.worker_threads and nginx's worker_processes (kept equal)
 #   WARMUP=2s        unmeasured run before each measured one (warms pools, caches, CPU clocks)
+#   ROUNDS=3         times the whole sequence of targets runs; the report gives each figure's
+#                    median over the rounds and every round's ratios (a VM's speed drifts
+#                    between minutes, so ratios are taken within a round)
 #   PIN=1            pin the load generator to the last CPU and the servers to the others
 #   SKIP_BUILD=1     use the release binaries already built instead of running cargo
 #   KEEP_DUMPS=DIR   with --instructions: keep each target's callgrind dump in DIR
@@ -44,6 +47,8 @@ CONNECTIONS="${CONNECTIONS:-64}"
 THREADS="${THREADS:-1}"
 WORKERS="${WORKERS:-1}"
 WARMUP="${WARMUP:-2s}"
+ROUNDS="${ROUNDS:-3}"
+[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || { echo "load.sh: ROUNDS must be a positive whole number" >&2; exit 2; }
 PIN="${PIN:-0}"
 SKIP_BUILD="${SKIP_BUILD:-0}"
 KEEP_DUMPS="${KEEP_DUMPS:-}"
@@ -504,6 +509,7 @@ server_pids() {
     esac
 }
 
+# Per target, one value per round, space-separated, in round order (ERRS: summed).
 declare -A RPS=() P50=() P99=() ERRS=() CPU=()
 bench_target() {
     local name="$1" url="$2" out="$TMP/wrk-$1.txt"
@@ -516,23 +522,57 @@ bench_target() {
     c0="$(cpu_ticks "${pids[@]}")"
     wrk_run "$url" "$DURATION" "$DURATION_S" >"$out" || { cat "$out" >&2; die "$name: wrk failed"; }
     c1="$(cpu_ticks "${pids[@]}")"
-    local r
+    local r rps p50 p99 errs cpu
     r="$(parse_wrk "$out")" || { cat "$out" >&2; die "$name: cannot parse wrk output"; }
-    read -r RPS[$name] P50[$name] P99[$name] ERRS[$name] <<<"$r"
+    read -r rps p50 p99 errs <<<"$r"
     # CPU per request: steadier than req/s on a shared machine (see BENCHMARKING.md).
     n="$(awk '/ requests in / { print $1 }' "$out")"
-    CPU[$name]="$(awk -v c=$((c1 - c0)) -v hz="$HZ" -v n="${n:-0}" 'BEGIN { printf "%.1f", (n > 0) ? c / hz * 1e6 / n : 0 }')"
+    cpu="$(awk -v c=$((c1 - c0)) -v hz="$HZ" -v n="${n:-0}" 'BEGIN { printf "%.1f", (n > 0) ? c / hz * 1e6 / n : 0 }')"
+    RPS[$name]+="$rps " P50[$name]+="$p50 " P99[$name]+="$p99 " CPU[$name]+="$cpu "
+    ERRS[$name]=$((${ERRS[$name]:-0} + errs))
 }
 
-bench_target direct "http://127.0.0.1:$UP_PORT/"
-bench_target weir "http://127.0.0.1:$WEIR_PORT/"
-bench_target weir-1-filter "http://127.0.0.1:$WEIR1_PORT/"
-bench_target weir-3-filters "http://127.0.0.1:$WEIR3_PORT/"
-bench_target nginx "http://127.0.0.1:$NGINX_PORT/"
-WRK_HEADERS=(-H "x-api-key: bench-key")
-bench_target weir-gateway "http://127.0.0.1:$WEIRG_PORT/api/items"
-bench_target nginx-gateway "http://127.0.0.1:$NGINXG_PORT/api/items"
-WRK_HEADERS=()
+for ((round = 1; round <= ROUNDS; round++)); do
+    ((ROUNDS > 1)) && log "round $round of $ROUNDS"
+    bench_target direct "http://127.0.0.1:$UP_PORT/"
+    bench_target weir "http://127.0.0.1:$WEIR_PORT/"
+    bench_target weir-1-filter "http://127.0.0.1:$WEIR1_PORT/"
+    bench_target weir-3-filters "http://127.0.0.1:$WEIR3_PORT/"
+    bench_target nginx "http://127.0.0.1:$NGINX_PORT/"
+    WRK_HEADERS=(-H "x-api-key: bench-key")
+    bench_target weir-gateway "http://127.0.0.1:$WEIRG_PORT/api/items"
+    bench_target nginx-gateway "http://127.0.0.1:$NGINXG_PORT/api/items"
+    WRK_HEADERS=()
+done
+
+# The median of a space-separated list of numbers.
+median() {
+    tr ' ' '\n' <<<"$1" | awk 'NF { a[n++] = $1 } END {
+        if (n == 0) exit 1
+        # insertion sort: a handful of values
+        for (i = 1; i < n; i++) { v = a[i]; for (j = i - 1; j >= 0 && a[j] > v; j--) a[j + 1] = a[j]; a[j + 1] = v }
+        print (n % 2) ? a[int(n / 2)] : (a[n / 2 - 1] + a[n / 2]) / 2
+    }'
+}
+# Per round, FORMULA over the lists given as awk variables (one value per round each):
+# prints "median (round 1, round 2, ...)" with FMT for each value.
+per_round() {
+    local fmt="$1" formula="$2"
+    shift 2
+    awk -v fmt="$fmt" "$@" 'BEGIN {
+        n = split(A, a, " "); split(B, b, " "); split(C, c, " ")
+        for (i = 1; i <= n; i++) { v[i] = '"$formula"'; s[i] = v[i] }
+        for (i = 2; i <= n; i++) { x = s[i]; for (j = i - 1; j >= 1 && s[j] > x; j--) s[j + 1] = s[j]; s[j + 1] = x }
+        m = (n % 2) ? s[(n + 1) / 2] : (s[n / 2] + s[n / 2 + 1]) / 2
+        out = sprintf(fmt, m)
+        if (n > 1) {
+            out = out " (rounds:"
+            for (i = 1; i <= n; i++) out = out " " sprintf(fmt, v[i])
+            out = out ")"
+        }
+        print out
+    }'
+}
 
 # --- h2load (optional) ---------------------------------------------------------------------
 # h2c with prior knowledge (h2load's default for http:// URLs). Only direct and Weir: nginx
@@ -575,13 +615,20 @@ report="$TMP/report.md"
     commit_line
     echo "- machine: $(nproc) CPUs, $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo 2>/dev/null || echo unknown CPU), Linux $(uname -r)"
     echo "- tools: $(wrk --version 2>&1 | awk 'NR == 1 { print $1, $2 }'), $(nginx -v 2>&1 | sed 's/^nginx version: //')"
-    echo "- settings: DURATION=$DURATION CONNECTIONS=$CONNECTIONS THREADS=$THREADS WORKERS=$WORKERS WARMUP=$WARMUP PIN=$PIN"
+    echo "- settings: DURATION=$DURATION CONNECTIONS=$CONNECTIONS THREADS=$THREADS WORKERS=$WORKERS WARMUP=$WARMUP PIN=$PIN ROUNDS=$ROUNDS"
     echo
+    ((ROUNDS > 1)) && echo "Each figure is the median of $ROUNDS rounds (every target once per round, in order);" &&
+        echo "the ratios below are taken within each round, then their median." && echo
     echo "| target | req/s | p50 (µs) | p99 (µs) | throughput vs direct | added p99 vs direct (µs) | server CPU per request (µs) |"
     echo "|---|---:|---:|---:|---:|---:|---:|"
+    declare -A M_RPS=() M_P50=() M_P99=() M_CPU=()
     for t in direct weir weir-1-filter weir-3-filters nginx weir-gateway nginx-gateway; do
-        awk -v t="$t" -v r="${RPS[$t]}" -v p50="${P50[$t]}" -v p99="${P99[$t]}" \
-            -v dr="${RPS[direct]}" -v dp99="${P99[direct]}" -v cpu="${CPU[$t]}" 'BEGIN {
+        M_RPS[$t]="$(median "${RPS[$t]}")" M_P50[$t]="$(median "${P50[$t]}")"
+        M_P99[$t]="$(median "${P99[$t]}")" M_CPU[$t]="$(median "${CPU[$t]}")"
+    done
+    for t in direct weir weir-1-filter weir-3-filters nginx weir-gateway nginx-gateway; do
+        awk -v t="$t" -v r="${M_RPS[$t]}" -v p50="${M_P50[$t]}" -v p99="${M_P99[$t]}" \
+            -v dr="${M_RPS[direct]}" -v dp99="${M_P99[direct]}" -v cpu="${M_CPU[$t]}" 'BEGIN {
                 printf "| %s | %.0f | %d | %d | %.1f %% | %+d | %s |\n", t, r, p50, p99, 100 * r / dr, p99 - dp99, cpu
             }'
     done
@@ -590,20 +637,14 @@ report="$TMP/report.md"
     echo "(the upstream for direct, else Weir or nginx's master and workers) over the measured run,"
     echo "divided by the requests wrk counted."
     echo
-    awk -v w="${RPS[weir]}" -v n="${RPS[nginx]}" 'BEGIN { printf "weir/nginx throughput ratio: %.2f\n", w / n }'
-    awk -v w="${CPU[weir]}" -v n="${CPU[nginx]}" -v g="${CPU[weir-gateway]}" -v ng="${CPU[nginx-gateway]}" 'BEGIN {
-        if (w > 0 && n > 0) printf "CPU per request, weir/nginx: %.2f; gateway, weir/nginx: %.2f\n", w / n, g / ng
-    }'
+    echo "weir/nginx throughput ratio: $(per_round %.2f 'a[i] / b[i]' -v A="${RPS[weir]}" -v B="${RPS[nginx]}")"
+    echo "CPU per request, weir/nginx: $(per_round %.2f 'a[i] / b[i]' -v A="${CPU[weir]}" -v B="${CPU[nginx]}"); gateway, weir/nginx: $(per_round %.2f 'a[i] / b[i]' -v A="${CPU[weir-gateway]}" -v B="${CPU[nginx-gateway]}")"
     echo
-    awk -v w="${RPS[weir]}" -v a="${RPS[weir-1-filter]}" -v b="${RPS[weir-3-filters]}" 'BEGIN {
-        printf "filter chain cost (throughput vs no filter): 1 filter %.1f %%, 3 filters %.1f %%\n", 100 * (1 - a / w), 100 * (1 - b / w)
-    }'
+    echo "filter chain cost (throughput vs no filter): 1 filter $(per_round %.1f '100 * (1 - b[i] / a[i])' -v A="${RPS[weir]}" -v B="${RPS[weir-1-filter]}") %, 3 filters $(per_round %.1f '100 * (1 - b[i] / a[i])' -v A="${RPS[weir]}" -v B="${RPS[weir-3-filters]}") %"
     echo
-    awk -v w="${RPS[weir]}" -v g="${RPS[weir-gateway]}" -v ng="${RPS[nginx-gateway]}" 'BEGIN {
-        printf "gateway chain (router + auth + ratelimit): %.2f of Weir without filters (target 0.85), %.2f of nginx doing routing plus a header check\n", g / w, g / ng
-    }'
+    echo "gateway chain (router + auth + ratelimit): $(per_round %.2f 'b[i] / a[i]' -v A="${RPS[weir]}" -v B="${RPS[weir-gateway]}") of Weir without filters (target 0.85), $(per_round %.2f 'b[i] / a[i]' -v A="${RPS[nginx-gateway]}" -v B="${RPS[weir-gateway]}") of nginx doing routing plus a header check"
     echo
-    echo "weir added p99: $((P99[weir] - P99[direct])) µs, nginx added p99: $((P99[nginx] - P99[direct])) µs"
+    echo "added p99 (µs), weir: $(per_round %d 'b[i] - a[i]' -v A="${P99[direct]}" -v B="${P99[weir]}"); nginx: $(per_round %d 'b[i] - a[i]' -v A="${P99[direct]}" -v B="${P99[nginx]}")"
     for t in direct weir weir-1-filter weir-3-filters nginx weir-gateway nginx-gateway; do
         if ((ERRS[$t] > 0)); then
             echo
