@@ -69,6 +69,34 @@ impl Hasher for FxHasher {
 /// Builds [`FxHasher`]s (for `HashMap::with_hasher` and friends).
 pub type FastBuildHasher = BuildHasherDefault<FxHasher>;
 
+/// Builds [`FxHasher`]s that start from a random seed chosen when it is made: where the
+/// bucket a key lands in should not be predictable from outside (a map of secrets a client's
+/// input is looked up in), at the cost of one random number per map.
+///
+/// ```
+/// use std::collections::HashMap;
+/// let mut m: HashMap<Vec<u8>, u32, weir_sdk::hash::SeededFx> =
+///     HashMap::with_hasher(weir_sdk::hash::SeededFx::random());
+/// m.insert(b"k".to_vec(), 1);
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct SeededFx(u64);
+
+impl SeededFx {
+    /// A seed from the platform's random source (WASI `random` in a filter).
+    pub fn random() -> SeededFx {
+        use std::hash::BuildHasher;
+        SeededFx(std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64))
+    }
+}
+
+impl std::hash::BuildHasher for SeededFx {
+    type Hasher = FxHasher;
+    fn build_hasher(&self) -> FxHasher {
+        FxHasher(self.0)
+    }
+}
+
 /// A `HashMap` hashed with [`FxHasher`].
 pub type FastMap<K, V> = HashMap<K, V, FastBuildHasher>;
 
@@ -101,6 +129,13 @@ mod tests {
         }
         // The length is part of a slice's hash: a zero tail is not the same key.
         assert_ne!(hash(b"ab".as_slice()), hash(b"ab\0".as_slice()));
+    }
+
+    #[test]
+    fn seeds_move_keys() {
+        let (a, b) = (SeededFx::random(), SeededFx::random());
+        assert_eq!(a.hash_one(b"key".as_slice()), a.hash_one(b"key".as_slice()));
+        assert_ne!(a.hash_one(b"key".as_slice()), b.hash_one(b"key".as_slice()));
     }
 
     #[test]

@@ -85,7 +85,7 @@ pub mod jwt;
 pub mod remote;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use weir_sdk::hash::FastMap;
+use weir_sdk::hash::{FastMap, SeededFx};
 
 use base64::Engine as _;
 use serde::Deserialize;
@@ -797,9 +797,9 @@ struct ApiKeys {
     /// instance rather than on every request (it was the largest part of the filter's work).
     /// Only valid keys are kept, so a lookup's timing tells no more than the answer does; at
     /// most `SEEN_KEYS`, forgotten all at once when full; a config change replaces the instance.
-    /// Fx-hashed: only keys found valid are stored, so a forged key can at most walk their
-    /// probe sequence (SipHash was ~270 Wasm instructions per request).
-    seen: std::cell::RefCell<FastMap<Vec<u8>, usize>>,
+    /// Fx-hashed (SipHash was ~270 Wasm instructions per request) from a seed drawn per
+    /// instance, so where a valid key sits cannot be aimed at from outside.
+    seen: std::cell::RefCell<std::collections::HashMap<Vec<u8>, usize, SeededFx>>,
 }
 
 /// Most valid keys one instance remembers (see `ApiKeys::seen`).
@@ -848,7 +848,7 @@ impl ApiKeys {
                 .transpose()?,
             hashes,
             names,
-            seen: Default::default(),
+            seen: std::cell::RefCell::new(std::collections::HashMap::with_hasher(SeededFx::random())),
         })
     }
 
