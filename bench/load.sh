@@ -554,14 +554,19 @@ median() {
         print (n % 2) ? a[int(n / 2)] : (a[n / 2 - 1] + a[n / 2]) / 2
     }'
 }
-# Per round, FORMULA over the lists given as awk variables (one value per round each):
-# prints "median (round 1, round 2, ...)" with FMT for each value.
+# Per round, FORMULA over the lists given as awk variables A and B (one value per round
+# each): prints "median (rounds: r1 r2 ...)", each value with FMT. A round where a value
+# is 0 (no CPU reading) is left out.
 per_round() {
     local fmt="$1" formula="$2"
     shift 2
     awk -v fmt="$fmt" "$@" 'BEGIN {
-        n = split(A, a, " "); split(B, b, " "); split(C, c, " ")
-        for (i = 1; i <= n; i++) { v[i] = '"$formula"'; s[i] = v[i] }
+        k = split(A, a, " "); split(B, b, " "); n = 0
+        for (r = 1; r <= k; r++) {
+            if (a[r] == 0 || b[r] == 0) continue
+            i = r; n++; v[n] = '"$formula"'; s[n] = v[n]
+        }
+        if (n == 0) { print "n/a"; exit }
         for (i = 2; i <= n; i++) { x = s[i]; for (j = i - 1; j >= 1 && s[j] > x; j--) s[j + 1] = s[j]; s[j + 1] = x }
         m = (n % 2) ? s[(n + 1) / 2] : (s[n / 2] + s[n / 2 + 1]) / 2
         out = sprintf(fmt, m)
@@ -640,11 +645,11 @@ report="$TMP/report.md"
     echo "weir/nginx throughput ratio: $(per_round %.2f 'a[i] / b[i]' -v A="${RPS[weir]}" -v B="${RPS[nginx]}")"
     echo "CPU per request, weir/nginx: $(per_round %.2f 'a[i] / b[i]' -v A="${CPU[weir]}" -v B="${CPU[nginx]}"); gateway, weir/nginx: $(per_round %.2f 'a[i] / b[i]' -v A="${CPU[weir-gateway]}" -v B="${CPU[nginx-gateway]}")"
     echo
-    echo "filter chain cost (throughput vs no filter): 1 filter $(per_round %.1f '100 * (1 - b[i] / a[i])' -v A="${RPS[weir]}" -v B="${RPS[weir-1-filter]}") %, 3 filters $(per_round %.1f '100 * (1 - b[i] / a[i])' -v A="${RPS[weir]}" -v B="${RPS[weir-3-filters]}") %"
+    echo "filter chain cost (throughput vs no filter, %): 1 filter $(per_round %.1f '100 * (1 - b[i] / a[i])' -v A="${RPS[weir]}" -v B="${RPS[weir-1-filter]}"), 3 filters $(per_round %.1f '100 * (1 - b[i] / a[i])' -v A="${RPS[weir]}" -v B="${RPS[weir-3-filters]}")"
     echo
     echo "gateway chain (router + auth + ratelimit): $(per_round %.2f 'b[i] / a[i]' -v A="${RPS[weir]}" -v B="${RPS[weir-gateway]}") of Weir without filters (target 0.85), $(per_round %.2f 'b[i] / a[i]' -v A="${RPS[nginx-gateway]}" -v B="${RPS[weir-gateway]}") of nginx doing routing plus a header check"
     echo
-    echo "added p99 (µs), weir: $(per_round %d 'b[i] - a[i]' -v A="${P99[direct]}" -v B="${P99[weir]}"); nginx: $(per_round %d 'b[i] - a[i]' -v A="${P99[direct]}" -v B="${P99[nginx]}")"
+    echo "added p99 vs direct within each round (µs; the table subtracts the medians), weir: $(per_round %d 'b[i] - a[i]' -v A="${P99[direct]}" -v B="${P99[weir]}"); nginx: $(per_round %d 'b[i] - a[i]' -v A="${P99[direct]}" -v B="${P99[nginx]}")"
     for t in direct weir weir-1-filter weir-3-filters nginx weir-gateway nginx-gateway; do
         if ((ERRS[$t] > 0)); then
             echo
