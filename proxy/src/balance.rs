@@ -73,7 +73,11 @@ impl Load {
 
     /// Records a response latency.
     pub fn observe(&self, rtt: Duration) {
-        let now = Instant::now();
+        self.observe_at(Instant::now(), rtt);
+    }
+
+    /// Records a response latency measured up to `now` (a clock read the caller has).
+    pub fn observe_at(&self, now: Instant, rtt: Duration) {
         self.ewma
             .lock()
             .expect("ewma lock")

@@ -175,9 +175,12 @@ impl ConnInfo {
         }
     }
 
-    fn touch(&self) {
-        self.last_activity_ms
-            .store(self.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
+    /// Records activity at `now` (a clock read the caller has: one per request start and end).
+    fn touch(&self, now: Instant) {
+        self.last_activity_ms.store(
+            now.saturating_duration_since(self.opened).as_millis() as u64,
+            Ordering::Relaxed,
+        );
     }
 
     /// How long the connection has had no request in flight, if it has none now.
@@ -199,7 +202,7 @@ pub async fn handle(
     let start = Instant::now();
     let index = conn.requests.fetch_add(1, Ordering::Relaxed) + 1;
     conn.active.fetch_add(1, Ordering::Relaxed);
-    conn.touch();
+    conn.touch(start);
     let gw = shared.gateway.load_full();
     let Some(ls) = gw.listeners.get(&conn.listener).cloned() else {
         // The listener left the config while this connection was open.
@@ -276,10 +279,11 @@ struct Completion {
 
 impl OnComplete for Completion {
     fn on_complete(self, bytes: u64, complete: bool) {
-        let duration = self.start.elapsed();
+        let end = Instant::now();
+        let duration = end.saturating_duration_since(self.start);
         self.metrics.record(self.status, duration);
         self.conn.active.fetch_sub(1, Ordering::Relaxed);
-        self.conn.touch();
+        self.conn.touch(end);
         if self.access_log {
             tracing::info!(
                 target: "weir::access",
@@ -739,8 +743,13 @@ async fn send(
     let req = Request::from_parts(parts, body);
     let pending = ep.load.start();
     let sent = Instant::now();
+    // The deadline from the clock read that times the exchange (`timeout` would read it again).
+    let deadline = tokio::time::Instant::from_std(
+        sent.checked_add(timeout)
+            .unwrap_or_else(|| sent + Duration::from_secs(86_400 * 365 * 30)),
+    );
     let result = match conn {
-        Conn::Http1(c) => match tokio::time::timeout(timeout, c.send(req)).await {
+        Conn::Http1(c) => match tokio::time::timeout_at(deadline, c.send(req)).await {
             Ok(Ok((resp, c))) => {
                 let max = cluster.config.max_idle_per_endpoint;
                 Ok(Ok(resp.map(|b| {
@@ -750,18 +759,25 @@ async fn send(
             Ok(Err(e)) => Ok(Err(e)),
             Err(t) => Err(t),
         },
-        Conn::Http1Upgradable(mut s) => tokio::time::timeout(timeout, s.send_request(req)).await.map(|r| {
-            r.map(|resp| resp.map(UpstreamBody::Incoming))
-                .map_err(|e| describe(&e))
-        }),
-        Conn::Http2(mut s) => tokio::time::timeout(timeout, s.send_request(req)).await.map(|r| {
-            r.map(|resp| resp.map(UpstreamBody::Incoming))
-                .map_err(|e| describe(&e))
-        }),
+        Conn::Http1Upgradable(mut s) => {
+            tokio::time::timeout_at(deadline, s.send_request(req))
+                .await
+                .map(|r| {
+                    r.map(|resp| resp.map(UpstreamBody::Incoming))
+                        .map_err(|e| describe(&e))
+                })
+        }
+        Conn::Http2(mut s) => tokio::time::timeout_at(deadline, s.send_request(req))
+            .await
+            .map(|r| {
+                r.map(|resp| resp.map(UpstreamBody::Incoming))
+                    .map_err(|e| describe(&e))
+            }),
     };
     drop(pending);
     // Every outcome is a latency observation: peak-EWMA must see slow and failing endpoints.
-    ep.load.observe(sent.elapsed());
+    let done = Instant::now();
+    ep.load.observe_at(done, done.saturating_duration_since(sent));
     match result {
         Ok(Ok(resp)) => Ok((resp, ep)),
         Ok(Err(reason)) => Err(ProxyError::Upstream {
