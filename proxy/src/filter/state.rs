@@ -127,8 +127,15 @@ impl SharedState {
         if guard.is_some_and(|expected| expected.is_some()) {
             return Ok(Swap::Conflict(None));
         }
-        if self.len.fetch_add(1, Ordering::Relaxed) >= MAX_ENTRIES {
-            self.len.fetch_sub(1, Ordering::Relaxed);
+        // Counted in only while under the bound: an add-then-undo would count a refused key
+        // for a moment, and a concurrent insert could be refused for it with room left.
+        if self
+            .len
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < MAX_ENTRIES).then_some(n + 1)
+            })
+            .is_err()
+        {
             return Err(Full(key, value));
         }
         let version = self.version();
@@ -378,6 +385,49 @@ mod tests {
         }
         assert_eq!(s.len.load(Ordering::Relaxed), 0);
         assert!(s.shards.iter().all(|m| m.lock().unwrap().is_empty()));
+    }
+
+    #[test]
+    fn at_the_bound_the_count_never_goes_over_it_and_ends_exact() {
+        let s = std::sync::Arc::new(SharedState::default());
+        for i in 0..MAX_ENTRIES - 2 {
+            s.set(format!("k{i}"), vec![1], None).unwrap();
+        }
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Four writers for two free places: many inserts are refused, each for a moment
+        // counted in by the old add-then-undo.
+        let writers: Vec<_> = (0..4)
+            .map(|t| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..20_000 {
+                        let key = format!("w{t}");
+                        if s.set(key.clone(), vec![1], None).is_ok() {
+                            s.delete(&key);
+                        }
+                    }
+                })
+            })
+            .collect();
+        let watcher = {
+            let (s, done) = (s.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut most = 0;
+                while !done.load(Ordering::Relaxed) {
+                    most = most.max(s.len.load(Ordering::Relaxed));
+                }
+                most
+            })
+        };
+        for w in writers {
+            w.join().unwrap();
+        }
+        done.store(true, Ordering::Relaxed);
+        assert!(
+            watcher.join().unwrap() <= MAX_ENTRIES,
+            "the count went over the bound"
+        );
+        assert_eq!(s.len.load(Ordering::Relaxed), MAX_ENTRIES - 2);
     }
 
     #[test]
