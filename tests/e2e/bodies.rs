@@ -168,6 +168,46 @@ async fn a_retry_lands_on_the_second_endpoint_with_the_body_replayed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_get_goes_again_without_a_body() {
+    let bad = Upstream::http1("bad").status(503).start().await;
+    let good = Upstream::http1("good").start().await;
+    let toml = format!(
+        "{ADMIN}\n[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\n{}\n\
+         [[routes]]\ncluster = \"c\"\n[clusters.c]\nendpoints = [\"{}\", \"{}\"]\n\
+         balance = \"round-robin\"\n",
+        rewrite("retry_on = 503"),
+        bad.addr,
+        good.addr
+    );
+    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+    let mut c = Client::h1(proxy.addr("web")).await;
+    let mut retried = 0;
+    for i in 0..6 {
+        let r = c.get("/headers", "x").await;
+        assert_eq!(r.status(), 200, "request {i}");
+        let attempt = r.headers()["x-attempt"].to_str().unwrap().to_string();
+        let seen = String::from_utf8(collect(r.into_body()).await.unwrap().to_vec()).unwrap();
+        // What the upstream received: a GET with no body, so no framing header at all.
+        assert!(seen.starts_with("GET /headers"), "{seen}");
+        assert!(
+            !seen.contains("transfer-encoding"),
+            "request {i}, attempt {attempt}: {seen}"
+        );
+        assert!(
+            !seen.contains("content-length"),
+            "request {i}, attempt {attempt}: {seen}"
+        );
+        if attempt == "2" {
+            retried += 1;
+        }
+    }
+    assert!(
+        retried >= 3,
+        "every other first attempt meets the bad endpoint: {retried}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_stop_after_the_attempt_cap_when_every_endpoint_fails() {
     let a = Upstream::http1("a").status(503).start().await;
     let b = Upstream::http1("b").status(503).start().await;

@@ -288,14 +288,18 @@ pub struct Replay {
     overflow: bool,
 }
 
-/// A shared handle on the replay copy of one request.
+/// A shared handle on the replay copy of one request; `None` for a request without a body
+/// (most of them: nothing to record, no allocation).
 #[derive(Debug, Clone)]
-pub struct ReplayHandle(Arc<Mutex<Replay>>);
+pub struct ReplayHandle(Option<Arc<Mutex<Replay>>>);
 
 impl ReplayHandle {
     /// The body again, if it was sent whole and fit the buffer.
     pub fn body(&self) -> Option<Body> {
-        let r = self.0.lock().expect("replay lock");
+        let Some(r) = &self.0 else {
+            return Some(body::empty());
+        };
+        let r = r.lock().expect("replay lock");
         if !r.complete || r.overflow {
             return None;
         }
@@ -311,12 +315,11 @@ impl ReplayHandle {
 /// Sends `body` on while keeping a copy (chunks are reference-counted, not copied) of up to
 /// `limit` bytes for a replay.
 pub fn recorded(body: Body, limit: usize) -> (Body, ReplayHandle) {
-    let handle = ReplayHandle(Arc::new(Mutex::new(Replay::default())));
     if http_body::Body::is_end_stream(&body) {
-        handle.0.lock().expect("replay lock").complete = true;
-        return (body, handle);
+        return (body, ReplayHandle(None));
     }
-    let h = handle.clone();
+    let shared = Arc::new(Mutex::new(Replay::default()));
+    let (handle, h) = (ReplayHandle(Some(shared.clone())), shared);
     let s = stream::unfold((body, h, false), move |(mut body, h, done)| async move {
         if done {
             return None;
@@ -324,7 +327,7 @@ pub fn recorded(body: Body, limit: usize) -> (Body, ReplayHandle) {
         match body.frame().await {
             Some(Ok(frame)) => {
                 {
-                    let mut r = h.0.lock().expect("replay lock");
+                    let mut r = h.lock().expect("replay lock");
                     if let Some(d) = frame.data_ref() {
                         r.size += d.len();
                         if r.size > limit {
@@ -344,7 +347,7 @@ pub fn recorded(body: Body, limit: usize) -> (Body, ReplayHandle) {
             }
             Some(Err(e)) => Some((Err(e), (body, h, true))),
             None => {
-                h.0.lock().expect("replay lock").complete = true;
+                h.lock().expect("replay lock").complete = true;
                 None
             }
         }
