@@ -4,7 +4,7 @@
 
 use weir_tests::client::Client;
 use weir_tests::proxy::{one_route, TestProxy, ADMIN};
-use weir_tests::upstream::Upstream;
+use weir_tests::upstream::{Running, Upstream};
 use weir_tests::{collect, full};
 
 const REWRITE: &str = env!("WEIR_FIXTURE_REWRITE");
@@ -107,13 +107,11 @@ async fn response_bodies_are_rewritten_streamed_and_buffered() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_retry_lands_on_the_second_endpoint_with_the_body_replayed() {
-    let bad = Upstream::http1("bad").status(503).start().await;
-    let good = Upstream::http1("good").start().await;
-    // Round robin, named: the default peak-EWMA balancer prefers whichever endpoint answered
-    // faster so far, so how many first attempts reach the (quick) failing endpoint is up to
-    // timing; CI once saw 1 in 10.
+/// A proxy whose `rewrite` filter retries 503s, over a cluster of `bad` then `good`.
+/// Round robin, named: the default peak-EWMA balancer prefers whichever endpoint answered
+/// faster so far, so how many first attempts reach the (quick) failing endpoint is up to
+/// timing; CI once saw 1 in 10.
+async fn retrying_to(bad: &Running, good: &Running) -> TestProxy {
     let toml = format!(
         "{ADMIN}\n[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\n{}\n\
          [[routes]]\ncluster = \"c\"\n[clusters.c]\nendpoints = [\"{}\", \"{}\"]\n\
@@ -122,7 +120,14 @@ async fn a_retry_lands_on_the_second_endpoint_with_the_body_replayed() {
         bad.addr,
         good.addr
     );
-    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+    TestProxy::start(&toml, std::path::Path::new(".")).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_lands_on_the_second_endpoint_with_the_body_replayed() {
+    let bad = Upstream::http1("bad").status(503).start().await;
+    let good = Upstream::http1("good").start().await;
+    let proxy = retrying_to(&bad, &good).await;
     let mut c = Client::h1(proxy.addr("web")).await;
     let mut retried = 0;
     for i in 0..10 {
@@ -171,15 +176,7 @@ async fn a_retry_lands_on_the_second_endpoint_with_the_body_replayed() {
 async fn a_retried_get_goes_again_without_a_body() {
     let bad = Upstream::http1("bad").status(503).start().await;
     let good = Upstream::http1("good").start().await;
-    let toml = format!(
-        "{ADMIN}\n[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\n{}\n\
-         [[routes]]\ncluster = \"c\"\n[clusters.c]\nendpoints = [\"{}\", \"{}\"]\n\
-         balance = \"round-robin\"\n",
-        rewrite("retry_on = 503"),
-        bad.addr,
-        good.addr
-    );
-    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+    let proxy = retrying_to(&bad, &good).await;
     let mut c = Client::h1(proxy.addr("web")).await;
     let mut retried = 0;
     for i in 0..6 {
