@@ -268,13 +268,15 @@ pub trait Filter: Send + Sync + 'static {
     }
 
     /// Runs for a request body chunk (the whole body in [`BodyMode::Buffered`]); the last
-    /// call has `end_of_stream`, possibly with an empty chunk. Default: continue.
+    /// call has `end_of_stream`, possibly with an empty chunk. `ctx` is the body pipeline's
+    /// copy of the request context, read-only by contract (`&mut` so a filter host can lend
+    /// it to a call without copying it per chunk). Default: continue.
     fn on_request_body<'a>(
         &'a self,
         _chunk: Bytes,
         _end_of_stream: bool,
         _heads: &'a Arc<Heads>,
-        _ctx: &'a RequestContext,
+        _ctx: &'a mut RequestContext,
     ) -> BodyFuture<'a> {
         Box::pin(std::future::ready(Ok(BodyAction::Continue)))
     }
@@ -286,7 +288,7 @@ pub trait Filter: Send + Sync + 'static {
         _chunk: Bytes,
         _end_of_stream: bool,
         _heads: &'a Arc<Heads>,
-        _ctx: &'a RequestContext,
+        _ctx: &'a mut RequestContext,
     ) -> BodyFuture<'a> {
         Box::pin(std::future::ready(Ok(BodyAction::Continue)))
     }

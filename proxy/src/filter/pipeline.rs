@@ -88,18 +88,18 @@ impl Pipeline {
         self.stages.iter().any(|s| s.mode == BodyMode::Buffered)
     }
 
-    async fn call(&self, entry: &ChainEntry, chunk: Bytes, eos: bool) -> Result<BodyAction, FilterError> {
+    async fn call(&mut self, entry: &ChainEntry, chunk: Bytes, eos: bool) -> Result<BodyAction, FilterError> {
         match self.phase {
             Phase::RequestBody => {
                 entry
                     .filter
-                    .on_request_body(chunk, eos, &self.heads, &self.ctx)
+                    .on_request_body(chunk, eos, &self.heads, &mut self.ctx)
                     .await
             }
             _ => {
                 entry
                     .filter
-                    .on_response_body(chunk, eos, &self.heads, &self.ctx)
+                    .on_response_body(chunk, eos, &self.heads, &mut self.ctx)
                     .await
             }
         }

@@ -570,15 +570,15 @@ impl WasmFilter {
         chunk: Bytes,
         eos: bool,
         heads: &Arc<Heads>,
-        ctx: &RequestContext,
+        ctx: &mut RequestContext,
     ) -> Result<BodyAction, FilterError> {
         let call = match phase {
             Phase::RequestBody => Call::RequestBody(&chunk, eos),
             _ => Call::ResponseBody(&chunk, eos),
         };
-        let mut ctx = ctx.clone();
+        // No body phase host call changes the context: the pipeline's copy is lent, not cloned.
         let answer = self
-            .run(phase, None, None, Some(heads.clone()), &mut ctx, call)
+            .run(phase, None, None, Some(heads.clone()), ctx, call)
             .await?;
         let invalid = |message: String| {
             self.failed(FilterError {
@@ -692,7 +692,7 @@ impl Filter for WasmFilter {
         chunk: Bytes,
         end_of_stream: bool,
         heads: &'a Arc<Heads>,
-        ctx: &'a RequestContext,
+        ctx: &'a mut RequestContext,
     ) -> BodyFuture<'a> {
         Box::pin(self.body_phase(Phase::RequestBody, chunk, end_of_stream, heads, ctx))
     }
@@ -702,7 +702,7 @@ impl Filter for WasmFilter {
         chunk: Bytes,
         end_of_stream: bool,
         heads: &'a Arc<Heads>,
-        ctx: &'a RequestContext,
+        ctx: &'a mut RequestContext,
     ) -> BodyFuture<'a> {
         Box::pin(self.body_phase(Phase::ResponseBody, chunk, end_of_stream, heads, ctx))
     }
