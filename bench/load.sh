@@ -4,7 +4,8 @@
 #                                            upstream can do without any proxy;
 #   (b) wrk through Weir                   -> what Weir costs; also through 1 and 3 Wasm
 #       filters (the `policy` test filter: reads the path and two headers, sets a header,
-#       bumps a counter), on other listeners of the same process;
+#       bumps a counter), on other listeners of the same process; and through 3 `pass`
+#       filters (both header phases, nothing done in them): the Wasm boundary's floor;
 #   (c) wrk through nginx, configured as the equivalent reverse proxy (upstream keep-alive,
 #       X-Forwarded-For, one worker)      -> a well-known yardstick for that cost;
 #   (d) the gateway chain of the policy library (router + auth by API key + ratelimit, the
@@ -134,12 +135,14 @@ fi
 # The filter the filtered runs use, built as a user builds a filter.
 FIXTURES_TARGET="${CARGO_TARGET_DIR:-target}/wasm-fixtures"
 POLICY_WASM="$ROOT/$FIXTURES_TARGET/wasm32-wasip2/release/fixture_policy.wasm"
-[[ "$FIXTURES_TARGET" = /* ]] && POLICY_WASM="$FIXTURES_TARGET/wasm32-wasip2/release/fixture_policy.wasm"
-if [[ "$SKIP_BUILD" != 1 || ! -f "$POLICY_WASM" ]]; then
+PASS_WASM="$ROOT/$FIXTURES_TARGET/wasm32-wasip2/release/fixture_pass.wasm"
+[[ "$FIXTURES_TARGET" = /* ]] && POLICY_WASM="$FIXTURES_TARGET/wasm32-wasip2/release/fixture_policy.wasm" &&
+    PASS_WASM="$FIXTURES_TARGET/wasm32-wasip2/release/fixture_pass.wasm"
+if [[ "$SKIP_BUILD" != 1 || ! -f "$POLICY_WASM" || ! -f "$PASS_WASM" ]]; then
     rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
-    log "building the policy filter for wasm32-wasip2"
+    log "building the policy and pass filters for wasm32-wasip2"
     cargo build --release --target wasm32-wasip2 --manifest-path tests/fixtures/Cargo.toml \
-        --target-dir "$FIXTURES_TARGET" -p fixture-policy
+        --target-dir "$FIXTURES_TARGET" -p fixture-policy -p fixture-pass
 fi
 
 # The policy library, built as a user builds filters.
@@ -206,11 +209,11 @@ wait_ok() {
 
 # Distinct free loopback ports, below the kernel's ephemeral range (where a port handed out by
 # binding to port 0 comes from, and where any outgoing connection may take it next).
-read -r UP_PORT WEIR_PORT ADMIN_PORT NGINX_PORT WEIR1_PORT WEIR3_PORT WEIRG_PORT NGINXG_PORT < <(python3 -c '
+read -r UP_PORT WEIR_PORT ADMIN_PORT NGINX_PORT WEIR1_PORT WEIR3_PORT WEIRG_PORT NGINXG_PORT WEIRP_PORT < <(python3 -c '
 import random, socket
 low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
 ports, socks = [], []
-while len(ports) < 8:
+while len(ports) < 9:
     p = random.randrange(10000, max(low, 10001))
     s = socket.socket()
     try:
@@ -247,6 +250,14 @@ filter_entries() {
         sep=", "
     done
 }
+# N chain entries of the pass filter (both header phases, nothing done in them).
+pass_entries() {
+    local i sep=""
+    for ((i = 1; i <= $1; i++)); do
+        printf '%s{ name = "pass-%d", file = "%s" }' "$sep" "$i" "$PASS_WASM"
+        sep=", "
+    done
+}
 # API key auth: the key is "bench-key", stored as its sha256 like a real config.
 AUTH_KEY_SHA256="$(printf %s bench-key | sha256sum | cut -d' ' -f1)"
 AUTH_CONFIG="{ api_keys = { header = \"x-api-key\", keys = [{ name = \"bench\", sha256 = \"$AUTH_KEY_SHA256\" }] } }"
@@ -275,6 +286,12 @@ filters = [$(filter_entries 1)]
 name = "three-filters"
 address = "127.0.0.1:$WEIR3_PORT"
 filters = [$(filter_entries 3)]
+
+# The floor of a 3-filter chain: six calls across the Wasm boundary per request, no work.
+[[listeners]]
+name = "three-pass"
+address = "127.0.0.1:$WEIRP_PORT"
+filters = [$(pass_entries 3)]
 
 # The gateway chain: every request is rate-limited per client (a limit far above the load,
 # so every request pays for the check but none is refused), routed, and authenticated.
@@ -418,6 +435,7 @@ if ((INSTR)); then
     count_target weir "http://127.0.0.1:$WEIR_PORT/" "$WEIR_PID"
     count_target weir-1-filter "http://127.0.0.1:$WEIR1_PORT/" "$WEIR_PID"
     count_target weir-3-filters "http://127.0.0.1:$WEIR3_PORT/" "$WEIR_PID"
+    count_target weir-3-pass "http://127.0.0.1:$WEIRP_PORT/" "$WEIR_PID"
     count_target nginx "http://127.0.0.1:$NGINX_PORT/" "$NGINX_PID"
     WRK_HEADERS=(-H "x-api-key: bench-key")
     count_target weir-gateway "http://127.0.0.1:$WEIRG_PORT/api/items" "$WEIR_PID"
@@ -433,7 +451,7 @@ if ((INSTR)); then
         echo
         echo "| target | requests counted | instructions per request | vs Weir without filters | vs nginx's equivalent |"
         echo "|---|---:|---:|---:|---:|"
-        for t in weir weir-1-filter weir-3-filters weir-gateway nginx nginx-gateway; do
+        for t in weir weir-1-filter weir-3-filters weir-3-pass weir-gateway nginx nginx-gateway; do
             n="${INS[nginx]}"
             [[ "$t" == weir-gateway ]] && n="${INS[nginx-gateway]}"
             awk -v t="$t" -v c="${NREQ[$t]}" -v i="${INS[$t]}" -v w="${INS[weir]}" -v n="$n" 'BEGIN {
@@ -538,6 +556,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
     bench_target weir "http://127.0.0.1:$WEIR_PORT/"
     bench_target weir-1-filter "http://127.0.0.1:$WEIR1_PORT/"
     bench_target weir-3-filters "http://127.0.0.1:$WEIR3_PORT/"
+    bench_target weir-3-pass "http://127.0.0.1:$WEIRP_PORT/"
     bench_target nginx "http://127.0.0.1:$NGINX_PORT/"
     WRK_HEADERS=(-H "x-api-key: bench-key")
     bench_target weir-gateway "http://127.0.0.1:$WEIRG_PORT/api/items"
@@ -627,11 +646,11 @@ report="$TMP/report.md"
     echo "| target | req/s | p50 (µs) | p99 (µs) | throughput vs direct | added p99 vs direct (µs) | server CPU per request (µs) |"
     echo "|---|---:|---:|---:|---:|---:|---:|"
     declare -A M_RPS=() M_P50=() M_P99=() M_CPU=()
-    for t in direct weir weir-1-filter weir-3-filters nginx weir-gateway nginx-gateway; do
+    for t in direct weir weir-1-filter weir-3-filters weir-3-pass nginx weir-gateway nginx-gateway; do
         M_RPS[$t]="$(median "${RPS[$t]}")" M_P50[$t]="$(median "${P50[$t]}")"
         M_P99[$t]="$(median "${P99[$t]}")" M_CPU[$t]="$(median "${CPU[$t]}")"
     done
-    for t in direct weir weir-1-filter weir-3-filters nginx weir-gateway nginx-gateway; do
+    for t in direct weir weir-1-filter weir-3-filters weir-3-pass nginx weir-gateway nginx-gateway; do
         awk -v t="$t" -v r="${M_RPS[$t]}" -v p50="${M_P50[$t]}" -v p99="${M_P99[$t]}" \
             -v dr="${M_RPS[direct]}" -v dp99="${M_P99[direct]}" -v cpu="${M_CPU[$t]}" 'BEGIN {
                 printf "| %s | %.0f | %d | %d | %.1f %% | %+d | %s |\n", t, r, p50, p99, 100 * r / dr, p99 - dp99, cpu
@@ -645,12 +664,12 @@ report="$TMP/report.md"
     echo "weir/nginx throughput ratio: $(per_round %.2f 'a[i] / b[i]' -v A="${RPS[weir]}" -v B="${RPS[nginx]}")"
     echo "CPU per request, weir/nginx: $(per_round %.2f 'a[i] / b[i]' -v A="${CPU[weir]}" -v B="${CPU[nginx]}"); gateway, weir/nginx: $(per_round %.2f 'a[i] / b[i]' -v A="${CPU[weir-gateway]}" -v B="${CPU[nginx-gateway]}")"
     echo
-    echo "filter chain cost (throughput vs no filter, %): 1 filter $(per_round %.1f '100 * (1 - b[i] / a[i])' -v A="${RPS[weir]}" -v B="${RPS[weir-1-filter]}"), 3 filters $(per_round %.1f '100 * (1 - b[i] / a[i])' -v A="${RPS[weir]}" -v B="${RPS[weir-3-filters]}")"
+    echo "filter chain cost (throughput vs no filter, %): 1 filter $(per_round %.1f '100 * (1 - b[i] / a[i])' -v A="${RPS[weir]}" -v B="${RPS[weir-1-filter]}"), 3 filters $(per_round %.1f '100 * (1 - b[i] / a[i])' -v A="${RPS[weir]}" -v B="${RPS[weir-3-filters]}") (target 15); 3 pass filters, the boundary alone: $(per_round %.1f '100 * (1 - b[i] / a[i])' -v A="${RPS[weir]}" -v B="${RPS[weir-3-pass]}")"
     echo
     echo "gateway chain (router + auth + ratelimit): $(per_round %.2f 'b[i] / a[i]' -v A="${RPS[weir]}" -v B="${RPS[weir-gateway]}") of Weir without filters (target 0.85), $(per_round %.2f 'b[i] / a[i]' -v A="${RPS[nginx-gateway]}" -v B="${RPS[weir-gateway]}") of nginx doing routing plus a header check"
     echo
     echo "added p99 vs direct within each round (µs; the table subtracts the medians), weir: $(per_round %d 'b[i] - a[i]' -v A="${P99[direct]}" -v B="${P99[weir]}"); nginx: $(per_round %d 'b[i] - a[i]' -v A="${P99[direct]}" -v B="${P99[nginx]}")"
-    for t in direct weir weir-1-filter weir-3-filters nginx weir-gateway nginx-gateway; do
+    for t in direct weir weir-1-filter weir-3-filters weir-3-pass nginx weir-gateway nginx-gateway; do
         if ((ERRS[$t] > 0)); then
             echo
             echo "**warning:** $t had ${ERRS[$t]} socket errors or non-2xx/3xx responses (see wrk output)"

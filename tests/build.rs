@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const FIXTURES: &[&str] = &[
-    "policy", "hostile", "noop", "rewrite", "swap-a", "swap-b", "calls",
+    "policy", "hostile", "noop", "pass", "rewrite", "swap-a", "swap-b", "calls",
 ];
 const FILTERS: &[&str] = &["headers", "cors", "ratelimit", "router", "auth", "resilience"];
 
