@@ -440,7 +440,10 @@ impl WasmFilter {
                 message: format!("all {} instances busy", self.limits.max_instances),
             });
         };
-        self.instantiate(live).await.map(|(i, _)| i)
+        // Boxed: instantiation's future is several KiB, and inline it would make every phase
+        // call's future (boxed per call, behind the `Filter` trait) that large, though a warm
+        // instance is at hand on all but the first calls.
+        Box::pin(self.instantiate(live)).await.map(|(i, _)| i)
     }
 
     /// Takes a warm instance from the pool and puts it back: what every phase call pays on
