@@ -24,7 +24,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::body::{self, Body, Limited, Observed, OnComplete};
-use crate::cluster::{describe, Cluster, Conn, Endpoint, PooledBody};
+use crate::cluster::{Cluster, Conn, Endpoint, PooledBody, SendFailure};
 use crate::config::{Config, FilterEntry, ForwardedMode, ListenerLimits};
 use crate::error::ProxyError;
 use crate::filter::pipeline::{self, Pipeline, Stop};
@@ -482,11 +482,12 @@ async fn forward(
     let mut next = Some((parts, body));
     loop {
         let (parts, body) = next.take().expect("set for every attempt");
+        let mut unsent = Some(body);
         let sent = send(
             &cluster,
             route,
             parts,
-            body,
+            &mut unsent,
             client_host.clone(),
             upgrade.is_some(),
             timeout,
@@ -540,7 +541,9 @@ async fn forward(
             match chain.on_response_headers(req, &mut rparts, ctx).await? {
                 Verdict::Continue => {}
                 Verdict::Respond(resp) => return Ok(resp),
-                Verdict::Retry => match replay.as_ref().and_then(|r| r.body()) {
+                // A body that never left (no endpoint could be reached) goes as it is;
+                // otherwise the kept copy, if the whole body was kept.
+                Verdict::Retry => match replay.as_ref().and_then(|r| unsent.take().or_else(|| r.body())) {
                     Some(again) if attempt < limits::MAX_ATTEMPTS => {
                         attempt += 1;
                         if let Some(a) = ctx.upstream.take() {
@@ -651,7 +654,7 @@ async fn send(
     cluster: &Cluster,
     route: &Route,
     mut parts: http::request::Parts,
-    body: Body,
+    body: &mut Option<Body>,
     client_host: Option<HeaderValue>,
     upgrade: bool,
     timeout: Duration,
@@ -740,7 +743,9 @@ async fn send(
             parts.headers.insert(header::HOST, h);
         }
     }
-    let req = Request::from_parts(parts, body);
+    // Taken only now: when no endpoint could be reached the body stays with the caller,
+    // unread, for a retry to send.
+    let req = Request::from_parts(parts, body.take().expect("a body for every attempt"));
     let pending = ep.load.start();
     let sent = Instant::now();
     // The deadline from the clock read that times the exchange (`timeout` would read it again).
@@ -764,14 +769,14 @@ async fn send(
                 .await
                 .map(|r| {
                     r.map(|resp| resp.map(UpstreamBody::Incoming))
-                        .map_err(|e| describe(&e))
+                        .map_err(|e| SendFailure::of(&e))
                 })
         }
         Conn::Http2(mut s) => tokio::time::timeout_at(deadline, s.send_request(req))
             .await
             .map(|r| {
                 r.map(|resp| resp.map(UpstreamBody::Incoming))
-                    .map_err(|e| describe(&e))
+                    .map_err(|e| SendFailure::of(&e))
             }),
     };
     drop(pending);
@@ -780,9 +785,15 @@ async fn send(
     ep.load.observe_at(done, done.saturating_duration_since(sent));
     match result {
         Ok(Ok(resp)) => Ok((resp, ep)),
-        Ok(Err(reason)) => Err(ProxyError::Upstream {
+        // The body was the client's: it outgrew the limit while it streamed (no
+        // Content-Length to refuse it by up front).
+        Ok(Err(SendFailure {
+            body_too_large: Some(limit),
+            ..
+        })) => Err(ProxyError::BodyTooLarge(limit)),
+        Ok(Err(f)) => Err(ProxyError::Upstream {
             addr: ep.addr,
-            reason,
+            reason: f.reason,
         }),
         Err(_) => Err(ProxyError::Timeout {
             addr: ep.addr,

@@ -223,3 +223,65 @@ async fn retries_stop_after_the_attempt_cap_when_every_endpoint_fails() {
     assert_eq!(a.hits() + b.hits(), 5, "at most 5 attempts per request");
     assert!(a.hits() >= 2 && b.hits() >= 2, "attempts alternate endpoints");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_a_body_is_retried_when_no_endpoint_could_be_reached() {
+    // The only endpoint refuses connections: every attempt fails before the request body is
+    // read. The body was never sent, so a retry can send it: a POST must be retried as
+    // often as a GET (it used to get one attempt, its unread body counted as not kept).
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = dead.local_addr().unwrap();
+    drop(dead);
+    // A proxy each: the first failure ejects the endpoint (later attempts get 503).
+    let mut seen = Vec::new();
+    for method in ["GET", "POST"] {
+        let cfg = one_route(addr, &rewrite("retry_on = 502"), "");
+        let proxy = TestProxy::start(&cfg, std::path::Path::new(".")).await;
+        let mut c = Client::h1(proxy.addr("web")).await;
+        let req = http::Request::builder()
+            .method(method)
+            .uri("/echo")
+            .header("host", "x")
+            .body(full(if method == "GET" { "" } else { "a small body" }))
+            .unwrap();
+        let r = c.send(req).await.unwrap();
+        seen.push((
+            r.status().as_u16(),
+            r.headers()["x-attempt"].to_str().unwrap().to_string(),
+        ));
+    }
+    assert_ne!(seen[0].1, "1", "a GET is retried: {seen:?}");
+    assert_eq!(
+        seen[1], seen[0],
+        "a POST whose body was never sent is retried like a GET"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_body_over_the_limit_gets_413_with_or_without_a_streaming_filter() {
+    // A body without Content-Length is only found too large while it streams upstream. The
+    // upstream here is slow to answer, so the body overflows first: the client must get 413
+    // (its fault), not 502 with the upstream blamed.
+    let up = Upstream::http1("up")
+        .delay(std::time::Duration::from_millis(500))
+        .start()
+        .await;
+    let head = "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let raw = format!("{head}800\r\n{}\r\n0\r\n\r\n", "a".repeat(0x800));
+    for filters in ["", &rewrite(r#"request_body = "stream""#)] {
+        let listener = format!("limits = {{ max_request_body = 1024 }}\n{filters}");
+        let proxy = TestProxy::start(&one_route(up.addr, &listener, ""), std::path::Path::new(".")).await;
+        let (out, _) = weir_tests::client::raw_exchange(
+            proxy.addr("web"),
+            raw.as_bytes(),
+            std::time::Duration::from_secs(3),
+        )
+        .await;
+        assert_eq!(
+            weir_tests::client::raw_status(&out),
+            Some(413),
+            "filters {filters:?}: {out}"
+        );
+        assert!(out.contains("body-too-large"), "{out}");
+    }
+}
