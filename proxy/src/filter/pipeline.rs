@@ -337,7 +337,10 @@ pub fn recorded(body: Body, limit: usize) -> (Body, ReplayHandle) {
                             r.chunks.push(d.clone());
                         }
                     } else if let Some(t) = frame.trailers_ref() {
+                        // Trailers end a body, whatever the body reports after them (hyper's
+                        // clients stop reading at the trailers).
                         r.trailers = Some(t.clone());
+                        r.complete = true;
                     }
                     if body.is_end_stream() {
                         r.complete = true;
@@ -353,4 +356,32 @@ pub fn recorded(body: Body, limit: usize) -> (Body, ReplayHandle) {
         }
     });
     (sync_body(StreamBody::new(s)), handle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_body_that_ends_with_trailers_is_kept_whole_for_a_replay() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"abc"))),
+            Ok(Frame::data(Bytes::from_static(b"def"))),
+            Ok(Frame::trailers(trailers.clone())),
+        ];
+        // A stream body never reports its end on its own, like a chunked HTTP/1 body.
+        let (mut sent, handle) = recorded(StreamBody::new(stream::iter(frames)).boxed(), 1024);
+        // Read as hyper's clients read a request body: up to the trailers, no further.
+        for _ in 0..3 {
+            sent.frame().await.expect("a frame").expect("no error");
+        }
+        let again = handle
+            .body()
+            .expect("a body that ended with trailers is replayable");
+        let again = again.collect().await.expect("the replay reads");
+        assert_eq!(again.trailers(), Some(&trailers));
+        assert_eq!(again.to_bytes(), Bytes::from_static(b"abcdef"));
+    }
 }
