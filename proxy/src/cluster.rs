@@ -228,6 +228,22 @@ impl PooledBody {
     }
 }
 
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // A response without a body (to HEAD, a 204 or 304, `Content-Length: 0`) is complete
+        // before anyone reads it, and hyper's server never polls it: the exchange is over, so
+        // the connection goes back to the pool instead of closing. Any other body dropped
+        // unfinished closes its connection with it.
+        if self.conn.is_some() && http_body::Body::is_end_stream(&self.inner) {
+            if let Some(mut conn) = self.conn.take() {
+                if conn.reusable() {
+                    checkin(&self.ep, conn, self.max_idle);
+                }
+            }
+        }
+    }
+}
+
 fn checkin(ep: &Endpoint, conn: H1Conn, max: usize) {
     let mut idle = ep.idle.lock().expect("idle lock");
     if idle.len() < max {

@@ -185,3 +185,26 @@ protocol = "http2"
     }
     assert_eq!(up2.conns(), 1, "one h2 connection carries concurrent streams");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_without_a_body_keep_their_upstream_connection() {
+    // HEAD responses (like 204s and 304s) carry no body: nothing ever reads one, and their
+    // upstream connection used to be closed instead of pooled, one new connection each.
+    let up = Upstream::http1("pooled").start().await;
+    let proxy = weir_tests::proxy::start_one_route(up.addr, "", "").await;
+    let mut c = Client::h1(proxy.addr("web")).await;
+    for i in 0..10 {
+        let req = http::Request::head("/")
+            .header("host", "x")
+            .body(weir_tests::empty())
+            .unwrap();
+        let r = c.send(req).await.unwrap();
+        assert_eq!(r.status(), 200, "request {i}");
+        weir_tests::collect(r.into_body()).await.unwrap();
+    }
+    let r = c.get("/", "x").await;
+    assert_eq!(r.status(), 200);
+    weir_tests::collect(r.into_body()).await.unwrap();
+    assert_eq!(up.hits(), 11);
+    assert_eq!(up.conns(), 1, "every exchange reused the one upstream connection");
+}
