@@ -580,6 +580,12 @@ impl Cluster {
                     return Ok(Conn::Http2(s.clone()));
                 }
             }
+            // Requests that queued here behind a connect that failed do not each try again in
+            // turn, every one up to a connect timeout long: that failure ejected the endpoint,
+            // so they fail now, as the balancer would have sent them elsewhere.
+            if !ep.is_available(Instant::now()) {
+                return Err(ConnectError("ejected after a failed connect".into()));
+            }
             let io = self.connect(ep).await?;
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())

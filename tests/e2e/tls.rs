@@ -246,3 +246,45 @@ tls = {{ ca = "{ca}", server_name = "upstream.test" }}
     );
     assert_eq!(up.hits(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_queued_behind_a_hung_http2_connect_fail_together() {
+    // An HTTP/2 upstream over TLS whose port takes TCP connections (the kernel's backlog) but
+    // never answers the TLS handshake. Requests that arrive together queue for the one
+    // connection being made; when it times out, they used to try again one after another
+    // (the last after about 8 connect timeouts). The failure ejects the endpoint: they fail
+    // with it, after one attempt.
+    let pki = Pki::new("upstream");
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let toml = format!(
+        r#"{ADMIN}
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+[[routes]]
+cluster = "h2"
+[clusters.h2]
+endpoints = ["{addr}"]
+protocol = "http2"
+connect_timeout = "300ms"
+tls = {{ ca = "{ca}", server_name = "upstream.test" }}
+"#,
+        addr = hung.local_addr().unwrap(),
+        ca = pki.ca.display()
+    );
+    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+    let addr = proxy.addr("web");
+    let calls: Vec<_> = (0..8)
+        .map(|_| tokio::spawn(async move { Client::h1(addr).await.get("/", "x").await.status().as_u16() }))
+        .collect();
+    for c in calls {
+        let status = c.await.unwrap();
+        assert!(status == 502 || status == 503, "{status}");
+    }
+    let (_, m) = proxy.admin_get("/metrics").await;
+    assert!(
+        m.contains(r#"weir_upstream_connect_errors_total{cluster="h2"} 1"#),
+        "one connect attempt for the requests that queued behind it: {m}"
+    );
+    drop(hung);
+}
