@@ -1,8 +1,11 @@
 //! The body type that flows through the proxy, and the wrappers the core puts around bodies:
-//! a size limit for request bodies and an observer that records response completion.
+//! a size limit for request bodies and an observer that records response completion, both
+//! with the stream idle timeout (a body that yields nothing for that long fails).
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
@@ -32,23 +35,72 @@ pub struct BodyTooLarge {
     pub limit: u64,
 }
 
+/// A body went `idle` without yielding anything: its peer stalled.
+#[derive(Debug, thiserror::Error)]
+#[error("no body data for {0:?} (stream idle timeout)")]
+pub struct BodyIdle(pub Duration);
+
+/// The stream idle timer of a body. It costs nothing while the body has its frames ready
+/// when polled (most bodies, read in one go); it is set when the body first has to wait,
+/// and set again only when it waits after a frame came.
+#[derive(Debug)]
+pub struct IdleTimer {
+    idle: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    armed: bool,
+}
+
+impl IdleTimer {
+    /// A timer for bodies that may stay silent at most `idle`.
+    pub fn new(idle: Duration) -> IdleTimer {
+        IdleTimer {
+            idle,
+            timer: None,
+            armed: false,
+        }
+    }
+
+    /// The body yielded something: the next wait starts a new idle period.
+    fn frame(&mut self) {
+        self.armed = false;
+    }
+
+    /// The body is waiting: `true` once it has waited `idle` since its last frame.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.armed {
+            let deadline = tokio::time::Instant::now() + self.idle;
+            match &mut self.timer {
+                Some(t) => t.as_mut().reset(deadline),
+                None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+            self.armed = true;
+        }
+        self.timer
+            .as_mut()
+            .is_some_and(|t| t.as_mut().poll(cx).is_ready())
+    }
+}
+
 pin_project_lite::pin_project! {
-    /// Streams a body through while counting its bytes; fails the stream past `limit`.
+    /// Streams a body through while counting its bytes; fails the stream past `limit`, or
+    /// when it yields nothing for its idle timeout.
     pub struct Limited<B> {
         #[pin]
         inner: B,
         seen: u64,
         limit: u64,
+        idle: IdleTimer,
     }
 }
 
 impl<B> Limited<B> {
-    /// Wraps `inner`, allowing at most `limit` bytes of data.
-    pub fn new(inner: B, limit: u64) -> Self {
+    /// Wraps `inner`, allowing at most `limit` bytes of data and `idle` between frames.
+    pub fn new(inner: B, limit: u64, idle: Duration) -> Self {
         Limited {
             inner,
             seen: 0,
             limit,
+            idle: IdleTimer::new(idle),
         }
     }
 }
@@ -68,6 +120,7 @@ where
         let this = self.project();
         match this.inner.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
+                this.idle.frame();
                 if let Some(data) = frame.data_ref() {
                     *this.seen += data.len() as u64;
                     if *this.seen > *this.limit {
@@ -78,6 +131,7 @@ where
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
             Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending if this.idle.expired(cx) => Poll::Ready(Some(Err(BodyIdle(this.idle.idle).into()))),
             Poll::Pending => Poll::Pending,
         }
     }
@@ -104,6 +158,7 @@ pin_project_lite::pin_project! {
         inner: B,
         bytes: u64,
         done: Option<F>,
+        idle: IdleTimer,
     }
 
     impl<B: HttpBody, F: OnComplete> PinnedDrop for Observed<B, F> {
@@ -120,12 +175,14 @@ pin_project_lite::pin_project! {
 }
 
 impl<B: HttpBody, F: OnComplete> Observed<B, F> {
-    /// Wraps `inner`; `done` runs once when it ends.
-    pub fn new(inner: B, done: F) -> Self {
+    /// Wraps `inner`; `done` runs once when it ends. It fails when it yields nothing for
+    /// `idle`.
+    pub fn new(inner: B, done: F, idle: Duration) -> Self {
         Observed {
             inner,
             bytes: 0,
             done: Some(done),
+            idle: IdleTimer::new(idle),
         }
     }
 }
@@ -133,6 +190,7 @@ impl<B: HttpBody, F: OnComplete> Observed<B, F> {
 impl<B, F> HttpBody for Observed<B, F>
 where
     B: HttpBody<Data = Bytes>,
+    B::Error: From<BodyIdle>,
     F: OnComplete,
 {
     type Data = Bytes;
@@ -143,9 +201,14 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let mut this = self.project();
-        let polled = this.inner.as_mut().poll_frame(cx);
+        let mut polled = this.inner.as_mut().poll_frame(cx);
+        if polled.is_pending() && this.idle.expired(cx) {
+            tracing::debug!(idle = ?this.idle.idle, "response body idle: stream closed");
+            polled = Poll::Ready(Some(Err(BodyIdle(this.idle.idle).into())));
+        }
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
+                this.idle.frame();
                 if let Some(d) = frame.data_ref() {
                     *this.bytes += d.len() as u64;
                 }

@@ -128,6 +128,7 @@ impl H1Conn {
                     Poll::Pending => Poll::Ready(Err(SendFailure {
                         reason: "connection closed before the response".into(),
                         body_too_large: None,
+                        body_idle: None,
                     })),
                 },
             }
@@ -145,16 +146,22 @@ pub struct SendFailure {
     /// The request body went over this size limit while it streamed upstream: the client's
     /// fault (413), not the upstream's.
     pub body_too_large: Option<u64>,
+    /// The client's request body stalled for this stream idle timeout (408).
+    pub body_idle: Option<Duration>,
 }
 
 impl SendFailure {
     /// Classifies a hyper client error.
     pub fn of(e: &hyper::Error) -> SendFailure {
-        let mut body_too_large = None;
+        let (mut body_too_large, mut body_idle) = (None, None);
         let mut cause = std::error::Error::source(e);
         while let Some(c) = cause {
             if let Some(t) = c.downcast_ref::<crate::body::BodyTooLarge>() {
                 body_too_large = Some(t.limit);
+                break;
+            }
+            if let Some(t) = c.downcast_ref::<crate::body::BodyIdle>() {
+                body_idle = Some(t.0);
                 break;
             }
             cause = c.source();
@@ -162,6 +169,7 @@ impl SendFailure {
         SendFailure {
             reason: describe(e),
             body_too_large,
+            body_idle,
         }
     }
 }

@@ -225,6 +225,9 @@ pub struct ListenerLimits {
     /// Time to complete a TLS handshake.
     #[serde(with = "humantime_serde")]
     pub tls_handshake_timeout: Duration,
+    /// Longest silence inside a request or response body before the stream is cut.
+    #[serde(with = "humantime_serde")]
+    pub stream_idle_timeout: Duration,
     /// Concurrent HTTP/2 streams per connection.
     pub max_concurrent_streams: u32,
     /// Largest decoded HTTP/2 header list in bytes.
@@ -243,6 +246,7 @@ impl Default for ListenerLimits {
             header_read_timeout: limits::DEFAULT_HEADER_READ_TIMEOUT,
             idle_timeout: limits::DEFAULT_IDLE_TIMEOUT,
             tls_handshake_timeout: limits::DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+            stream_idle_timeout: limits::DEFAULT_STREAM_IDLE_TIMEOUT,
             max_concurrent_streams: limits::DEFAULT_MAX_CONCURRENT_STREAMS,
             h2_max_header_list_size: limits::DEFAULT_H2_MAX_HEADER_LIST_SIZE,
             max_connections: limits::DEFAULT_MAX_CONNECTIONS,
@@ -656,6 +660,7 @@ impl Config {
                 ("header_read_timeout", lim.header_read_timeout),
                 ("idle_timeout", lim.idle_timeout),
                 ("tls_handshake_timeout", lim.tls_handshake_timeout),
+                ("stream_idle_timeout", lim.stream_idle_timeout),
             ] {
                 if d.is_zero() {
                     push(format!("{at}.limits.{field}"), "must be greater than zero".into());

@@ -24,6 +24,9 @@ pub enum ProxyError {
     /// The declared request body is larger than the listener allows.
     #[error("request body larger than {0} bytes")]
     BodyTooLarge(u64),
+    /// The client stopped sending its request body for the stream idle timeout.
+    #[error("request body idle for {0:?}")]
+    BodyIdle(std::time::Duration),
     /// No route matches the request.
     #[error("no route for host and path")]
     NoRoute,
@@ -82,6 +85,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
             ProxyError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BodyIdle(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::ConnectNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::UnknownCluster(_) | ProxyError::Filter { .. } => StatusCode::INTERNAL_SERVER_ERROR,
@@ -98,6 +102,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => "bad-request",
             ProxyError::UriTooLong(_) => "uri-too-long",
             ProxyError::BodyTooLarge(_) => "body-too-large",
+            ProxyError::BodyIdle(_) => "request-body-idle",
             ProxyError::NoRoute => "no-route",
             ProxyError::ConnectNotAllowed => "connect-not-allowed",
             ProxyError::UnknownCluster(_) => "unknown-cluster",
@@ -135,7 +140,10 @@ impl ProxyError {
     /// Whether the downstream connection should be closed after answering (the request's
     /// framing can no longer be trusted).
     pub fn closes_connection(&self) -> bool {
-        matches!(self, ProxyError::BadRequest(_) | ProxyError::BodyTooLarge(_))
+        matches!(
+            self,
+            ProxyError::BadRequest(_) | ProxyError::BodyTooLarge(_) | ProxyError::BodyIdle(_)
+        )
     }
 
     /// The response the client gets: status, reason header, a short plain body. Details stay

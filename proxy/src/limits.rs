@@ -23,6 +23,11 @@ pub const DEFAULT_MAX_REQUEST_BODY: u64 = 100 * 1024 * 1024;
 /// idle HTTP/1 keep-alive connection waits for its next request head.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A request or response body that yields nothing for this long fails: the stream is reset
+/// (the connection closed on HTTP/1.1) and its upstream connection dropped. Envoy's default
+/// stream idle timeout; long-polling and streaming routes may need more.
+pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// A connection with no request in flight for this long is closed. 60 s is the edge profile;
 /// a mesh sidecar may raise it to an hour.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);

@@ -251,7 +251,8 @@ pub async fn handle(
         upstream: x.upstream,
         start,
     };
-    Ok(resp.map(|b| Observed::new(b, done).boxed()))
+    let idle = ls.limits.stream_idle_timeout;
+    Ok(resp.map(|b| Observed::new(b, done, idle).boxed()))
 }
 
 /// What the request path learned that the completion record needs.
@@ -441,7 +442,7 @@ async fn forward(
 
     let chain = &route.chain;
     let buffer = gw.body_buffer as usize;
-    let mut body: Body = Limited::new(body, limits.max_request_body).boxed();
+    let mut body: Body = Limited::new(body, limits.max_request_body, limits.stream_idle_timeout).boxed();
     // Request body filters: gathered first when one buffers, else streamed on the way.
     let mut body_stop = None;
     if !http_body::Body::is_end_stream(&body) && chain.wants_body(Phase::RequestBody) {
@@ -791,6 +792,10 @@ async fn send(
             body_too_large: Some(limit),
             ..
         })) => Err(ProxyError::BodyTooLarge(limit)),
+        Ok(Err(SendFailure {
+            body_idle: Some(idle),
+            ..
+        })) => Err(ProxyError::BodyIdle(idle)),
         Ok(Err(f)) => Err(ProxyError::Upstream {
             addr: ep.addr,
             reason: f.reason,

@@ -185,3 +185,49 @@ dns_refresh = "200ms"
     tokio::time::sleep(Duration::from_millis(500)).await; // a few re-resolutions
     assert_eq!(c.get("/", "client.test").await.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_stalls_is_cut_after_the_stream_idle_timeout() {
+    // Response side: an upstream that sends half its body, then nothing, keeping the
+    // connection open. The client's read used to wait forever.
+    let stalling = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = stalling.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = stalling.accept().await {
+            tokio::spawn(async move {
+                let _ = read_head(&mut s).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+                    .await;
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            });
+        }
+    });
+    let proxy = start_one_route(up_addr, r#"limits = { stream_idle_timeout = "300ms" }"#, "").await;
+    let mut c = Client::h1(proxy.addr("web")).await;
+    let r = c.get("/", "x").await;
+    assert_eq!(r.status(), 200);
+    let t = Instant::now();
+    let read = tokio::time::timeout(Duration::from_secs(10), weir_tests::collect(r.into_body()))
+        .await
+        .expect("the stalled body must be cut, not hang");
+    assert!(read.is_err(), "the client sees the body cut short: {read:?}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "not before the timeout"
+    );
+
+    // Request side: a client that sends half its body, then nothing, to an upstream that
+    // waits for all of it: 408, and the connection closed.
+    let up = Upstream::http1("up").delay(Duration::from_secs(3)).start().await;
+    let proxy = start_one_route(up.addr, r#"limits = { stream_idle_timeout = "300ms" }"#, "").await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr("web")).await.unwrap();
+    s.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello")
+        .await
+        .unwrap();
+    let head = tokio::time::timeout(Duration::from_secs(10), read_head(&mut s))
+        .await
+        .expect("an answer before the upstream's");
+    assert_eq!(raw_status(&head), Some(408), "{head}");
+    assert!(head.contains("request-body-idle"), "{head}");
+}
