@@ -418,6 +418,9 @@ impl AsyncWrite for Stream {
 
 struct UpstreamTls {
     connector: tokio_rustls::TlsConnector,
+    /// For an HTTP/2 cluster, the connector of its HTTP/1.1 connections (upgrades such as
+    /// WebSocket): ALPN `http/1.1`, so the server does not commit the connection to h2.
+    h1_connector: Option<tokio_rustls::TlsConnector>,
     config: crate::config::ClusterTls,
 }
 
@@ -446,8 +449,15 @@ impl Cluster {
             Some(t) => {
                 let h2 = config.protocol == UpstreamProtocol::Http2;
                 let cc = crate::tls::client_config(t, root, h2)?;
+                let h1_connector = if h2 {
+                    let h1 = crate::tls::client_config(t, root, false)?;
+                    Some(tokio_rustls::TlsConnector::from(h1))
+                } else {
+                    None
+                };
                 Some(UpstreamTls {
                     connector: tokio_rustls::TlsConnector::from(cc),
+                    h1_connector,
                     config: t.clone(),
                 })
             }
@@ -594,7 +604,7 @@ impl Cluster {
             if !ep.is_available(Instant::now()) {
                 return Err(ConnectError("ejected after a failed connect".into()));
             }
-            let io = self.connect(ep).await?;
+            let io = self.connect(ep, false).await?;
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .keep_alive_interval(Some(Duration::from_secs(20)))
@@ -619,7 +629,7 @@ impl Cluster {
                 }
             }
         }
-        let io = self.connect(ep).await?;
+        let io = self.connect(ep, true).await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(io))
             .await
@@ -643,7 +653,9 @@ impl Cluster {
 
     /// Opens a raw stream (TCP, then TLS if configured) to an endpoint, within the connect
     /// timeout. Failures eject the endpoint for a back-off.
-    pub async fn connect(&self, ep: &Endpoint) -> Result<Stream, ConnectError> {
+    /// `http1`: the connection will speak HTTP/1.1 whatever the cluster's protocol (an
+    /// upgrade), so TLS offers `http/1.1` by ALPN.
+    pub async fn connect(&self, ep: &Endpoint, http1: bool) -> Result<Stream, ConnectError> {
         let timeout = self.config.connect_timeout;
         let tcp = match tokio::time::timeout(timeout, TcpStream::connect(ep.addr)).await {
             Ok(Ok(s)) => s,
@@ -656,9 +668,13 @@ impl Cluster {
         };
         let name: ServerName<'static> = crate::tls::upstream_server_name(&tls.config, &ep.host)
             .map_err(|e| self.connect_failed(ep, e))?;
-        match tokio::time::timeout(timeout, tls.connector.connect(name, tcp)).await {
+        let connector = match (&tls.h1_connector, http1) {
+            (Some(h1), true) => h1,
+            _ => &tls.connector,
+        };
+        match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
             Ok(Ok(s)) => {
-                let want_h2 = self.config.protocol == UpstreamProtocol::Http2;
+                let want_h2 = self.config.protocol == UpstreamProtocol::Http2 && !http1;
                 if want_h2 && s.get_ref().1.alpn_protocol() != Some(b"h2") {
                     // Without h2 in ALPN the server would read our preface as garbage.
                     return Err(self.connect_failed(ep, "upstream did not negotiate h2 by ALPN".into()));

@@ -863,7 +863,7 @@ async fn connect_tunnel(
             return Err(last_err.unwrap_or_else(|| ProxyError::NoHealthyEndpoint(cluster.name.to_string())));
         };
         tried.push(ep.addr);
-        match cluster.connect(&ep).await {
+        match cluster.connect(&ep, false).await {
             Ok(s) => break (s, ep.addr),
             Err(e) => {
                 last_err = Some(ProxyError::Connect {

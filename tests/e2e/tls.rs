@@ -288,3 +288,48 @@ tls = {{ ca = "{ca}", server_name = "upstream.test" }}
     );
     drop(hung);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_reaches_an_http2_tls_cluster_over_http1() {
+    // An HTTP/2 cluster over TLS whose server speaks both protocols. Requests go over h2; a
+    // WebSocket upgrade needs an HTTP/1.1 connection, and used to offer only `h2` by ALPN:
+    // the server committed that connection to HTTP/2 and the upgrade failed with 502.
+    use futures_util::{SinkExt, StreamExt};
+    let pki = Pki::new("upstream");
+    let up = Upstream::dual("both")
+        .tls(pki.issue("both", "up", &["upstream.test"], None))
+        .start()
+        .await;
+    let toml = format!(
+        r#"{ADMIN}
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+[[routes]]
+cluster = "c"
+[clusters.c]
+endpoints = ["{addr}"]
+protocol = "http2"
+tls = {{ ca = "{ca}", server_name = "upstream.test" }}
+"#,
+        addr = up.addr,
+        ca = pki.ca.display()
+    );
+    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+    let mut c = Client::h1(proxy.addr("web")).await;
+    let r = c.get("/headers", "x").await;
+    assert_eq!(r.status(), 200);
+    let seen = String::from_utf8(collect(r.into_body()).await.unwrap().to_vec()).unwrap();
+    assert!(seen.contains("HTTP/2.0"), "requests go over h2: {seen}");
+
+    let tcp = tokio::net::TcpStream::connect(proxy.addr("web")).await.unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async("ws://x/ws", tcp)
+        .await
+        .expect("websocket handshake through an h2 cluster");
+    assert_eq!(resp.status(), 101);
+    ws.send(tokio_tungstenite::tungstenite::Message::text("ping"))
+        .await
+        .unwrap();
+    let echo = ws.next().await.unwrap().unwrap();
+    assert_eq!(echo.into_text().unwrap().as_str(), "ping");
+}

@@ -28,6 +28,8 @@ pub enum Proto {
     Http1,
     /// HTTP/2 only (h2c, or h2 by ALPN with TLS).
     Http2,
+    /// Both, as the client asks (by ALPN with TLS, `h2` preferred).
+    Both,
 }
 
 /// Builds a test upstream.
@@ -103,6 +105,14 @@ impl Upstream {
         }
     }
 
+    /// An upstream that speaks HTTP/1.1 and HTTP/2, as each client asks.
+    pub fn dual(name: &'static str) -> Upstream {
+        Upstream {
+            proto: Proto::Both,
+            ..Upstream::http1(name)
+        }
+    }
+
     /// Serve TLS with this certificate.
     pub fn tls(mut self, leaf: Leaf) -> Self {
         self.tls = Some(leaf);
@@ -158,6 +168,7 @@ impl Upstream {
             let alpn: &[&[u8]] = match self.proto {
                 Proto::Http1 => &[b"http/1.1"],
                 Proto::Http2 => &[b"h2"],
+                Proto::Both => &[b"h2", b"http/1.1"],
             };
             tokio_rustls::TlsAcceptor::from(crate::pki::server_config(leaf, alpn, self.client_ca.as_deref()))
         });
@@ -180,14 +191,21 @@ impl Upstream {
                         respond(req, name, delay, StatusCode::from_u16(s).ok())
                     });
                     let mut b = auto::Builder::new(TokioExecutor::new());
-                    if proto == Proto::Http2 {
-                        b = b.http2_only();
-                    } else {
-                        b = b.http1_only();
+                    match proto {
+                        Proto::Http2 => b = b.http2_only(),
+                        Proto::Http1 => b = b.http1_only(),
+                        Proto::Both => {}
                     }
                     match acceptor {
                         Some(a) => {
                             if let Ok(s) = a.accept(tcp).await {
+                                if proto == Proto::Both && s.get_ref().1.alpn_protocol() == Some(b"h2") {
+                                    // As nginx and Go servers do: the connection speaks the
+                                    // protocol ALPN chose, nothing else (`serve_connection`:
+                                    // the upgrade variant sniffs the preface whatever is set).
+                                    let _ = b.http2_only().serve_connection(TokioIo::new(s), svc).await;
+                                    return;
+                                }
                                 let _ = b.serve_connection_with_upgrades(TokioIo::new(s), svc).await;
                             }
                         }
