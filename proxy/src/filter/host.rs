@@ -24,12 +24,15 @@ use super::bindings::weir::filter::{
 use super::state::SharedState;
 use super::{Heads, Phase, RequestContext};
 use crate::cluster::{Cluster, Conn, PooledBody};
+use crate::limits;
 
 /// Largest outbound response body a filter may receive.
 pub const MAX_OUTBOUND_BODY: usize = 1024 * 1024;
 
 /// Most metric series one filter may create.
 pub const MAX_FILTER_SERIES: usize = 1000;
+/// Most labels on one series (besides `filter`).
+pub const MAX_SERIES_LABELS: usize = 8;
 
 /// Headers a filter may not set or remove: hop-by-hop, framing, and the ones the proxy owns.
 const REFUSED: &[&str] = &[
@@ -238,12 +241,53 @@ impl HostState {
 /// Sets (or appends) a header a guest named, after checking name and value.
 fn put(h: &mut http::HeaderMap, name: &str, value: Vec<u8>, append: bool) -> Result<(), Error> {
     let (n, v) = (guest_header_name(name)?, guest_header_value(value)?);
-    if append {
-        h.append(n, v);
+    room_for(h, &v)?;
+    let done = if append {
+        h.try_append(n, v).map(|_| ())
     } else {
-        h.insert(n, v);
+        h.try_insert(n, v).map(|_| ())
+    };
+    done.map_err(|_| Error::Limit("too many headers".into()))
+}
+
+/// Whether a head may take one more header of this value from a filter: at most
+/// [`limits::MAX_FILTER_HEADERS`] fields and [`limits::MAX_FILTER_HEADER_BYTES`] of values (a
+/// hostile filter would otherwise grow host memory without bound, outside its own limit).
+pub(crate) fn room_for(h: &http::HeaderMap, v: &HeaderValue) -> Result<(), Error> {
+    if h.len() >= limits::MAX_FILTER_HEADERS {
+        return Err(Error::Limit(format!(
+            "more than {} headers",
+            limits::MAX_FILTER_HEADERS
+        )));
+    }
+    let bytes: usize = h.values().map(|v| v.len()).sum::<usize>() + v.len();
+    if bytes > limits::MAX_FILTER_HEADER_BYTES {
+        return Err(Error::Limit(format!(
+            "header values over {} bytes",
+            limits::MAX_FILTER_HEADER_BYTES
+        )));
     }
     Ok(())
+}
+
+/// A path (and query) a guest set, in the canonical form the core routes on, so the upstream
+/// sees what routing and the filters saw.
+fn guest_path(path_and_query: &str) -> Result<http::uri::PathAndQuery, Error> {
+    // A fragment never goes on the wire; cut by the URI parser after canonicalising, it would
+    // turn `/a/..#` into a dot segment the core never saw.
+    if path_and_query.contains('#') {
+        return Err(Error::Invalid("path: '#' is not allowed".into()));
+    }
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path_and_query, None),
+    };
+    let canonical = crate::path::normalize(path).map_err(|e| Error::Invalid(format!("path: {e}")))?;
+    let pq = match query {
+        Some(q) => format!("{canonical}?{q}"),
+        None => canonical.into_owned(),
+    };
+    pq.parse().map_err(|_| Error::Invalid("invalid path".into()))
 }
 
 /// Removes a header a guest named, after checking the name.
@@ -329,17 +373,7 @@ impl wreq::Host for HostState {
         take(&mut self.request_mut()?.headers, &name)
     }
     fn set_path(&mut self, path_and_query: String) -> Result<(), Error> {
-        let (path, query) = match path_and_query.split_once('?') {
-            Some((p, q)) => (p, Some(q)),
-            None => (path_and_query.as_str(), None),
-        };
-        // The upstream sees the same canonical form the core routes on.
-        let canonical = crate::path::normalize(path).map_err(|e| Error::Invalid(format!("path: {e}")))?;
-        let pq = match query {
-            Some(q) => format!("{canonical}?{q}"),
-            None => canonical.into_owned(),
-        };
-        let pq: http::uri::PathAndQuery = pq.parse().map_err(|_| Error::Invalid("invalid path".into()))?;
+        let pq = guest_path(&path_and_query)?;
         let req = self.request_mut()?;
         let mut parts = req.uri.clone().into_parts();
         parts.path_and_query = Some(pq);
@@ -651,7 +685,9 @@ impl Series {
 fn counter_plus(value: u64) -> impl FnOnce(Option<&mut Series>) -> Option<Series> {
     move |s| match s {
         Some(Series::Counter(v)) => {
-            *v += value;
+            // Saturating: a filter's huge increments must not wrap (a false counter reset)
+            // or overflow-panic while the metrics lock is held.
+            *v = v.saturating_add(value);
             None
         }
         _ => Some(Series::Counter(value)),
@@ -687,8 +723,13 @@ fn series_key(name: String, labels: Vec<(String, String)>) -> Result<SeriesKey, 
             "metric name {name:?}: use [a-z0-9_], at most 64"
         )));
     }
-    for (k, v) in &labels {
-        if !valid_metric_name(k) || k == "filter" || v.len() > 128 {
+    if labels.len() > MAX_SERIES_LABELS {
+        return Err(Error::Invalid(format!("more than {MAX_SERIES_LABELS} labels")));
+    }
+    for (i, (k, v)) in labels.iter().enumerate() {
+        // A name twice makes a line Prometheus rejects, failing the whole scrape.
+        if !valid_metric_name(k) || k == "filter" || v.len() > 128 || labels[..i].iter().any(|(o, _)| o == k)
+        {
             return Err(Error::Invalid(format!("label {k:?}")));
         }
     }
@@ -846,7 +887,7 @@ impl metrics::Host for HostState {
     fn add(&mut self, series: u32, value: u64) -> Result<(), Error> {
         self.shared.metrics.update_handle(series, |s| match s {
             Series::Counter(v) => {
-                *v += value;
+                *v = v.saturating_add(value);
                 true
             }
             _ => false,
@@ -1105,6 +1146,53 @@ mod tests {
             "the host owns `filter`"
         );
         assert!(series_key("hits".into(), l("k", &"v".repeat(129))).is_err());
+    }
+
+    #[test]
+    fn guest_values_that_would_panic_or_grow_the_host_are_refused() {
+        // Counters saturate: two huge increments neither wrap nor panic under the lock.
+        let m = FilterMetrics::default();
+        for _ in 0..2 {
+            m.update(series_key("big".into(), vec![]).unwrap(), counter_plus(u64::MAX))
+                .unwrap();
+        }
+        let mut out = String::new();
+        m.encode("f", &mut out);
+        assert!(
+            out.contains(&format!("weir_filter_f_big_total{{filter=\"f\"}} {}", u64::MAX)),
+            "{out}"
+        );
+        // Labels: a name twice (Prometheus rejects the line, and the whole scrape) or too many.
+        let l = |n: usize| {
+            (0..n)
+                .map(|i| (format!("k{i}"), "v".to_string()))
+                .collect::<Vec<_>>()
+        };
+        assert!(series_key("x".into(), l(MAX_SERIES_LABELS)).is_ok());
+        assert!(series_key("x".into(), l(MAX_SERIES_LABELS + 1)).is_err());
+        let twice = vec![
+            ("k".to_string(), "a".to_string()),
+            ("k".to_string(), "b".to_string()),
+        ];
+        assert!(series_key("x".into(), twice).is_err());
+        // Headers: a bounded count and size on any head a filter edits.
+        let mut h = http::HeaderMap::new();
+        for i in 0..limits::MAX_FILTER_HEADERS {
+            put(&mut h, &format!("x-{i}"), b"v".to_vec(), true).unwrap();
+        }
+        assert!(matches!(
+            put(&mut h, "x-more", b"v".to_vec(), true),
+            Err(Error::Limit(_))
+        ));
+        let mut h = http::HeaderMap::new();
+        let big = vec![b'a'; 64 * 1024];
+        for _ in 0..4 {
+            put(&mut h, "x-big", big.clone(), true).unwrap();
+        }
+        assert!(matches!(put(&mut h, "x-big", big, true), Err(Error::Limit(_))));
+        // Paths: a fragment would hide a dot segment from canonicalisation.
+        assert!(guest_path("/public/..#").is_err());
+        assert_eq!(guest_path("/a/../b?q=1").unwrap().as_str(), "/b?q=1");
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub const MAX_ENTRIES: usize = 100_000;
 
 /// Largest value, in bytes.
 pub const MAX_VALUE_BYTES: usize = 64 * 1024;
+/// Longest key: 100k keys of this size stay within a few hundred MiB.
+pub const MAX_KEY_BYTES: usize = 1024;
 
 /// Lock shards per filter: a power of two, a few times the usual worker count.
 const SHARDS: usize = 16;
@@ -163,7 +165,12 @@ impl SharedState {
         }
     }
 
-    fn check_size(value: &[u8]) -> Result<(), StateError> {
+    fn check_size(key: &str, value: &[u8]) -> Result<(), StateError> {
+        if key.len() > MAX_KEY_BYTES {
+            return Err(StateError::Limit(format!(
+                "key longer than {MAX_KEY_BYTES} bytes"
+            )));
+        }
         if value.len() > MAX_VALUE_BYTES {
             return Err(StateError::Limit(format!(
                 "value larger than {MAX_VALUE_BYTES} bytes"
@@ -230,7 +237,7 @@ impl SharedState {
         value: Vec<u8>,
         ttl: Option<Duration>,
     ) -> Result<Swap, StateError> {
-        Self::check_size(&value)?;
+        Self::check_size(&key, &value)?;
         let now = Instant::now();
         let (hash, mut shard) = self.shard(&key);
         let (key, value) = match self.write(&mut shard, hash, key, guard, value, ttl, now) {
@@ -258,6 +265,20 @@ impl SharedState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_and_values_are_bounded_in_size() {
+        let s = SharedState::default();
+        assert!(s.set("k".repeat(MAX_KEY_BYTES), vec![], None).is_ok());
+        assert!(matches!(
+            s.set("k".repeat(MAX_KEY_BYTES + 1), vec![], None),
+            Err(StateError::Limit(_))
+        ));
+        assert!(matches!(
+            s.set("k".into(), vec![0; MAX_VALUE_BYTES + 1], None),
+            Err(StateError::Limit(_))
+        ));
+    }
 
     #[test]
     fn compare_and_swap_and_expiry() {

@@ -630,12 +630,19 @@ impl WasmFilter {
                         limits::MAX_FILTER_RESPONSE_BODY
                     )));
                 }
+                if r.headers.len() > limits::MAX_FILTER_HEADERS {
+                    return Err(invalid(format!(
+                        "response with more than {} headers",
+                        limits::MAX_FILTER_HEADERS
+                    )));
+                }
                 let mut resp = Response::new(body::full(r.body));
                 *resp.status_mut() = status;
                 for h in r.headers {
                     let n = guest_header_name(&h.name).map_err(|e| invalid(format!("{e:?}")))?;
                     let v: HeaderValue =
                         guest_header_value(h.value).map_err(|e| invalid(format!("{e:?}")))?;
+                    super::host::room_for(resp.headers(), &v).map_err(|e| invalid(format!("{e:?}")))?;
                     resp.headers_mut().append(n, v);
                 }
                 Ok(Action::Respond(resp))
