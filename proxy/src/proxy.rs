@@ -201,12 +201,11 @@ pub async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
     let index = conn.requests.fetch_add(1, Ordering::Relaxed) + 1;
-    conn.active.fetch_add(1, Ordering::Relaxed);
+    let in_flight = InFlight::new(&conn);
     conn.touch(start);
     let gw = shared.gateway.load_full();
     let Some(ls) = gw.listeners.get(&conn.listener).cloned() else {
         // The listener left the config while this connection was open.
-        conn.active.fetch_sub(1, Ordering::Relaxed);
         return Ok(ProxyError::NoRoute.to_response());
     };
     let request_id = request_id(req.headers());
@@ -239,7 +238,7 @@ pub async fn handle(
         .or_insert_with(|| ctx.request_id.clone());
     let status = resp.status().as_u16();
     let done = Completion {
-        conn: conn.clone(),
+        conn: in_flight,
         access_log: gw.access_log,
         chain: x.chain,
         ctx,
@@ -263,9 +262,35 @@ struct Exchange {
     chain: FilterChain,
 }
 
+/// A request in flight on its connection (the idle timer waits while any is): counted in when
+/// made, out when dropped, also when the request is cancelled before its response (an
+/// HTTP/2 stream reset drops the request's future: counted out by hand only on completion, it
+/// stayed in flight forever and the connection was never closed as idle).
+struct InFlight(Arc<ConnInfo>);
+
+impl InFlight {
+    fn new(conn: &Arc<ConnInfo>) -> InFlight {
+        conn.active.fetch_add(1, Ordering::Relaxed);
+        InFlight(conn.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl std::ops::Deref for InFlight {
+    type Target = ConnInfo;
+    fn deref(&self) -> &ConnInfo {
+        &self.0
+    }
+}
+
 /// Runs once when the response body ended: metrics, access log, `on-log`, idle tracking.
 struct Completion {
-    conn: Arc<ConnInfo>,
+    conn: InFlight,
     access_log: bool,
     chain: FilterChain,
     ctx: RequestContext,
@@ -283,7 +308,7 @@ impl OnComplete for Completion {
         let end = Instant::now();
         let duration = end.saturating_duration_since(self.start);
         self.metrics.record(self.status, duration);
-        self.conn.active.fetch_sub(1, Ordering::Relaxed);
+        // Counted out when `self` drops, at the end of this call.
         self.conn.touch(end);
         if self.access_log {
             tracing::info!(

@@ -231,3 +231,33 @@ async fn a_body_that_stalls_is_cut_after_the_stream_idle_timeout() {
     assert_eq!(raw_status(&head), Some(408), "{head}");
     assert!(head.contains("request-body-idle"), "{head}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_connection_whose_request_was_cancelled_still_closes_when_idle() {
+    // A client gives up on a slow request (its stream is reset) and sends nothing more. The
+    // cancelled request used to stay counted as in flight, so the connection never went idle.
+    let up = Upstream::http1("slow")
+        .delay(Duration::from_secs(5))
+        .start()
+        .await;
+    let proxy = start_one_route(up.addr, r#"limits = { idle_timeout = "500ms" }"#, "").await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr("web")).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = http::Request::get("http://x/").body(weir_tests::empty()).unwrap();
+    let gave_up = tokio::time::timeout(Duration::from_millis(200), sender.send_request(req)).await;
+    assert!(
+        gave_up.is_err(),
+        "the upstream is slower than the client's patience"
+    );
+    tokio::time::timeout(Duration::from_secs(4), conn)
+        .await
+        .expect("the connection, idle after its cancelled request, must be closed")
+        .unwrap()
+        .ok();
+}
