@@ -16,6 +16,11 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+/// Marks the index in the flag of a head the guard stopped following after: unless the
+/// request path tunnels that request, it must close the connection after answering it, since
+/// nothing checks the heads that follow.
+pub const UNFOLLOWED: u64 = 1 << 63;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Chunk {
     Size { seen_digit: bool, size: u64 },
@@ -47,7 +52,9 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    /// `flag` receives the 1-based index of a head with both framing headers.
+    /// `flag` receives the 1-based index of a head with both framing headers, or that index
+    /// with [`UNFOLLOWED`] set for a head after which the guard stops following the
+    /// connection (an upgrade or `CONNECT`, whose later bytes may be a tunnel's).
     pub fn new(max_head: usize, flag: Arc<AtomicU64>, enabled: bool) -> Tracker {
         Tracker {
             state: if enabled { State::Head } else { State::Off },
@@ -157,15 +164,13 @@ impl Tracker {
             chunked,
             upgrade,
         } = head;
-        if !follow {
-            return State::Off;
-        }
-        if te && cl.is_some() {
+        if te && cl.is_some() && follow {
             self.flag.store(self.heads, Ordering::Relaxed);
             // hyper closes after this request; nothing further to follow.
             return State::Off;
         }
-        if upgrade {
+        if !follow || upgrade {
+            self.flag.store(self.heads | UNFOLLOWED, Ordering::Relaxed);
             return State::Off;
         }
         match (te, cl) {
@@ -463,10 +468,22 @@ mod tests {
 
     #[test]
     fn upgrade_connect_and_unreadable_lengths_stop_it() {
+        // After an upgrade or CONNECT the bytes may be a tunnel's: the guard stops, and says
+        // at which head, so the request path closes the connection unless it tunnels.
         for head in [
             &b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"[..],
             b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n",
-            b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n",
+        ] {
+            assert_eq!(
+                run(&[head]),
+                (1 | UNFOLLOWED, State::Off),
+                "{}",
+                String::from_utf8_lossy(head)
+            );
+        }
+        // Lengths hyper cannot read: it refuses the request and closes by itself.
+        for head in [
+            &b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n"[..],
             b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
         ] {
             assert_eq!(run(&[head]), (0, State::Off), "{}", String::from_utf8_lossy(head));
@@ -509,6 +526,6 @@ mod tests {
     #[test]
     fn h2c_preface_turns_it_off() {
         let (flag, state) = run(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"]);
-        assert_eq!((flag, state), (0, State::Off));
+        assert_eq!((flag, state), (1 | UNFOLLOWED, State::Off));
     }
 }

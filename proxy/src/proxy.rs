@@ -236,6 +236,19 @@ pub async fn handle(
     resp.headers_mut()
         .entry(X_REQUEST_ID)
         .or_insert_with(|| ctx.request_id.clone());
+    // The framing guard stopped following this HTTP/1 connection at this request (an upgrade
+    // or CONNECT, after which bytes may be a tunnel's). Unless it became a tunnel, the
+    // connection closes after the answer: no head after it would be checked for smuggling.
+    if version <= Version::HTTP_11
+        && conn.ambiguous_framing_at.load(Ordering::Relaxed) == index | crate::framing::UNFOLLOWED
+    {
+        let tunnelled = resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            || (method == Method::CONNECT && resp.status().is_success());
+        if !tunnelled {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+    }
     let status = resp.status().as_u16();
     let done = Completion {
         conn: in_flight,

@@ -151,3 +151,40 @@ endpoints = ["{}"]
         "the port is ignored for routing"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smuggling_after_an_upgrade_or_connect_that_was_not_tunnelled_is_not_served() {
+    // The smuggling guard stops reading a connection at an upgrade or CONNECT (what follows
+    // may be a tunnel's bytes). When the request is answered without a tunnel (an Upgrade
+    // header without `Connection: upgrade` is a plain request; CONNECT here is refused), the
+    // connection used to stay open with nothing checking the next heads: a CL+TE request
+    // pipelined behind went to the upstream. Now the connection closes after the answer.
+    let up = Upstream::http1("up").start().await;
+    let proxy = start_one_route(up.addr, "", "").await;
+    let smuggled =
+        "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+    for (first, status) in [
+        ("GET / HTTP/1.1\r\nHost: x\r\nUpgrade: foo\r\n\r\n", 200),
+        ("CONNECT a:1 HTTP/1.1\r\nHost: a:1\r\n\r\n", 405),
+    ] {
+        let hits = up.hits();
+        let (out, closed) = raw_exchange(
+            proxy.addr("web"),
+            format!("{first}{smuggled}").as_bytes(),
+            Duration::from_secs(3),
+        )
+        .await;
+        assert_eq!(raw_status(&out), Some(status), "{first:?}: {out}");
+        assert_eq!(
+            out.matches("HTTP/1.1 ").count(),
+            1,
+            "{first:?}: one answer only: {out}"
+        );
+        assert!(closed, "{first:?}: the connection is closed after the answer");
+        assert_eq!(
+            up.hits(),
+            hits + usize::from(status == 200),
+            "{first:?}: the smuggled request never reaches the upstream"
+        );
+    }
+}
