@@ -153,14 +153,31 @@ pub async fn serve(
         );
         tokio::spawn(async move {
             gauge.inc();
-            connection(&l, tcp, peer, s, d).await;
-            gauge.dec();
-            drop(permit);
-            drop(done);
+            let slot: Arc<dyn std::any::Any + Send + Sync> = Arc::new(Slot {
+                _permit: permit,
+                gauge,
+                _done: done,
+            });
+            connection(&l, tcp, peer, s, d, slot).await;
         });
     }
     drop(tcp);
     tracing::info!(listener = %name, "stopped accepting");
+}
+
+/// What an accepted connection holds while it is open: its place under the connection cap,
+/// its count on the open-connections gauge, and the server's wait at drain. A tunnel made
+/// from the connection (WebSocket, CONNECT) holds it too: the tunnel is that connection.
+struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+    _done: mpsc::Sender<()>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
 }
 
 async fn connection(
@@ -169,12 +186,13 @@ async fn connection(
     peer: SocketAddr,
     shared: Arc<Shared>,
     drain: watch::Receiver<bool>,
+    slot: Arc<dyn std::any::Any + Send + Sync>,
 ) {
     let _ = tcp.set_nodelay(true);
     let max_head = l.limits.max_header_bytes;
     match &l.tls {
         None => {
-            let conn = Arc::new(ConnInfo::new(l.name.clone(), peer, None));
+            let conn = Arc::new(ConnInfo::new(l.name.clone(), peer, None, slot));
             let io = Guarded::new(
                 tcp,
                 Tracker::new(max_head, conn.ambiguous_framing_at.clone(), true),
@@ -197,7 +215,7 @@ async fn connection(
             };
             let info = TlsInfo::from_connection(stream.get_ref().1);
             let h2 = info.alpn.as_deref() == Some(b"h2");
-            let conn = Arc::new(ConnInfo::new(l.name.clone(), peer, Some(Arc::new(info))));
+            let conn = Arc::new(ConnInfo::new(l.name.clone(), peer, Some(Arc::new(info)), slot));
             let io = Guarded::new(
                 stream,
                 Tracker::new(max_head, conn.ambiguous_framing_at.clone(), !h2),

@@ -156,12 +156,22 @@ pub struct ConnInfo {
     /// Set by the framing guard: the 1-based index of an HTTP/1 request whose head carried
     /// both `Content-Length` and `Transfer-Encoding` (hyper silently drops the former).
     pub ambiguous_framing_at: Arc<AtomicU64>,
+    /// What the connection holds while open (its place under the connection cap, its count
+    /// on the gauge, the drain's wait): tunnels made from it hold it on.
+    pub slot: Arc<dyn std::any::Any + Send + Sync>,
 }
 
 impl ConnInfo {
-    /// A new connection's info.
-    pub fn new(listener: Arc<str>, client: SocketAddr, tls: Option<Arc<TlsInfo>>) -> ConnInfo {
+    /// A new connection's info; `slot` is what the connection holds while open (a tunnel
+    /// made from it holds it on).
+    pub fn new(
+        listener: Arc<str>,
+        client: SocketAddr,
+        tls: Option<Arc<TlsInfo>>,
+        slot: Arc<dyn std::any::Any + Send + Sync>,
+    ) -> ConnInfo {
         ConnInfo {
+            slot,
             listener,
             client,
             client_ip: HeaderValue::from_str(&client.ip().to_string())
@@ -453,7 +463,7 @@ async fn forward(
         if !route.allow_connect {
             return Err(ProxyError::ConnectNotAllowed);
         }
-        return connect_tunnel(parts, cluster, x).await;
+        return connect_tunnel(parts, cluster, conn.slot.clone(), x).await;
     }
 
     let upgrade = if parts.version == Version::HTTP_11 {
@@ -560,7 +570,7 @@ async fn forward(
                         .headers
                         .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
                     rparts.headers.insert(header::UPGRADE, proto);
-                    tokio::spawn(tunnel(down, up, ep.addr));
+                    tokio::spawn(tunnel(down, up, ep.addr, conn.slot.clone()));
                     return Ok(Response::from_parts(rparts, body::empty()));
                 }
                 strip_hop_by_hop(&mut rparts.headers, false);
@@ -863,7 +873,13 @@ impl UpstreamBody {
     }
 }
 
-async fn tunnel(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade, addr: SocketAddr) {
+/// `_slot`: the client connection's place (cap, gauge, drain), held while the tunnel lives.
+async fn tunnel(
+    down: hyper::upgrade::OnUpgrade,
+    up: hyper::upgrade::OnUpgrade,
+    addr: SocketAddr,
+    _slot: Arc<dyn std::any::Any + Send + Sync>,
+) {
     let (down, up) = match tokio::join!(down, up) {
         (Ok(d), Ok(u)) => (d, u),
         (d, u) => {
@@ -885,6 +901,7 @@ async fn tunnel(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade, 
 async fn connect_tunnel(
     mut parts: http::request::Parts,
     cluster: Arc<Cluster>,
+    slot: Arc<dyn std::any::Any + Send + Sync>,
     x: &mut Exchange,
 ) -> Result<Response<Body>, ProxyError> {
     let down = parts
@@ -913,6 +930,8 @@ async fn connect_tunnel(
     };
     x.upstream = Some(addr);
     tokio::spawn(async move {
+        // The client connection's place (cap, gauge, drain) is held while the tunnel lives.
+        let _slot = slot;
         match down.await {
             Ok(up) => {
                 let (mut d, mut u) = (TokioIo::new(up), stream);

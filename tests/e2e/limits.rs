@@ -261,3 +261,36 @@ async fn an_http2_connection_whose_request_was_cancelled_still_closes_when_idle(
         .unwrap()
         .ok();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_counts_under_the_connection_cap_while_it_lives() {
+    // Once upgraded, the client's connection is a tunnel in a task of its own; its place
+    // under the cap (and on the open-connections gauge, and in the drain's wait) used to be
+    // given back at the upgrade, so tunnels could go past max_connections.
+    use futures_util::SinkExt;
+    let up = Upstream::http1("up").start().await;
+    let proxy = start_one_route(up.addr, r#"limits = { max_connections = 1 }"#, "").await;
+    let addr = proxy.addr("web");
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async("ws://x/ws", tcp)
+        .await
+        .expect("websocket handshake");
+    assert_eq!(resp.status(), 101);
+    let second = tokio::spawn(async move {
+        let mut c = Client::h1(addr).await;
+        c.get("/", "x").await.status()
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!second.is_finished(), "the websocket holds the only place");
+    let (_, m) = proxy.admin_get("/metrics").await;
+    assert!(
+        m.contains(r#"weir_listener_active_connections{listener="web"} 1"#),
+        "{m}"
+    );
+    ws.close(None).await.unwrap();
+    drop(ws);
+    let status = tokio::time::timeout(Duration::from_secs(3), second)
+        .await
+        .expect("served once the websocket closed");
+    assert_eq!(status.unwrap(), 200);
+}
