@@ -2,6 +2,12 @@
 //! in Wasm). Set up the request in a [`MockHost`], run a phase through [`TestFilter`], and
 //! assert on what the filter did: headers, cluster, logs, metrics, state.
 //!
+//! The mock host refuses what the proxy refuses: framing and hop-by-hop header names, a
+//! status outside 200..=599, a zero timeout, and an edit in a phase where the proxy answers
+//! `wrong-phase` (the request only in `on_request_headers`, the response only in
+//! `on_response_headers`). A phase that answers with a response the proxy would refuse (in
+//! the proxy, that filter's error) panics, failing the test.
+//!
 //! ```no_run
 //! # use weir_sdk::{Action, Filter, NoConfig, Request};
 //! # struct Deny;
@@ -89,6 +95,20 @@ pub struct MockHost {
     pub retry_delay_ms: Option<u32>,
     /// Fire-and-forget sends the filter made: (cluster, request).
     pub sent: Vec<(String, OutboundRequest)>,
+    /// The phase [`TestFilter`] is running, if any: host calls check it as the proxy does (a
+    /// request edit outside `on_request_headers` is `wrong-phase`). Calls made outside a
+    /// `TestFilter` phase are not checked.
+    phase: Option<MockPhase>,
+}
+
+/// A phase [`TestFilter`] runs, for the host calls' phase rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MockPhase {
+    RequestHeaders,
+    RequestBody,
+    ResponseHeaders,
+    ResponseBody,
+    Log,
 }
 
 impl Default for MockHost {
@@ -123,6 +143,7 @@ impl Default for MockHost {
             ejections: Vec::new(),
             retry_delay_ms: None,
             sent: Vec::new(),
+            phase: None,
         }
     }
 }
@@ -174,29 +195,80 @@ impl<F: Filter> TestFilter<F> {
         })
     }
 
-    /// Runs `on_request_headers` against the mock host.
+    /// Runs `on_request_headers` against the mock host. Panics, as a failed test, when the
+    /// answer is a response the proxy would refuse (a framing or hop-by-hop header, a status
+    /// outside 200..=599): in the proxy that is the filter's error.
     pub fn on_request_headers(&self) -> Action {
-        runtime::request_headers_typed::<F>()
+        checked(in_phase(
+            MockPhase::RequestHeaders,
+            runtime::request_headers_typed::<F>,
+        ))
     }
 
     /// Runs `on_request_body`.
     pub fn on_request_body(&self, chunk: &[u8], end_of_stream: bool) -> BodyAction {
-        runtime::request_body_typed::<F>(chunk, end_of_stream)
+        checked_body(in_phase(MockPhase::RequestBody, || {
+            runtime::request_body_typed::<F>(chunk, end_of_stream)
+        }))
     }
 
-    /// Runs `on_response_headers`.
+    /// Runs `on_response_headers` (its answer checked as in [`TestFilter::on_request_headers`]).
     pub fn on_response_headers(&self) -> Action {
-        runtime::response_headers_typed::<F>()
+        checked(in_phase(
+            MockPhase::ResponseHeaders,
+            runtime::response_headers_typed::<F>,
+        ))
     }
 
     /// Runs `on_response_body`.
     pub fn on_response_body(&self, chunk: &[u8], end_of_stream: bool) -> BodyAction {
-        runtime::response_body_typed::<F>(chunk, end_of_stream)
+        checked_body(in_phase(MockPhase::ResponseBody, || {
+            runtime::response_body_typed::<F>(chunk, end_of_stream)
+        }))
     }
 
     /// Runs `on_log`.
     pub fn on_log(&self, summary: &Summary) {
-        runtime::log_typed::<F>(summary)
+        in_phase(MockPhase::Log, || runtime::log_typed::<F>(summary))
+    }
+}
+
+fn in_phase<R>(phase: MockPhase, run: impl FnOnce() -> R) -> R {
+    MockHost::with(|h| h.phase = Some(phase));
+    let r = run();
+    MockHost::with(|h| h.phase = None);
+    r
+}
+
+fn checked(a: Action) -> Action {
+    if let Action::Respond(r) = &a {
+        check_response(r);
+    }
+    a
+}
+
+fn checked_body(a: BodyAction) -> BodyAction {
+    if let BodyAction::Respond(r) = &a {
+        check_response(r);
+    }
+    a
+}
+
+/// What the proxy checks of a response a filter makes.
+fn check_response(r: &crate::Response) {
+    let w = r.clone().into_wit();
+    assert!(
+        (200..=599).contains(&w.status),
+        "weir-sdk testing: the proxy refuses a response with status {} (200..=599)",
+        w.status
+    );
+    for h in &w.headers {
+        if let Err(e) = imp::check_name(&h.name).and_then(|()| imp::check_value(&h.value)) {
+            panic!(
+                "weir-sdk testing: the proxy refuses this response's header {:?}: {e:?}",
+                h.name
+            );
+        }
     }
 }
 
@@ -218,11 +290,13 @@ pub(crate) mod imp {
     use crate::wit::weir::filter::{metrics as mt, state as st, types as wt};
 
     /// The host's rules for names filters may set: the same refusals the proxy makes.
-    fn check_name(n: &str) -> Result<(), wt::Error> {
+    pub(super) fn check_name(n: &str) -> Result<(), wt::Error> {
         const REFUSED: &[&str] = &[
             "connection",
             "keep-alive",
             "proxy-connection",
+            "proxy-authenticate",
+            "proxy-authorization",
             "transfer-encoding",
             "te",
             "trailer",
@@ -244,7 +318,7 @@ pub(crate) mod imp {
         Ok(())
     }
 
-    fn check_value(v: &[u8]) -> Result<(), wt::Error> {
+    pub(super) fn check_value(v: &[u8]) -> Result<(), wt::Error> {
         if v.iter().any(|&b| b == b'\r' || b == b'\n' || b == 0) {
             return Err(wt::Error::Invalid("invalid header value".into()));
         }
@@ -254,6 +328,16 @@ pub(crate) mod imp {
     fn m<R>(f: impl FnOnce(&mut MockHost) -> R) -> R {
         MockHost::with(f)
     }
+
+    /// `wrong-phase` when a [`TestFilter`] phase runs and it is none of `allowed`.
+    fn only_in(allowed: &[MockPhase]) -> Result<(), wt::Error> {
+        match m(|h| h.phase) {
+            Some(p) if !allowed.contains(&p) => Err(wt::Error::WrongPhase),
+            _ => Ok(()),
+        }
+    }
+    const REQUEST_EDITS: &[MockPhase] = &[MockPhase::RequestHeaders];
+    const RESPONSE_EDITS: &[MockPhase] = &[MockPhase::ResponseHeaders];
 
     fn headers(list: &[(String, Vec<u8>)]) -> Vec<wt::Header> {
         list.iter()
@@ -306,17 +390,21 @@ pub(crate) mod imp {
         m(|h| headers(&h.request_headers))
     }
     pub fn req_set_header(n: &str, v: &[u8]) -> Result<(), wt::Error> {
+        only_in(REQUEST_EDITS)?;
         m(|h| set(&mut h.request_headers, n, v, false))
     }
     pub fn req_append_header(n: &str, v: &[u8]) -> Result<(), wt::Error> {
+        only_in(REQUEST_EDITS)?;
         m(|h| set(&mut h.request_headers, n, v, true))
     }
     pub fn req_remove_header(n: &str) -> Result<(), wt::Error> {
+        only_in(REQUEST_EDITS)?;
         check_name(n)?;
         m(|h| h.request_headers.retain(|(k, _)| !k.eq_ignore_ascii_case(n)));
         Ok(())
     }
     pub fn req_set_path(p: &str) -> Result<(), wt::Error> {
+        only_in(REQUEST_EDITS)?;
         if !p.starts_with('/') {
             return Err(wt::Error::Invalid(format!("path must start with '/': {p:?}")));
         }
@@ -331,6 +419,7 @@ pub(crate) mod imp {
         Ok(())
     }
     pub fn req_set_authority(a: &str) -> Result<(), wt::Error> {
+        only_in(REQUEST_EDITS)?;
         m(|h| h.authority = Some(a.to_string()));
         Ok(())
     }
@@ -338,8 +427,9 @@ pub(crate) mod imp {
         m(|h| h.status)
     }
     pub fn resp_set_status(s: u16) -> Result<(), wt::Error> {
-        if !(100..=599).contains(&s) {
-            return Err(wt::Error::Invalid(format!("status {s}")));
+        only_in(RESPONSE_EDITS)?;
+        if !(200..=599).contains(&s) {
+            return Err(wt::Error::Invalid(format!("invalid status {s}")));
         }
         m(|h| h.status = s);
         Ok(())
@@ -351,12 +441,15 @@ pub(crate) mod imp {
         m(|h| headers(&h.response_headers))
     }
     pub fn resp_set_header(n: &str, v: &[u8]) -> Result<(), wt::Error> {
+        only_in(RESPONSE_EDITS)?;
         m(|h| set(&mut h.response_headers, n, v, false))
     }
     pub fn resp_append_header(n: &str, v: &[u8]) -> Result<(), wt::Error> {
+        only_in(RESPONSE_EDITS)?;
         m(|h| set(&mut h.response_headers, n, v, true))
     }
     pub fn resp_remove_header(n: &str) -> Result<(), wt::Error> {
+        only_in(RESPONSE_EDITS)?;
         check_name(n)?;
         m(|h| h.response_headers.retain(|(k, _)| !k.eq_ignore_ascii_case(n)));
         Ok(())
@@ -389,6 +482,7 @@ pub(crate) mod imp {
         m(|h| h.cluster.clone())
     }
     pub fn prop_set_cluster(n: &str) -> Result<(), wt::Error> {
+        only_in(REQUEST_EDITS)?;
         m(|h| {
             if !h.known_clusters.iter().any(|c| c == n) {
                 return Err(wt::Error::Invalid(format!("unknown cluster {n:?}")));
@@ -398,6 +492,10 @@ pub(crate) mod imp {
         })
     }
     pub fn prop_set_timeout(ms: u32) -> Result<(), wt::Error> {
+        only_in(REQUEST_EDITS)?;
+        if ms == 0 {
+            return Err(wt::Error::Invalid("timeout must be greater than zero".into()));
+        }
         m(|h| h.timeout_ms = Some(ms));
         Ok(())
     }
@@ -513,6 +611,7 @@ pub(crate) mod imp {
         m(|h| h.request_values.get(k).cloned())
     }
     pub fn prop_eject_upstream(ms: u32) -> Result<(), wt::Error> {
+        only_in(RESPONSE_EDITS)?;
         m(|h| match h.upstream {
             Some(_) => {
                 h.ejections.push(ms);
@@ -524,10 +623,12 @@ pub(crate) mod imp {
         })
     }
     pub fn prop_set_retry_delay(ms: u32) -> Result<(), wt::Error> {
+        only_in(RESPONSE_EDITS)?;
         m(|h| h.retry_delay_ms = Some(ms));
         Ok(())
     }
     pub fn prop_set_request_value(k: &str, v: &[u8]) -> Result<(), wt::Error> {
+        only_in(&[MockPhase::RequestHeaders, MockPhase::ResponseHeaders])?;
         m(|h| h.request_values.insert(k.to_string(), v.to_vec()));
         Ok(())
     }
@@ -551,5 +652,68 @@ pub(crate) mod imp {
         let r = handler(cluster, req);
         m(|h| h.outbound = Some(handler));
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Filter, HostError, NoConfig, Request, ResponseHead};
+
+    struct LateEdit;
+
+    impl Filter for LateEdit {
+        type Config = NoConfig;
+        fn new(_: NoConfig) -> Result<Self, String> {
+            Ok(LateEdit)
+        }
+        fn on_request_headers(&self, req: &Request) -> Action {
+            req.set_header("x-early", "1").unwrap();
+            Action::Continue
+        }
+        fn on_response_headers(&self, resp: &ResponseHead) -> Action {
+            // The request has left: the proxy refuses this edit, so must the mock host.
+            let late = resp.request().set_header("x-late", "1");
+            resp.set_header("x-late-edit", format!("{late:?}")).unwrap();
+            Action::Continue
+        }
+    }
+
+    #[test]
+    fn host_calls_follow_the_proxys_phase_rules() {
+        MockHost::reset(|_| {});
+        let f = TestFilter::<LateEdit>::new("{}").unwrap();
+        assert_eq!(f.on_request_headers(), Action::Continue);
+        assert_eq!(MockHost::request_header("x-early").as_deref(), Some("1"));
+        assert_eq!(f.on_response_headers(), Action::Continue);
+        assert_eq!(
+            MockHost::response_header("x-late-edit"),
+            Some(format!("{:?}", Err::<(), _>(HostError::WrongPhase)))
+        );
+        assert_eq!(MockHost::request_header("x-late"), None);
+        // Outside a TestFilter phase, calls are not checked (set-up code may use them).
+        assert!(imp::req_set_header("x-setup", b"1").is_ok());
+        assert!(imp::prop_set_timeout(0).is_err());
+        assert!(imp::req_set_header("proxy-authorization", b"x").is_err());
+    }
+
+    struct FramedAnswer;
+
+    impl Filter for FramedAnswer {
+        type Config = NoConfig;
+        fn new(_: NoConfig) -> Result<Self, String> {
+            Ok(FramedAnswer)
+        }
+        fn on_request_headers(&self, _: &Request) -> Action {
+            Action::Respond(crate::Response::new(403).header("content-length", "2").body("no"))
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "the proxy refuses this response's header")]
+    fn a_response_the_proxy_would_refuse_fails_the_test() {
+        MockHost::reset(|_| {});
+        let f = TestFilter::<FramedAnswer>::new("{}").unwrap();
+        let _ = f.on_request_headers();
     }
 }

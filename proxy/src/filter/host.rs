@@ -405,7 +405,7 @@ impl wresp::Host for HostState {
     fn set_status(&mut self, status: u16) -> Result<(), Error> {
         let s = http::StatusCode::from_u16(status)
             .ok()
-            .filter(|s| s.as_u16() >= 200)
+            .filter(|s| (200..=599).contains(&s.as_u16()))
             .ok_or_else(|| Error::Invalid(format!("invalid status {status}")))?;
         self.response_mut()?.status = s;
         Ok(())

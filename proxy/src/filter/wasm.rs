@@ -622,7 +622,7 @@ impl WasmFilter {
             wt::Action::Respond(r) => {
                 let status = StatusCode::from_u16(r.status)
                     .ok()
-                    .filter(|s| s.as_u16() >= 200)
+                    .filter(|s| (200..=599).contains(&s.as_u16()))
                     .ok_or_else(|| invalid(format!("invalid status {}", r.status)))?;
                 if r.body.len() > limits::MAX_FILTER_RESPONSE_BODY {
                     return Err(invalid(format!(
