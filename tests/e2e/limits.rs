@@ -267,7 +267,6 @@ async fn a_websocket_counts_under_the_connection_cap_while_it_lives() {
     // Once upgraded, the client's connection is a tunnel in a task of its own; its place
     // under the cap (and on the open-connections gauge, and in the drain's wait) used to be
     // given back at the upgrade, so tunnels could go past max_connections.
-    use futures_util::SinkExt;
     let up = Upstream::http1("up").start().await;
     let proxy = start_one_route(up.addr, r#"limits = { max_connections = 1 }"#, "").await;
     let addr = proxy.addr("web");
