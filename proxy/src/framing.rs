@@ -333,19 +333,71 @@ fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
     None
 }
 
+/// When a connection's writes have been blocked since (the peer stopped reading and the
+/// socket's buffers are full), for the connection's watchdog: a client that never reads
+/// holds its connection (and the upstream one) with no body ever polled, so no body timer
+/// can see it.
+#[derive(Debug)]
+pub struct WriteStall {
+    opened: std::time::Instant,
+    /// Milliseconds since `opened` when writing blocked; `u64::MAX` while writes go through.
+    since_ms: AtomicU64,
+}
+
+impl WriteStall {
+    /// A watch for a connection opened at `opened`.
+    pub fn new(opened: std::time::Instant) -> Arc<WriteStall> {
+        Arc::new(WriteStall {
+            opened,
+            since_ms: AtomicU64::new(u64::MAX),
+        })
+    }
+
+    /// How long writes have been blocked, if they are.
+    pub fn stalled_for(&self, now: std::time::Instant) -> Option<std::time::Duration> {
+        let since = self.since_ms.load(Ordering::Relaxed);
+        (since != u64::MAX).then(|| {
+            now.saturating_duration_since(self.opened)
+                .saturating_sub(std::time::Duration::from_millis(since))
+        })
+    }
+
+    fn note<T>(&self, r: &Poll<T>) {
+        match r {
+            // A clock read only when a write blocks, and only the first time.
+            Poll::Pending => {
+                if self.since_ms.load(Ordering::Relaxed) == u64::MAX {
+                    let ms = self.opened.elapsed().as_millis() as u64;
+                    self.since_ms.store(ms.min(u64::MAX - 1), Ordering::Relaxed);
+                }
+            }
+            Poll::Ready(_) => {
+                if self.since_ms.load(Ordering::Relaxed) != u64::MAX {
+                    self.since_ms.store(u64::MAX, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
 pin_project_lite::pin_project! {
-    /// An I/O stream whose reads feed a [`Tracker`].
+    /// An I/O stream whose reads feed a [`Tracker`] and whose writes a [`WriteStall`] watches.
     pub struct Guarded<S> {
         #[pin]
         inner: S,
         tracker: Tracker,
+        stall: Arc<WriteStall>,
     }
 }
 
 impl<S> Guarded<S> {
     /// Wraps a stream.
-    pub fn new(inner: S, tracker: Tracker) -> Self {
-        Guarded { inner, tracker }
+    pub fn new(inner: S, tracker: Tracker, stall: Arc<WriteStall>) -> Self {
+        Guarded {
+            inner,
+            tracker,
+            stall,
+        }
     }
 }
 
@@ -365,10 +417,16 @@ impl<S: AsyncRead> AsyncRead for Guarded<S> {
 
 impl<S: AsyncWrite> AsyncWrite for Guarded<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write(cx, buf)
+        let this = self.project();
+        let r = this.inner.poll_write(cx, buf);
+        this.stall.note(&r);
+        r
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
+        let this = self.project();
+        let r = this.inner.poll_flush(cx);
+        this.stall.note(&r);
+        r
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.project().inner.poll_shutdown(cx)
@@ -378,7 +436,10 @@ impl<S: AsyncWrite> AsyncWrite for Guarded<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write_vectored(cx, bufs)
+        let this = self.project();
+        let r = this.inner.poll_write_vectored(cx, bufs);
+        this.stall.note(&r);
+        r
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()

@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{ListenerConfig, ListenerLimits};
-use crate::framing::{Guarded, Tracker};
+use crate::framing::{Guarded, Tracker, WriteStall};
 use crate::proxy::{handle, ConnInfo, Shared};
 use crate::tls::TlsInfo;
 
@@ -193,11 +193,13 @@ async fn connection(
     match &l.tls {
         None => {
             let conn = Arc::new(ConnInfo::new(l.name.clone(), peer, None, slot));
+            let stall = WriteStall::new(conn.opened);
             let io = Guarded::new(
                 tcp,
                 Tracker::new(max_head, conn.ambiguous_framing_at.clone(), true),
+                stall.clone(),
             );
-            serve_http(io, &l.auto, conn, shared, drain, l.limits.idle_timeout).await;
+            serve_http(io, &l.auto, conn, shared, drain, &l.limits, stall).await;
         }
         Some(acceptor) => {
             let stream = match tokio::time::timeout(l.limits.tls_handshake_timeout, acceptor.accept(tcp))
@@ -216,12 +218,14 @@ async fn connection(
             let info = TlsInfo::from_connection(stream.get_ref().1);
             let h2 = info.alpn.as_deref() == Some(b"h2");
             let conn = Arc::new(ConnInfo::new(l.name.clone(), peer, Some(Arc::new(info)), slot));
+            let stall = WriteStall::new(conn.opened);
             let io = Guarded::new(
                 stream,
                 Tracker::new(max_head, conn.ambiguous_framing_at.clone(), !h2),
+                stall.clone(),
             );
             let builder = if h2 { &l.h2 } else { &l.h1 };
-            serve_http(io, builder, conn, shared, drain, l.limits.idle_timeout).await;
+            serve_http(io, builder, conn, shared, drain, &l.limits, stall).await;
         }
     }
 }
@@ -232,10 +236,12 @@ async fn serve_http<I>(
     conn: Arc<ConnInfo>,
     shared: Arc<Shared>,
     mut drain: watch::Receiver<bool>,
-    idle_timeout: Duration,
+    limits: &ListenerLimits,
+    stall: Arc<WriteStall>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let (idle_timeout, stream_idle) = (limits.idle_timeout, limits.stream_idle_timeout);
     let info = conn.clone();
     let svc = service_fn(move |req| handle(req, info.clone(), shared.clone()));
     let c = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
@@ -244,8 +250,9 @@ async fn serve_http<I>(
     if closing {
         c.as_mut().graceful_shutdown();
     }
-    let mut tick =
-        tokio::time::interval((idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5)));
+    let mut tick = tokio::time::interval(
+        (idle_timeout.min(stream_idle) / 4).clamp(Duration::from_millis(50), Duration::from_secs(5)),
+    );
     // Armed when an idle connection is asked to close; drain has its own global deadline.
     let force_close = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(force_close);
@@ -272,8 +279,14 @@ async fn serve_http<I>(
             closing = true;
             c.as_mut().graceful_shutdown();
         }
-        while !closing && tick.poll_tick(&mut scx).is_ready() {
-            if conn.idle_for().is_some_and(|d| d >= idle_timeout) {
+        while tick.poll_tick(&mut scx).is_ready() {
+            // A peer that stopped reading: nothing it is sent can leave, so no graceful close
+            // can finish either; the connection (and its upstream exchange) is dropped.
+            if stall.stalled_for(std::time::Instant::now()).is_some_and(|d| d >= stream_idle) {
+                tracing::debug!(listener = %conn.listener, client.addr = %conn.client, "client stopped reading; dropping the connection");
+                return Poll::Ready(());
+            }
+            if !closing && conn.idle_for().is_some_and(|d| d >= idle_timeout) {
                 tracing::debug!(listener = %conn.listener, client.addr = %conn.client, "closing idle connection");
                 closing = true;
                 idle_closing = true;

@@ -293,3 +293,49 @@ async fn a_websocket_counts_under_the_connection_cap_while_it_lives() {
         .expect("served once the websocket closed");
     assert_eq!(status.unwrap(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_dropped_after_the_stream_idle_timeout() {
+    // A large response to a client that never reads: the sockets' buffers fill, nothing polls
+    // the body any more, and the connection (with its upstream exchange) used to stay open
+    // for good, holding its place under the connection cap.
+    let big = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = big.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = big.accept().await {
+            tokio::spawn(async move {
+                let _ = read_head(&mut s).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1073741824\r\n\r\n")
+                    .await;
+                let chunk = vec![b'x'; 64 * 1024];
+                while s.write_all(&chunk).await.is_ok() {}
+            });
+        }
+    });
+    let proxy = start_one_route(
+        up_addr,
+        r#"limits = { idle_timeout = "60s", stream_idle_timeout = "500ms" }"#,
+        "",
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr("web")).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let open = |m: &str| m.contains(r#"weir_listener_active_connections{listener="web"} 1"#);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, m) = proxy.admin_get("/metrics").await;
+    assert!(open(&m), "the connection is open while the response streams: {m}");
+    let t = Instant::now();
+    loop {
+        let (_, m) = proxy.admin_get("/metrics").await;
+        if !open(&m) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "a client that never reads is dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(s);
+}
