@@ -122,14 +122,41 @@ pub async fn serve(
     done: mpsc::Sender<()>,
 ) {
     let BoundListener { name, tcp, rt } = listener;
-    let slots = Arc::new(Semaphore::new(rt.load().limits.max_connections));
+    let mut cap = rt.load().limits.max_connections;
+    let slots = Arc::new(Semaphore::new(cap));
+    // Places to take out of the cap as connections close, after a reload lowered it.
+    let mut owed = 0usize;
     let (gauge, accepted) = shared.metrics.listener(&name);
     loop {
+        // A reload may have changed the cap: places are added at once, or taken out as
+        // they come free.
+        let want = rt.load().limits.max_connections;
+        if want > cap {
+            let more = want - cap;
+            let repaid = more.min(owed);
+            owed -= repaid;
+            slots.add_permits(more - repaid);
+        } else if want < cap {
+            owed += cap - want;
+        }
+        cap = want;
+        if owed > 0 {
+            owed -= slots.forget_permits(owed);
+        }
         let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
+            biased;
             _ = drain.changed() => break,
             _ = stop.changed() => break,
+            p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
+            // At the cap, look again now and then: a reload may have raised it.
+            _ = tokio::time::sleep(CAP_RECHECK) => continue,
         };
+        if owed > 0 {
+            // A place that came free under a lowered cap: taken out, not used.
+            permit.forget();
+            owed -= 1;
+            continue;
+        }
         let (tcp, peer) = tokio::select! {
             r = tcp.accept() => match r {
                 Ok(x) => x,
@@ -164,6 +191,9 @@ pub async fn serve(
     drop(tcp);
     tracing::info!(listener = %name, "stopped accepting");
 }
+
+/// How often a listener at its connection cap looks whether a reload raised it.
+const CAP_RECHECK: Duration = Duration::from_millis(500);
 
 /// What an accepted connection holds while it is open: its place under the connection cap,
 /// its count on the open-connections gauge, and the server's wait at drain. A tunnel made

@@ -460,3 +460,38 @@ async fn an_unchanged_directory_is_not_reloaded() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_connection_cap_takes_effect() {
+    // Limits reload, but the cap was sized once: raising max_connections did nothing until
+    // a restart.
+    let up = Upstream::http1("up").start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = weir_tests::unused_port();
+    let toml = |cap: usize| {
+        format!(
+            "{ADMIN}\n[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:{port}\"\n\
+             limits = {{ max_connections = {cap} }}\n\
+             [[routes]]\ncluster = \"c\"\n[clusters.c]\nendpoints = [\"{}\"]\n",
+            up.addr
+        )
+    };
+    let file = dir.path().join("weir.toml");
+    std::fs::write(&file, toml(1)).unwrap();
+    let (proxy, _) = TestProxy::start_file(&file, DEBOUNCE).await;
+    let addr = proxy.addr("web");
+    let mut first = Client::h1(addr).await;
+    assert_eq!(first.get("/", "x").await.status(), 200);
+    let second = tokio::spawn(async move { Client::h1(addr).await.get("/", "x").await.status() });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !second.is_finished(),
+        "at the cap of 1, a second connection waits"
+    );
+    replace(&file, toml(2).as_bytes());
+    let status = tokio::time::timeout(Duration::from_secs(5), second)
+        .await
+        .expect("served once the reload raised the cap");
+    assert_eq!(status.unwrap(), 200);
+    assert_eq!(first.get("/", "x").await.status(), 200);
+}
