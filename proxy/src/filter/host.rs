@@ -270,6 +270,37 @@ pub(crate) fn room_for(h: &http::HeaderMap, v: &HeaderValue) -> Result<(), Error
     Ok(())
 }
 
+/// A guest's log message on one line: control characters (a newline would start what reads
+/// as another log record in the text format) are written as escapes.
+fn one_line(message: &str) -> std::borrow::Cow<'_, str> {
+    if !message.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(message);
+    }
+    std::borrow::Cow::Owned(
+        message
+            .chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
+}
+
+/// What an outbound request may carry: the bounds of a filter's own response.
+fn check_outbound(r: &outbound::OutboundRequest) -> Result<(), String> {
+    if r.body.len() > MAX_OUTBOUND_BODY {
+        return Err(format!("request body larger than {MAX_OUTBOUND_BODY} bytes"));
+    }
+    if r.headers.len() > limits::MAX_FILTER_HEADERS {
+        return Err(format!("more than {} headers", limits::MAX_FILTER_HEADERS));
+    }
+    Ok(())
+}
+
 /// A path (and query) a guest set, in the canonical form the core routes on, so the upstream
 /// sees what routing and the filters saw.
 fn guest_path(path_and_query: &str) -> Result<http::uri::PathAndQuery, Error> {
@@ -585,6 +616,7 @@ impl log::Host for HostState {
         // Bounded so a filter cannot flood the log with one call.
         let mut message = message;
         message.truncate(message.floor_char_boundary(4096));
+        let message = one_line(&message);
         let filter = &*self.shared.name;
         let request_id = self
             .call()
@@ -989,6 +1021,7 @@ impl outbound::Host for HostState {
             return Err(format!("unknown cluster {cluster:?}"));
         };
         // What the exchange would refuse is the filter's error now, not a log line later.
+        check_outbound(&request)?;
         http::Method::from_bytes(request.method.as_bytes())
             .map_err(|_| format!("invalid method {:?}", request.method))?;
         request
@@ -1029,6 +1062,7 @@ async fn outbound_call(
     cluster: &Cluster,
     r: outbound::OutboundRequest,
 ) -> Result<outbound::OutboundResponse, String> {
+    check_outbound(&r)?;
     let method = http::Method::from_bytes(r.method.as_bytes())
         .map_err(|_| format!("invalid method {:?}", r.method))?;
     let ep = cluster
@@ -1190,6 +1224,21 @@ mod tests {
             put(&mut h, "x-big", big.clone(), true).unwrap();
         }
         assert!(matches!(put(&mut h, "x-big", big, true), Err(Error::Limit(_))));
+        // Log messages stay on one line; outbound requests are bounded like responses.
+        assert_eq!(one_line("ok \u{e9}"), "ok \u{e9}");
+        assert_eq!(
+            one_line("a\nfake=record\r\u{1b}[31m"),
+            "a\\nfake=record\\r\\u{1b}[31m"
+        );
+        let req = |body: usize| outbound::OutboundRequest {
+            method: "POST".into(),
+            path: "/".into(),
+            headers: vec![],
+            body: vec![0; body],
+            timeout_ms: 100,
+        };
+        assert!(check_outbound(&req(MAX_OUTBOUND_BODY)).is_ok());
+        assert!(check_outbound(&req(MAX_OUTBOUND_BODY + 1)).is_err());
         // Paths: a fragment would hide a dot segment from canonicalisation.
         assert!(guest_path("/public/..#").is_err());
         assert_eq!(guest_path("/a/../b?q=1").unwrap().as_str(), "/b?q=1");
