@@ -20,6 +20,23 @@ async fn read_head(s: &mut tokio::net::TcpStream) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// A raw TCP server on `127.0.0.1:0` that hands each accepted socket to `serve`: for peers
+/// that misbehave in ways a real HTTP server will not.
+async fn raw_server<F, Fut>(serve: F) -> std::net::SocketAddr
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(serve(s));
+        }
+    });
+    addr
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_closed() {
     let up = Upstream::http1("up").start().await;
@@ -110,16 +127,11 @@ async fn the_connection_cap_holds_new_connections_until_one_closes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_is_tunnelled_only_where_allowed() {
     // A raw TCP echo server stands for whatever the tunnel reaches.
-    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let echo_addr = echo.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = echo.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
+    let echo_addr = raw_server(|mut s| async move {
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    })
+    .await;
     let toml = format!(
         r#"{ADMIN}
 [[listeners]]
@@ -190,19 +202,14 @@ dns_refresh = "200ms"
 async fn a_body_that_stalls_is_cut_after_the_stream_idle_timeout() {
     // Response side: an upstream that sends half its body, then nothing, keeping the
     // connection open. The client's read used to wait forever.
-    let stalling = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let up_addr = stalling.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = stalling.accept().await {
-            tokio::spawn(async move {
-                let _ = read_head(&mut s).await;
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
-                    .await;
-                tokio::time::sleep(Duration::from_secs(30)).await;
-            });
-        }
-    });
+    let up_addr = raw_server(|mut s| async move {
+        let _ = read_head(&mut s).await;
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+            .await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    })
+    .await;
     let proxy = start_one_route(up_addr, r#"limits = { stream_idle_timeout = "300ms" }"#, "").await;
     let mut c = Client::h1(proxy.addr("web")).await;
     let r = c.get("/", "x").await;
@@ -299,20 +306,15 @@ async fn a_client_that_stops_reading_is_dropped_after_the_stream_idle_timeout() 
     // A large response to a client that never reads: the sockets' buffers fill, nothing polls
     // the body any more, and the connection (with its upstream exchange) used to stay open
     // for good, holding its place under the connection cap.
-    let big = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let up_addr = big.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = big.accept().await {
-            tokio::spawn(async move {
-                let _ = read_head(&mut s).await;
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1073741824\r\n\r\n")
-                    .await;
-                let chunk = vec![b'x'; 64 * 1024];
-                while s.write_all(&chunk).await.is_ok() {}
-            });
-        }
-    });
+    let up_addr = raw_server(|mut s| async move {
+        let _ = read_head(&mut s).await;
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1073741824\r\n\r\n")
+            .await;
+        let chunk = vec![b'x'; 64 * 1024];
+        while s.write_all(&chunk).await.is_ok() {}
+    })
+    .await;
     let proxy = start_one_route(
         up_addr,
         r#"limits = { idle_timeout = "60s", stream_idle_timeout = "500ms" }"#,
