@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use weir_tests::client::{raw_status, Client};
+use weir_tests::client::{raw_status, Client, Waiting};
 use weir_tests::proxy::{start_one_route, TestProxy, ADMIN};
 use weir_tests::upstream::Upstream;
 
@@ -108,20 +108,9 @@ async fn the_connection_cap_holds_new_connections_until_one_closes() {
     let addr = proxy.addr("web");
     let mut first = Client::h1(addr).await;
     assert_eq!(first.get("/", "x").await.status(), 200);
-    let second = tokio::spawn(async move {
-        let mut c = Client::h1(addr).await;
-        c.get("/", "x").await.status()
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        !second.is_finished(),
-        "a second connection waits while the cap is reached"
-    );
+    let second = Waiting::start(addr, "a second connection waits while the cap is reached").await;
     drop(first);
-    let status = tokio::time::timeout(Duration::from_secs(3), second)
-        .await
-        .expect("served once the first closed");
-    assert_eq!(status.unwrap(), 200);
+    assert_eq!(second.served("served once the first closed").await, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -282,12 +271,7 @@ async fn a_websocket_counts_under_the_connection_cap_while_it_lives() {
         .await
         .expect("websocket handshake");
     assert_eq!(resp.status(), 101);
-    let second = tokio::spawn(async move {
-        let mut c = Client::h1(addr).await;
-        c.get("/", "x").await.status()
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!second.is_finished(), "the websocket holds the only place");
+    let second = Waiting::start(addr, "the websocket holds the only place").await;
     let (_, m) = proxy.admin_get("/metrics").await;
     assert!(
         m.contains(r#"weir_listener_active_connections{listener="web"} 1"#),
@@ -295,10 +279,7 @@ async fn a_websocket_counts_under_the_connection_cap_while_it_lives() {
     );
     ws.close(None).await.unwrap();
     drop(ws);
-    let status = tokio::time::timeout(Duration::from_secs(3), second)
-        .await
-        .expect("served once the websocket closed");
-    assert_eq!(status.unwrap(), 200);
+    assert_eq!(second.served("served once the websocket closed").await, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use weir_tests::client::{tls_connect, Client};
+use weir_tests::client::{tls_connect, Client, Waiting};
 use weir_tests::pki::{client_config, peer_cn, Pki};
 use weir_tests::proxy::{TestProxy, ADMIN};
 use weir_tests::upstream::Upstream;
@@ -482,16 +482,8 @@ async fn a_reloaded_connection_cap_takes_effect() {
     let addr = proxy.addr("web");
     let mut first = Client::h1(addr).await;
     assert_eq!(first.get("/", "x").await.status(), 200);
-    let second = tokio::spawn(async move { Client::h1(addr).await.get("/", "x").await.status() });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        !second.is_finished(),
-        "at the cap of 1, a second connection waits"
-    );
+    let second = Waiting::start(addr, "at the cap of 1, a second connection waits").await;
     replace(&file, toml(2).as_bytes());
-    let status = tokio::time::timeout(Duration::from_secs(5), second)
-        .await
-        .expect("served once the reload raised the cap");
-    assert_eq!(status.unwrap(), 200);
+    assert_eq!(second.served("served once the reload raised the cap").await, 200);
     assert_eq!(first.get("/", "x").await.status(), 200);
 }

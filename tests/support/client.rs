@@ -165,3 +165,26 @@ pub fn raw_status(out: &str) -> Option<u16> {
         .and_then(|r| r.get(..3))
         .and_then(|c| c.parse().ok())
 }
+
+/// A GET on a new connection to a proxy at its connection cap: spawned, and checked to be
+/// still waiting a moment later. [`Waiting::served`] awaits its answer once the caller freed
+/// a place.
+pub struct Waiting(tokio::task::JoinHandle<u16>);
+
+impl Waiting {
+    /// Starts the GET and checks it waits.
+    pub async fn start(addr: SocketAddr, why: &str) -> Waiting {
+        let h = tokio::spawn(async move { Client::h1(addr).await.get("/", "x").await.status().as_u16() });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!h.is_finished(), "{why}");
+        Waiting(h)
+    }
+
+    /// The status it got, within 5 s.
+    pub async fn served(self, why: &str) -> u16 {
+        tokio::time::timeout(Duration::from_secs(5), self.0)
+            .await
+            .unwrap_or_else(|_| panic!("{why}"))
+            .expect("the client task")
+    }
+}
