@@ -1,6 +1,7 @@
 //! The body type that flows through the proxy, and the wrappers the core puts around bodies:
-//! a size limit for request bodies and an observer that records response completion, both
-//! with the stream idle timeout (a body that yields nothing for that long fails).
+//! a size limit for request bodies and an observer that records response completion, and
+//! the stream idle timeout on request and upstream response bodies (a body that yields
+//! nothing for that long fails).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -145,6 +146,60 @@ where
     }
 }
 
+pin_project_lite::pin_project! {
+    /// An upstream's response body that fails when the upstream sends nothing for its idle
+    /// timeout, whoever reads it (the client, a buffering filter).
+    pub struct Idle<B> {
+        #[pin]
+        inner: B,
+        idle: IdleTimer,
+    }
+}
+
+impl<B> Idle<B> {
+    /// Wraps `inner`, allowing at most `idle` between frames.
+    pub fn new(inner: B, idle: Duration) -> Self {
+        Idle {
+            inner,
+            idle: IdleTimer::new(idle),
+        }
+    }
+}
+
+impl<B> HttpBody for Idle<B>
+where
+    B: HttpBody<Data = Bytes, Error = BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Pending if this.idle.expired(cx) => {
+                tracing::debug!(idle = ?this.idle.idle, "upstream response body idle: cut");
+                Poll::Ready(Some(Err(BodyIdle(this.idle.idle).into())))
+            }
+            Poll::Pending => Poll::Pending,
+            ready => {
+                this.idle.frame();
+                ready
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Called once when an observed body ends, fails or is dropped, with the bytes it carried.
 pub trait OnComplete: Send + 'static {
     /// `complete` is false when the stream failed or was dropped early.
@@ -158,7 +213,6 @@ pin_project_lite::pin_project! {
         inner: B,
         bytes: u64,
         done: Option<F>,
-        idle: IdleTimer,
     }
 
     impl<B: HttpBody, F: OnComplete> PinnedDrop for Observed<B, F> {
@@ -175,14 +229,12 @@ pin_project_lite::pin_project! {
 }
 
 impl<B: HttpBody, F: OnComplete> Observed<B, F> {
-    /// Wraps `inner`; `done` runs once when it ends. It fails when it yields nothing for
-    /// `idle`.
-    pub fn new(inner: B, done: F, idle: Duration) -> Self {
+    /// Wraps `inner`; `done` runs once when it ends.
+    pub fn new(inner: B, done: F) -> Self {
         Observed {
             inner,
             bytes: 0,
             done: Some(done),
-            idle: IdleTimer::new(idle),
         }
     }
 }
@@ -190,7 +242,6 @@ impl<B: HttpBody, F: OnComplete> Observed<B, F> {
 impl<B, F> HttpBody for Observed<B, F>
 where
     B: HttpBody<Data = Bytes>,
-    B::Error: From<BodyIdle>,
     F: OnComplete,
 {
     type Data = Bytes;
@@ -201,14 +252,9 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let mut this = self.project();
-        let mut polled = this.inner.as_mut().poll_frame(cx);
-        if polled.is_pending() && this.idle.expired(cx) {
-            tracing::debug!(idle = ?this.idle.idle, "response body idle: stream closed");
-            polled = Poll::Ready(Some(Err(BodyIdle(this.idle.idle).into())));
-        }
+        let polled = this.inner.as_mut().poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
-                this.idle.frame();
                 if let Some(d) = frame.data_ref() {
                     *this.bytes += d.len() as u64;
                 }

@@ -273,8 +273,7 @@ pub async fn handle(
         upstream: x.upstream,
         start,
     };
-    let idle = ls.limits.stream_idle_timeout;
-    Ok(resp.map(|b| Observed::new(b, done, idle).boxed()))
+    Ok(resp.map(|b| Observed::new(b, done).boxed()))
 }
 
 /// What the request path learned that the completion record needs.
@@ -574,7 +573,7 @@ async fn forward(
                     return Ok(Response::from_parts(rparts, body::empty()));
                 }
                 strip_hop_by_hop(&mut rparts.headers, false);
-                (rparts, rbody.boxed())
+                (rparts, rbody.boxed(limits.stream_idle_timeout))
             }
             // Response filters see the proxy's own answer to an upstream failure (502, 503,
             // 504 with its `x-weir-error` reason): resilience policy may retry it, replace it
@@ -679,10 +678,15 @@ fn stopped(stop: Stop, phase: Phase, upstream: Option<SocketAddr>) -> Result<Res
             addr: upstream.unwrap_or_else(unspecified),
             reason: format!("response body larger than the filter buffer of {n} bytes"),
         }),
-        (Stop::Body(e), Phase::RequestBody) => match e.downcast_ref::<body::BodyTooLarge>() {
-            Some(t) => Err(ProxyError::BodyTooLarge(t.limit)),
-            None => Err(ProxyError::BadRequest("request body failed")),
-        },
+        (Stop::Body(e), Phase::RequestBody) => {
+            if let Some(t) = e.downcast_ref::<body::BodyTooLarge>() {
+                Err(ProxyError::BodyTooLarge(t.limit))
+            } else if let Some(t) = e.downcast_ref::<body::BodyIdle>() {
+                Err(ProxyError::BodyIdle(t.0))
+            } else {
+                Err(ProxyError::BadRequest("request body failed"))
+            }
+        }
         (Stop::Body(e), _) => Err(ProxyError::Upstream {
             addr: upstream.unwrap_or_else(unspecified),
             reason: format!("response body failed: {e}"),
@@ -865,10 +869,16 @@ pub enum UpstreamBody {
 }
 
 impl UpstreamBody {
-    fn boxed(self) -> Body {
+    /// The body as the proxy passes it on, failing when the upstream sends nothing for
+    /// `idle` (whether the client, a buffering filter or nobody reads it).
+    fn boxed(self, idle: Duration) -> Body {
         match self {
-            UpstreamBody::Incoming(b) => b.map_err(|e| -> body::BoxError { Box::new(e) }).boxed(),
-            UpstreamBody::Pooled(b) => b.map_err(|e| -> body::BoxError { Box::new(e) }).boxed(),
+            UpstreamBody::Incoming(b) => {
+                body::Idle::new(b.map_err(|e| -> body::BoxError { Box::new(e) }), idle).boxed()
+            }
+            UpstreamBody::Pooled(b) => {
+                body::Idle::new(b.map_err(|e| -> body::BoxError { Box::new(e) }), idle).boxed()
+            }
         }
     }
 }

@@ -285,3 +285,53 @@ async fn a_chunked_body_over_the_limit_gets_413_with_or_without_a_streaming_filt
         assert!(out.contains("body-too-large"), "{out}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_body_is_cut_behind_body_filters_too() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use weir_tests::client::raw_status;
+    let idle = r#"limits = { stream_idle_timeout = "300ms" }"#;
+    // Response: an upstream that sends half its body, then nothing. A filter buffering the
+    // response reads it inside the proxy, where no client read bounded it: the request hung.
+    let stalling = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = stalling.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = stalling.accept().await {
+            tokio::spawn(async move {
+                let mut head = [0u8; 1024];
+                let _ = s.read(&mut head).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+                    .await;
+                tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+            });
+        }
+    });
+    let listener = format!("{idle}\n{}", rewrite(r#"response_body = "buffer""#));
+    let proxy = TestProxy::start(&one_route(up_addr, &listener, ""), std::path::Path::new(".")).await;
+    let mut c = Client::h1(proxy.addr("web")).await;
+    let r = tokio::time::timeout(std::time::Duration::from_secs(10), c.get("/", "x"))
+        .await
+        .expect("answered once the upstream's body went idle");
+    assert_eq!(r.status(), 502);
+
+    // Request: a client that sends half its body through a streaming request filter: 408,
+    // as without the filter (it was 400 behind one).
+    let up = Upstream::http1("up")
+        .delay(std::time::Duration::from_secs(3))
+        .start()
+        .await;
+    let listener = format!("{idle}\n{}", rewrite(r#"request_body = "stream""#));
+    let proxy = TestProxy::start(&one_route(up.addr, &listener, ""), std::path::Path::new(".")).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr("web")).await.unwrap();
+    s.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello")
+        .await
+        .unwrap();
+    let mut out = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut out))
+        .await
+        .expect("an answer before the upstream's")
+        .unwrap();
+    let out = String::from_utf8_lossy(&out[..n]).into_owned();
+    assert_eq!(raw_status(&out), Some(408), "{out}");
+}
