@@ -649,6 +649,11 @@ impl Config {
                     format!("{at}.limits.max_connections"),
                     "must be at least 1".into(),
                 );
+            } else if lim.max_connections > tokio::sync::Semaphore::MAX_PERMITS {
+                push(
+                    format!("{at}.limits.max_connections"),
+                    format!("must be at most {}", tokio::sync::Semaphore::MAX_PERMITS),
+                );
             }
             if lim.max_concurrent_streams == 0 {
                 push(

@@ -109,10 +109,12 @@ pub const DEFAULT_FILTER_MAX_INSTANCES: usize = 256;
 
 /// Most header fields a filter may leave on a head (its edits, or a response it makes) and
 /// most bytes their values may add up to: a filter cannot grow host memory without bound
-/// through headers (the `http` crate also panics past 24 576 distinct names).
-pub const MAX_FILTER_HEADERS: usize = 256;
+/// through headers (the `http` crate also panics past 24 576 distinct names). Far above what
+/// a client's head may bring (HTTP/2's 64 KiB header list holds ~2 000 tiny fields), so a
+/// filter's edit never fails for the client's headers.
+pub const MAX_FILTER_HEADERS: usize = 4096;
 /// See [`MAX_FILTER_HEADERS`].
-pub const MAX_FILTER_HEADER_BYTES: usize = 256 * 1024;
+pub const MAX_FILTER_HEADER_BYTES: usize = 1024 * 1024;
 
 /// Largest body of a response a filter makes itself.
 pub const MAX_FILTER_RESPONSE_BODY: usize = 1024 * 1024;
