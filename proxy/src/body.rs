@@ -82,6 +82,32 @@ impl IdleTimer {
     }
 }
 
+/// Why a client's request body failed, kept where the request path can read it: an HTTP/2
+/// upstream connection only resets the stream when the body it sends fails, so the error the
+/// exchange returns no longer says the body was the client's fault.
+#[derive(Debug, Default)]
+pub struct BodyFault(std::sync::Mutex<Option<ClientBodyFault>>);
+
+/// See [`BodyFault`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientBodyFault {
+    /// Over the limit of this many bytes.
+    TooLarge(u64),
+    /// Nothing for this long.
+    Idle(Duration),
+}
+
+impl BodyFault {
+    /// The fault recorded, if any.
+    pub fn get(&self) -> Option<ClientBodyFault> {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn set(&self, f: ClientBodyFault) {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(f);
+    }
+}
+
 pin_project_lite::pin_project! {
     /// Streams a body through while counting its bytes; fails the stream past `limit`, or
     /// when it yields nothing for its idle timeout.
@@ -91,6 +117,7 @@ pin_project_lite::pin_project! {
         seen: u64,
         limit: u64,
         idle: IdleTimer,
+        fault: Option<std::sync::Arc<BodyFault>>,
     }
 }
 
@@ -102,7 +129,14 @@ impl<B> Limited<B> {
             seen: 0,
             limit,
             idle: IdleTimer::new(idle),
+            fault: None,
         }
+    }
+
+    /// Also records why the body failed in `fault`.
+    pub fn recording(mut self, fault: std::sync::Arc<BodyFault>) -> Self {
+        self.fault = Some(fault);
+        self
     }
 }
 
@@ -125,6 +159,9 @@ where
                 if let Some(data) = frame.data_ref() {
                     *this.seen += data.len() as u64;
                     if *this.seen > *this.limit {
+                        if let Some(f) = this.fault {
+                            f.set(ClientBodyFault::TooLarge(*this.limit));
+                        }
                         return Poll::Ready(Some(Err(BodyTooLarge { limit: *this.limit }.into())));
                     }
                 }
@@ -132,7 +169,12 @@ where
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
             Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending if this.idle.expired(cx) => Poll::Ready(Some(Err(BodyIdle(this.idle.idle).into()))),
+            Poll::Pending if this.idle.expired(cx) => {
+                if let Some(f) = this.fault {
+                    f.set(ClientBodyFault::Idle(this.idle.idle));
+                }
+                Poll::Ready(Some(Err(BodyIdle(this.idle.idle).into())))
+            }
             Poll::Pending => Poll::Pending,
         }
     }

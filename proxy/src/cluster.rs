@@ -114,63 +114,23 @@ impl H1Conn {
     pub async fn send(
         mut self,
         req: http::Request<Body>,
-    ) -> Result<(http::Response<Incoming>, H1Conn), SendFailure> {
+    ) -> Result<(http::Response<Incoming>, H1Conn), String> {
         let mut fut = std::pin::pin!(self.sender.send_request(req));
         let r = std::future::poll_fn(|cx| {
             if let Poll::Ready(r) = fut.as_mut().poll(cx) {
-                return Poll::Ready(r.map_err(|e| SendFailure::of(&e)));
+                return Poll::Ready(r.map_err(|e| describe(&e)));
             }
             match self.poll_conn(cx) {
                 Poll::Pending => Poll::Pending,
                 // The connection ended: the response future resolves with the reason now.
                 Poll::Ready(()) => match fut.as_mut().poll(cx) {
-                    Poll::Ready(r) => Poll::Ready(r.map_err(|e| SendFailure::of(&e))),
-                    Poll::Pending => Poll::Ready(Err(SendFailure {
-                        reason: "connection closed before the response".into(),
-                        body_too_large: None,
-                        body_idle: None,
-                    })),
+                    Poll::Ready(r) => Poll::Ready(r.map_err(|e| describe(&e))),
+                    Poll::Pending => Poll::Ready(Err("connection closed before the response".into())),
                 },
             }
         })
         .await;
         r.map(|resp| (resp, self))
-    }
-}
-
-/// Why an upstream exchange failed before its response head.
-#[derive(Debug)]
-pub struct SendFailure {
-    /// The error with its cause, for logs.
-    pub reason: String,
-    /// The request body went over this size limit while it streamed upstream: the client's
-    /// fault (413), not the upstream's.
-    pub body_too_large: Option<u64>,
-    /// The client's request body stalled for this stream idle timeout (408).
-    pub body_idle: Option<Duration>,
-}
-
-impl SendFailure {
-    /// Classifies a hyper client error.
-    pub fn of(e: &hyper::Error) -> SendFailure {
-        let (mut body_too_large, mut body_idle) = (None, None);
-        let mut cause = std::error::Error::source(e);
-        while let Some(c) = cause {
-            if let Some(t) = c.downcast_ref::<crate::body::BodyTooLarge>() {
-                body_too_large = Some(t.limit);
-                break;
-            }
-            if let Some(t) = c.downcast_ref::<crate::body::BodyIdle>() {
-                body_idle = Some(t.0);
-                break;
-            }
-            cause = c.source();
-        }
-        SendFailure {
-            reason: describe(e),
-            body_too_large,
-            body_idle,
-        }
     }
 }
 

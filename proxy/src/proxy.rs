@@ -24,7 +24,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::body::{self, Body, Limited, Observed, OnComplete};
-use crate::cluster::{Cluster, Conn, Endpoint, PooledBody, SendFailure};
+use crate::cluster::{describe, Cluster, Conn, Endpoint, PooledBody};
 use crate::config::{Config, FilterEntry, ForwardedMode, ListenerLimits};
 use crate::error::ProxyError;
 use crate::filter::pipeline::{self, Pipeline, Stop};
@@ -489,7 +489,14 @@ async fn forward(
 
     let chain = &route.chain;
     let buffer = gw.body_buffer as usize;
-    let mut body: Body = Limited::new(body, limits.max_request_body, limits.stream_idle_timeout).boxed();
+    // A request with a body records why it failed, if it does: over HTTP/2 the upstream
+    // exchange's error no longer says (the stream is just reset).
+    let fault = (!http_body::Body::is_end_stream(&body)).then(|| Arc::new(body::BodyFault::default()));
+    let limited = Limited::new(body, limits.max_request_body, limits.stream_idle_timeout);
+    let mut body: Body = match &fault {
+        Some(f) => limited.recording(f.clone()).boxed(),
+        None => limited.boxed(),
+    };
     // Request body filters: gathered first when one buffers, else streamed on the way.
     let mut body_stop = None;
     if !http_body::Body::is_end_stream(&body) && chain.wants_body(Phase::RequestBody) {
@@ -543,6 +550,14 @@ async fn forward(
             x,
         )
         .await;
+        // An exchange that failed because the client's body did is the client's fault.
+        let sent = sent.map_err(|e| match (&e, fault.as_ref().and_then(|f| f.get())) {
+            (ProxyError::Upstream { .. }, Some(body::ClientBodyFault::TooLarge(n))) => {
+                ProxyError::BodyTooLarge(n)
+            }
+            (ProxyError::Upstream { .. }, Some(body::ClientBodyFault::Idle(d))) => ProxyError::BodyIdle(d),
+            _ => e,
+        });
         // A streamed request body filter that stopped the body decides the answer.
         if let Some(stop) = body_stop
             .as_ref()
@@ -822,14 +837,14 @@ async fn send(
                 .await
                 .map(|r| {
                     r.map(|resp| resp.map(UpstreamBody::Incoming))
-                        .map_err(|e| SendFailure::of(&e))
+                        .map_err(|e| describe(&e))
                 })
         }
         Conn::Http2(mut s) => tokio::time::timeout_at(deadline, s.send_request(req))
             .await
             .map(|r| {
                 r.map(|resp| resp.map(UpstreamBody::Incoming))
-                    .map_err(|e| SendFailure::of(&e))
+                    .map_err(|e| describe(&e))
             }),
     };
     drop(pending);
@@ -838,19 +853,9 @@ async fn send(
     ep.load.observe_at(done, done.saturating_duration_since(sent));
     match result {
         Ok(Ok(resp)) => Ok((resp, ep)),
-        // The body was the client's: it outgrew the limit while it streamed (no
-        // Content-Length to refuse it by up front).
-        Ok(Err(SendFailure {
-            body_too_large: Some(limit),
-            ..
-        })) => Err(ProxyError::BodyTooLarge(limit)),
-        Ok(Err(SendFailure {
-            body_idle: Some(idle),
-            ..
-        })) => Err(ProxyError::BodyIdle(idle)),
-        Ok(Err(f)) => Err(ProxyError::Upstream {
+        Ok(Err(reason)) => Err(ProxyError::Upstream {
             addr: ep.addr,
-            reason: f.reason,
+            reason,
         }),
         Err(_) => Err(ProxyError::Timeout {
             addr: ep.addr,

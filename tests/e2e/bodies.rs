@@ -335,3 +335,28 @@ async fn a_stalled_body_is_cut_behind_body_filters_too() {
     let out = String::from_utf8_lossy(&out[..n]).into_owned();
     assert_eq!(raw_status(&out), Some(408), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_the_limit_gets_413_from_an_http2_cluster_too() {
+    // hyper's HTTP/2 client only resets the stream when the body it sends fails: the error
+    // the exchange returns had lost the cause, and the client got 502 blaming the upstream.
+    let up = Upstream::http2("up")
+        .delay(std::time::Duration::from_millis(500))
+        .start()
+        .await;
+    let cfg = one_route(
+        up.addr,
+        "limits = { max_request_body = 1024 }",
+        "protocol = \"http2\"",
+    );
+    let proxy = TestProxy::start(&cfg, std::path::Path::new(".")).await;
+    let head = "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let raw = format!("{head}800\r\n{}\r\n0\r\n\r\n", "a".repeat(0x800));
+    let (out, _) = weir_tests::client::raw_exchange(
+        proxy.addr("web"),
+        raw.as_bytes(),
+        std::time::Duration::from_secs(3),
+    )
+    .await;
+    assert_eq!(weir_tests::client::raw_status(&out), Some(413), "{out}");
+}

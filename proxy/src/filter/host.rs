@@ -1087,7 +1087,7 @@ async fn outbound_call(
                 .header(http::header::HOST, &*ep.authority)
                 .body(body)
                 .map_err(|e| e.to_string())?;
-            let (resp, c) = c.send(req).await.map_err(|f| f.reason)?;
+            let (resp, c) = c.send(req).await?;
             let max = cluster.config.max_idle_per_endpoint;
             let (parts, body) = resp.into_parts();
             let body = PooledBody::new(body, c, ep.clone(), max);
