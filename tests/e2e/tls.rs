@@ -4,7 +4,7 @@
 use weir_tests::client::{tls_connect, Client};
 use weir_tests::collect;
 use weir_tests::pki::{client_config, peer_cn, Pki};
-use weir_tests::proxy::{TestProxy, ADMIN};
+use weir_tests::proxy::{start_one_route, TestProxy, ADMIN};
 use weir_tests::upstream::Upstream;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,23 +256,12 @@ async fn requests_queued_behind_a_hung_http2_connect_fail_together() {
     // with it, after one attempt.
     let pki = Pki::new("upstream");
     let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let toml = format!(
-        r#"{ADMIN}
-[[listeners]]
-name = "web"
-address = "127.0.0.1:0"
-[[routes]]
-cluster = "h2"
-[clusters.h2]
-endpoints = ["{addr}"]
-protocol = "http2"
-connect_timeout = "300ms"
-tls = {{ ca = "{ca}", server_name = "upstream.test" }}
-"#,
-        addr = hung.local_addr().unwrap(),
-        ca = pki.ca.display()
+    let cluster = format!(
+        "protocol = \"http2\"\nconnect_timeout = \"300ms\"\n\
+         tls = {{ ca = \"{}\", server_name = \"upstream.test\" }}",
+        pki.ca.display()
     );
-    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+    let proxy = start_one_route(hung.local_addr().unwrap(), "", &cluster).await;
     let addr = proxy.addr("web");
     let calls: Vec<_> = (0..8)
         .map(|_| tokio::spawn(async move { Client::h1(addr).await.get("/", "x").await.status().as_u16() }))
@@ -283,7 +272,7 @@ tls = {{ ca = "{ca}", server_name = "upstream.test" }}
     }
     let (_, m) = proxy.admin_get("/metrics").await;
     assert!(
-        m.contains(r#"weir_upstream_connect_errors_total{cluster="h2"} 1"#),
+        m.contains(r#"weir_upstream_connect_errors_total{cluster="c"} 1"#),
         "one connect attempt for the requests that queued behind it: {m}"
     );
     drop(hung);
@@ -300,22 +289,11 @@ async fn a_websocket_reaches_an_http2_tls_cluster_over_http1() {
         .tls(pki.issue("both", "up", &["upstream.test"], None))
         .start()
         .await;
-    let toml = format!(
-        r#"{ADMIN}
-[[listeners]]
-name = "web"
-address = "127.0.0.1:0"
-[[routes]]
-cluster = "c"
-[clusters.c]
-endpoints = ["{addr}"]
-protocol = "http2"
-tls = {{ ca = "{ca}", server_name = "upstream.test" }}
-"#,
-        addr = up.addr,
-        ca = pki.ca.display()
+    let cluster = format!(
+        "protocol = \"http2\"\ntls = {{ ca = \"{}\", server_name = \"upstream.test\" }}",
+        pki.ca.display()
     );
-    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+    let proxy = start_one_route(up.addr, "", &cluster).await;
     let mut c = Client::h1(proxy.addr("web")).await;
     let r = c.get("/headers", "x").await;
     assert_eq!(r.status(), 200);
