@@ -86,7 +86,7 @@ impl IdleTimer {
 /// upstream connection only resets the stream when the body it sends fails, so the error the
 /// exchange returns no longer says the body was the client's fault.
 #[derive(Debug, Default)]
-pub struct BodyFault(std::sync::Mutex<Option<ClientBodyFault>>);
+pub struct BodyFault(std::sync::OnceLock<ClientBodyFault>);
 
 /// See [`BodyFault`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,17 +100,15 @@ pub enum ClientBodyFault {
 impl BodyFault {
     /// The fault recorded, if any.
     pub fn get(&self) -> Option<ClientBodyFault> {
-        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn set(&self, f: ClientBodyFault) {
-        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(f);
+        self.0.get().copied()
     }
 }
 
 pin_project_lite::pin_project! {
     /// Streams a body through while counting its bytes; fails the stream past `limit`, or
-    /// when it yields nothing for its idle timeout.
+    /// when it yields nothing for its idle timeout. Request bodies get the listener's size
+    /// limit; upstream response bodies only the idle timeout (`u64::MAX` bytes), so a stalled
+    /// upstream is cut whoever reads the body (the client, a buffering filter).
     pub struct Limited<B> {
         #[pin]
         inner: B,
@@ -160,7 +158,7 @@ where
                     *this.seen += data.len() as u64;
                     if *this.seen > *this.limit {
                         if let Some(f) = this.fault {
-                            f.set(ClientBodyFault::TooLarge(*this.limit));
+                            let _ = f.0.set(ClientBodyFault::TooLarge(*this.limit));
                         }
                         return Poll::Ready(Some(Err(BodyTooLarge { limit: *this.limit }.into())));
                     }
@@ -171,65 +169,11 @@ where
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending if this.idle.expired(cx) => {
                 if let Some(f) = this.fault {
-                    f.set(ClientBodyFault::Idle(this.idle.idle));
+                    let _ = f.0.set(ClientBodyFault::Idle(this.idle.idle));
                 }
                 Poll::Ready(Some(Err(BodyIdle(this.idle.idle).into())))
             }
             Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// An upstream's response body that fails when the upstream sends nothing for its idle
-    /// timeout, whoever reads it (the client, a buffering filter).
-    pub struct Idle<B> {
-        #[pin]
-        inner: B,
-        idle: IdleTimer,
-    }
-}
-
-impl<B> Idle<B> {
-    /// Wraps `inner`, allowing at most `idle` between frames.
-    pub fn new(inner: B, idle: Duration) -> Self {
-        Idle {
-            inner,
-            idle: IdleTimer::new(idle),
-        }
-    }
-}
-
-impl<B> HttpBody for Idle<B>
-where
-    B: HttpBody<Data = Bytes, Error = BoxError>,
-{
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        match this.inner.poll_frame(cx) {
-            Poll::Pending if this.idle.expired(cx) => {
-                tracing::debug!(idle = ?this.idle.idle, "upstream response body idle: cut");
-                Poll::Ready(Some(Err(BodyIdle(this.idle.idle).into())))
-            }
-            Poll::Pending => Poll::Pending,
-            ready => {
-                this.idle.frame();
-                ready
-            }
         }
     }
 

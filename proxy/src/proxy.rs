@@ -878,12 +878,8 @@ impl UpstreamBody {
     /// `idle` (whether the client, a buffering filter or nobody reads it).
     fn boxed(self, idle: Duration) -> Body {
         match self {
-            UpstreamBody::Incoming(b) => {
-                body::Idle::new(b.map_err(|e| -> body::BoxError { Box::new(e) }), idle).boxed()
-            }
-            UpstreamBody::Pooled(b) => {
-                body::Idle::new(b.map_err(|e| -> body::BoxError { Box::new(e) }), idle).boxed()
-            }
+            UpstreamBody::Incoming(b) => Limited::new(b, u64::MAX, idle).boxed(),
+            UpstreamBody::Pooled(b) => Limited::new(b, u64::MAX, idle).boxed(),
         }
     }
 }
