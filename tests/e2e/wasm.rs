@@ -167,6 +167,22 @@ endpoints = ["{}"]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_looping_filter_is_cut_off_after_the_proxy_sat_idle() {
+    // The epoch clock sleeps once no Wasm has run for 100 ms; the first call after that must
+    // wake it, or the loop would never be cut off.
+    let (proxy, _up) = behind_a_looping_filter("cpu_budget = \"50ms\"").await;
+    let mut c = Client::h1(proxy.addr("web")).await;
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let r = tokio::time::timeout(Duration::from_secs(10), c.get("/hostile", "x"))
+            .await
+            .expect("never cut off: the filters' clock stayed asleep");
+        assert_eq!(r.status(), 500);
+        assert_eq!(c.get("/", "x").await.status(), 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_looping_filter_does_not_hold_up_other_requests() {
     let (proxy, _up) = behind_a_looping_filter("cpu_budget = \"2s\"").await;
     let addr = proxy.addr("web");

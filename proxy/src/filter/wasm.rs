@@ -5,7 +5,7 @@
 //! One process has one [`WasmEngine`]: one `Engine`, one `Linker`, one epoch ticker thread.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -72,6 +72,105 @@ pub struct WasmEngine {
     linker: Linker<HostState>,
     /// Compiled components by digest.
     compiled: Mutex<HashMap<String, Component>>,
+    ticker: Arc<Ticker>,
+}
+
+impl Drop for WasmEngine {
+    fn drop(&mut self) {
+        // No filter can run any more (every filter holds this engine): the ticker ends.
+        self.ticker.closed.store(true, Ordering::SeqCst);
+        self.ticker.thread.unpark();
+    }
+}
+
+/// The epoch ticker's state. It advances the engine's epoch every tick (the clock of filter
+/// CPU deadlines) while Wasm may be running, and sleeps once none has run for
+/// [`TICKER_IDLE_TICKS`]: an idle proxy with filters loaded would otherwise wake 1 000 times a
+/// second for nothing (a cost every sidecar of a mesh pays, all the time).
+///
+/// Whatever runs Wasm holds a [`Ticking`] guard meanwhile. The guard counts itself in
+/// `active`, then wakes the ticker if it is asleep; the ticker says it is going to sleep,
+/// then looks at `active` once more. Both in sequentially consistent order: either the guard
+/// sees `parked` or the ticker sees the guard, so a call never runs with the clock stopped
+/// (a guest in a loop would never be cut off).
+struct Ticker {
+    /// Guards alive: calls, instantiations.
+    active: AtomicUsize,
+    /// The ticker is asleep or about to be.
+    parked: AtomicBool,
+    /// The engine is gone: the thread ends.
+    closed: AtomicBool,
+    /// Ticks so far (for tests: whether the clock runs).
+    ticks: AtomicU64,
+    thread: std::thread::Thread,
+}
+
+/// Ticks without a guard before the ticker sleeps: 100 ms. A proxy serving a request now and
+/// then wakes it once per request (one futex wake-up), not 1 000 times a second.
+const TICKER_IDLE_TICKS: u32 = 100;
+
+impl Ticker {
+    /// Starts the ticker thread for `engine`.
+    fn start(engine: &Engine) -> std::io::Result<Arc<Ticker>> {
+        let weak = engine.weak();
+        let (tx, rx) = std::sync::mpsc::channel::<Arc<Ticker>>();
+        let handle = std::thread::Builder::new()
+            .name("weir-epoch".into())
+            .spawn(move || {
+                let Ok(t) = rx.recv() else { return };
+                let mut idle = 0;
+                while !t.closed.load(Ordering::SeqCst) {
+                    std::thread::sleep(limits::FILTER_EPOCH_TICK);
+                    match weak.upgrade() {
+                        Some(e) => e.increment_epoch(),
+                        None => return,
+                    }
+                    t.ticks.fetch_add(1, Ordering::Relaxed);
+                    if t.active.load(Ordering::SeqCst) > 0 {
+                        idle = 0;
+                        continue;
+                    }
+                    idle += 1;
+                    if idle < TICKER_IDLE_TICKS {
+                        continue;
+                    }
+                    t.parked.store(true, Ordering::SeqCst);
+                    if t.active.load(Ordering::SeqCst) == 0 && !t.closed.load(Ordering::SeqCst) {
+                        // Woken by a guard (or spuriously: then it ticks 100 more times).
+                        std::thread::park();
+                    }
+                    t.parked.store(false, Ordering::SeqCst);
+                    idle = 0;
+                }
+            })?;
+        let t = Arc::new(Ticker {
+            active: AtomicUsize::new(0),
+            parked: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            ticks: AtomicU64::new(0),
+            thread: handle.thread().clone(),
+        });
+        tx.send(t.clone()).expect("the ticker thread waits for its state");
+        Ok(t)
+    }
+
+    /// Keeps the clock running until the guard drops.
+    fn enter(&self) -> Ticking<'_> {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        if self.parked.load(Ordering::SeqCst) {
+            self.thread.unpark();
+        }
+        Ticking(self)
+    }
+}
+
+/// Wasm may run while this lives (see [`Ticker`]).
+struct Ticking<'a>(&'a Ticker);
+
+impl Drop for Ticking<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl WasmEngine {
@@ -108,20 +207,12 @@ impl WasmEngine {
         let mut linker = Linker::<HostState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         bindings::Filter::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
-        let weak = engine.weak();
-        std::thread::Builder::new()
-            .name("weir-epoch".into())
-            .spawn(move || loop {
-                std::thread::sleep(limits::FILTER_EPOCH_TICK);
-                match weak.upgrade() {
-                    Some(e) => e.increment_epoch(),
-                    None => return,
-                }
-            })?;
+        let ticker = Ticker::start(&engine)?;
         Ok(Arc::new(WasmEngine {
             engine,
             linker,
             compiled: Mutex::new(HashMap::new()),
+            ticker,
         }))
     }
 
@@ -404,6 +495,7 @@ impl WasmFilter {
             kind,
             message: format!("{e:#}"),
         };
+        let _ticking = self.engine.ticker.enter();
         let exports = self
             .pre
             .instantiate_async(&mut store)
@@ -501,6 +593,7 @@ impl WasmFilter {
 
     /// One guest call on an instance whose store holds the call's inputs.
     async fn call(&self, inst: &mut Instance, call: Call<'_>) -> wasmtime::Result<Answer> {
+        let _ticking = self.engine.ticker.enter();
         inst.store.set_epoch_deadline(1);
         let handler = inst.exports.weir_filter_handler();
         match call {
@@ -748,6 +841,40 @@ mod tests {
         assert_eq!(ticks(tick / 2), 2);
         // A budget too long for u64 nanoseconds saturates instead of wrapping.
         assert!(ticks(Duration::MAX) > ticks(Duration::from_secs(86_400 * 365)));
+    }
+
+    /// Waits up to 10 s for `cond`.
+    fn eventually(what: &str, cond: impl Fn() -> bool) {
+        let t = std::time::Instant::now();
+        while !cond() {
+            assert!(t.elapsed() < Duration::from_secs(10), "never: {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn the_epoch_ticker_sleeps_while_no_wasm_runs_and_ticks_while_a_guard_lives() {
+        let engine = WasmEngine::new().unwrap();
+        let t = engine.ticker.clone();
+        eventually("the idle ticker sleeps", || t.parked.load(Ordering::SeqCst));
+        let asleep = t.ticks.load(Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(t.ticks.load(Ordering::Relaxed), asleep, "no ticks while asleep");
+
+        // A call (or an instantiation) wakes it, and it ticks for as long as the call runs,
+        // past the idle threshold.
+        let g = t.enter();
+        let woken = t.ticks.load(Ordering::Relaxed);
+        eventually("ticks during a long call", || {
+            t.ticks.load(Ordering::Relaxed) > woken + u64::from(TICKER_IDLE_TICKS) + 10
+        });
+        assert!(!t.parked.load(Ordering::SeqCst));
+        drop(g);
+        eventually("asleep again after the call", || t.parked.load(Ordering::SeqCst));
+
+        // The thread ends with the engine.
+        drop(engine);
+        eventually("the ticker ends with its engine", || Arc::strong_count(&t) == 1);
     }
 
     #[test]
