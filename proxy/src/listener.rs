@@ -119,6 +119,7 @@ pub async fn serve(
     shared: Arc<Shared>,
     mut drain: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
+    handoff: Handoff,
     done: mpsc::Sender<()>,
 ) {
     let BoundListener { name, tcp, rt } = listener;
@@ -127,6 +128,11 @@ pub async fn serve(
     // Places to take out of the cap as connections close, after a reload lowered it.
     let mut owed = 0usize;
     let (gauge, accepted) = shared.metrics.listener(&name);
+    // The drain of this listener's connections: at shutdown, and also when a reload stops
+    // the listener (removed, renamed, moved), as Envoy drains a removed listener's
+    // connections: requests in flight finish, then each connection closes (HTTP/1.1 after
+    // its response, HTTP/2 by GOAWAY). Its requests would find no listener config any more.
+    let (conn_drain_tx, conn_drain) = watch::channel(*drain.borrow());
     loop {
         // A reload may have changed the cap: places are added at once, or taken out as
         // they come free.
@@ -174,7 +180,7 @@ pub async fn serve(
         let (l, s, d, done, gauge) = (
             rt.load_full(),
             shared.clone(),
-            drain.clone(),
+            conn_drain.clone(),
             done.clone(),
             gauge.clone(),
         );
@@ -188,9 +194,23 @@ pub async fn serve(
             connection(&l, tcp, peer, s, d, slot).await;
         });
     }
+    let _ = conn_drain_tx.send(true);
+    if *stop.borrow() && !*drain.borrow() {
+        if let Some(to) = handoff.lock().expect("handoff lock").take() {
+            tracing::info!(listener = %name, "stopped accepting: socket handed over");
+            let _ = to.send(tcp);
+            return;
+        }
+    }
     drop(tcp);
     tracing::info!(listener = %name, "stopped accepting");
 }
+
+/// Where a listener stopped by a reload gives its socket to the listener that takes its
+/// address over (a rename, two listeners trading addresses): the socket never closes, so no
+/// connection is refused in between, and binding the address again, which the kernel refuses
+/// while the old socket listens, is not needed.
+pub type Handoff = Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Sender<TcpListener>>>>;
 
 /// How often a listener at its connection cap looks whether a reload raised it.
 const CAP_RECHECK: Duration = Duration::from_millis(500);

@@ -156,6 +156,7 @@ impl Proxy {
 }
 
 /// What a serving listener needs from the process.
+#[derive(Clone)]
 struct ServeCtx {
     shared: Arc<Shared>,
     drain: watch::Receiver<bool>,
@@ -168,9 +169,11 @@ struct Running {
     local: SocketAddr,
     rt: Arc<ArcSwap<ListenerRt>>,
     stop: watch::Sender<bool>,
+    /// Where its serve loop gives the socket when stopped (see [`listener::Handoff`]).
+    handoff: listener::Handoff,
 }
 
-/// The listeners of the process, by name; reloads add, move, re-set and remove them.
+/// The listeners of the process, by name; reloads add, move, rename, re-set and remove them.
 #[derive(Default)]
 pub struct Listeners {
     inner: Mutex<ListenersInner>,
@@ -180,13 +183,17 @@ pub struct Listeners {
 struct ListenersInner {
     running: HashMap<String, Running>,
     /// Bound before `run` started, with their stop signal.
-    pending: Vec<(BoundListener, watch::Receiver<bool>)>,
+    pending: Vec<(BoundListener, watch::Receiver<bool>, listener::Handoff)>,
     serve: Option<ServeCtx>,
 }
 
 /// A reload's listener changes.
 struct Plan {
+    /// Newly bound sockets.
     start: Vec<(SocketAddr, BoundListener)>,
+    /// Listeners that take over the socket of a stopped one at the same address: (the
+    /// stopped one's name, the configured address, the new name, its settings).
+    take_over: Vec<(String, SocketAddr, Arc<str>, ListenerRt)>,
     stop: Vec<String>,
     store: Vec<(Arc<ArcSwap<ListenerRt>>, ListenerRt)>,
 }
@@ -201,6 +208,10 @@ impl Listeners {
             .map(|r| r.local)
     }
 
+    /// What a reload changes. A listener keeps its socket when its name and address stay;
+    /// one at the address of a listener that goes (renamed, or two trading addresses) takes
+    /// that socket over, as the kernel refuses a second bind while the first listens; any
+    /// other is bound anew, before anything is committed, so a bind failure changes nothing.
     async fn plan(&self, config: &Config) -> anyhow::Result<Plan> {
         let current: HashMap<String, (SocketAddr, Arc<ArcSwap<ListenerRt>>)> = self
             .inner
@@ -212,9 +223,23 @@ impl Listeners {
             .collect();
         let mut plan = Plan {
             start: Vec::new(),
+            take_over: Vec::new(),
             stop: Vec::new(),
             store: Vec::new(),
         };
+        let kept = |name: &str, address: SocketAddr| current.get(name).is_some_and(|(a, _)| *a == address);
+        let stays = |name: &str| {
+            config
+                .listeners
+                .iter()
+                .any(|l| l.name == name && kept(name, l.address))
+        };
+        // Running listeners whose socket a new one may take over: those that do not stay.
+        let mut going: Vec<(&String, SocketAddr)> = current
+            .iter()
+            .filter(|(n, _)| !stays(n))
+            .map(|(n, (a, _))| (n, *a))
+            .collect();
         for (i, l) in config.listeners.iter().enumerate() {
             let tls = match &l.tls {
                 Some(t) => Some(
@@ -223,36 +248,60 @@ impl Listeners {
                 ),
                 None => None,
             };
-            match current.get(&l.name) {
-                Some((addr, rt)) if *addr == l.address => {
-                    plan.store.push((rt.clone(), ListenerRt::new(l, tls)))
-                }
-                old => {
-                    let bound = BoundListener::bind(l, tls).await.with_context(|| {
-                        format!(
-                            "{}: listeners[{i}].address: cannot bind {}",
-                            config.source_name, l.address
-                        )
-                    })?;
-                    if old.is_some() {
-                        plan.stop.push(l.name.clone());
-                    }
-                    plan.start.push((l.address, bound));
-                }
+            if kept(&l.name, l.address) {
+                let rt = current[&l.name].1.clone();
+                plan.store.push((rt, ListenerRt::new(l, tls)));
+                continue;
             }
-        }
-        for name in current.keys() {
-            if !config.listeners.iter().any(|l| &l.name == name) {
-                plan.stop.push(name.clone());
+            // Port 0 is "any free port": two such listeners do not share a socket.
+            let at = (l.address.port() != 0)
+                .then(|| going.iter().position(|(_, a)| *a == l.address))
+                .flatten();
+            if let Some(k) = at {
+                let (old, _) = going.swap_remove(k);
+                plan.take_over.push((
+                    old.clone(),
+                    l.address,
+                    l.name.as_str().into(),
+                    ListenerRt::new(l, tls),
+                ));
+                continue;
             }
+            let bound = BoundListener::bind(l, tls).await.with_context(|| {
+                format!(
+                    "{}: listeners[{i}].address: cannot bind {}",
+                    config.source_name, l.address
+                )
+            })?;
+            plan.start.push((l.address, bound));
         }
+        plan.stop = current.keys().filter(|n| !stays(n)).cloned().collect();
         Ok(plan)
     }
 
     fn commit_plan(&self, plan: Plan) {
         let mut inner = self.inner.lock().expect("listeners lock");
+        let inner = &mut *inner;
         for (rt, new) in plan.store {
             rt.store(Arc::new(new));
+        }
+        // Sockets handed over: asked for before the old listeners are stopped.
+        let mut taken = Vec::new();
+        for (old, address, name, rt) in plan.take_over {
+            let Some(r) = inner.running.get(&old) else {
+                continue;
+            };
+            let local = r.local;
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            match inner.pending.iter().position(|(b, _, _)| *b.name == *old) {
+                // Not serving yet: the socket is at hand.
+                Some(k) => {
+                    let _ = tx.send(inner.pending.swap_remove(k).0.tcp);
+                }
+                None => *r.handoff.lock().expect("handoff lock") = Some(tx),
+            }
+            tracing::info!(listener = %name, from = %old, address = %local, "listener takes over the socket of one stopped by reload");
+            taken.push((address, local, name, rt, rx));
         }
         for name in plan.stop {
             if let Some(r) = inner.running.remove(&name) {
@@ -261,28 +310,24 @@ impl Listeners {
             }
         }
         for (address, bound) in plan.start {
-            let (stop_tx, stop_rx) = watch::channel(false);
+            let local = bound.local_addr();
             let name = bound.name.to_string();
-            inner.running.insert(
-                name,
-                Running {
-                    address,
-                    local: bound.local_addr(),
-                    rt: bound.rt.clone(),
-                    stop: stop_tx,
-                },
-            );
-            match &inner.serve {
-                Some(ctx) => spawn_serve(bound, ctx, stop_rx),
-                None => inner.pending.push((bound, stop_rx)),
-            }
+            let rt = bound.rt.clone();
+            let serve = async move { Some(bound) };
+            inner.start(name, address, local, rt, serve);
+        }
+        for (address, local, name, rt, rx) in taken {
+            let rt = Arc::new(ArcSwap::from_pointee(rt));
+            let (n, r) = (name.clone(), rt.clone());
+            let serve = async move { rx.await.ok().map(|tcp| BoundListener { name: n, tcp, rt: r }) };
+            inner.start(name.to_string(), address, local, rt, serve);
         }
     }
 
     fn serve(&self, ctx: ServeCtx) {
         let mut inner = self.inner.lock().expect("listeners lock");
-        for (bound, stop) in std::mem::take(&mut inner.pending) {
-            spawn_serve(bound, &ctx, stop);
+        for (bound, stop, handoff) in std::mem::take(&mut inner.pending) {
+            spawn_serve(bound, &ctx, stop, handoff);
         }
         inner.serve = Some(ctx);
     }
@@ -294,13 +339,68 @@ impl Listeners {
     }
 }
 
-fn spawn_serve(bound: BoundListener, ctx: &ServeCtx, stop: watch::Receiver<bool>) {
+impl ListenersInner {
+    /// Registers a listener and serves it once `socket` gives its socket (at once for a new
+    /// bind, when the old listener has stopped for a takeover).
+    fn start(
+        &mut self,
+        name: String,
+        address: SocketAddr,
+        local: SocketAddr,
+        rt: Arc<ArcSwap<ListenerRt>>,
+        socket: impl Future<Output = Option<BoundListener>> + Send + 'static,
+    ) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let handoff = listener::Handoff::default();
+        self.running.insert(
+            name,
+            Running {
+                address,
+                local,
+                rt,
+                stop: stop_tx,
+                handoff: handoff.clone(),
+            },
+        );
+        match &self.serve {
+            Some(ctx) => {
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    let mut drain = ctx.drain.clone();
+                    // At shutdown it gives up waiting (it holds a drain's `done`).
+                    let bound = tokio::select! {
+                        b = socket => b,
+                        _ = drain.changed() => None,
+                    };
+                    if let Some(bound) = bound {
+                        spawn_serve(bound, &ctx, stop_rx, handoff);
+                    }
+                });
+            }
+            None => {
+                // Not serving yet: the socket is at hand (bound now, or taken from the
+                // pending listener it replaces).
+                if let Some(bound) = futures_util::FutureExt::now_or_never(socket).flatten() {
+                    self.pending.push((bound, stop_rx, handoff));
+                }
+            }
+        }
+    }
+}
+
+fn spawn_serve(
+    bound: BoundListener,
+    ctx: &ServeCtx,
+    stop: watch::Receiver<bool>,
+    handoff: listener::Handoff,
+) {
     tracing::info!(listener = %bound.name, address = %bound.local_addr(), "listening");
     tokio::spawn(listener::serve(
         bound,
         ctx.shared.clone(),
         ctx.drain.clone(),
         stop,
+        handoff,
         ctx.done.clone(),
     ));
 }

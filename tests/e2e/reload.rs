@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use weir_tests::client::{tls_connect, Client, Waiting};
 use weir_tests::pki::{client_config, peer_cn, Pki};
 use weir_tests::proxy::{TestProxy, ADMIN};
@@ -486,4 +487,84 @@ async fn a_reloaded_connection_cap_takes_effect() {
     replace(&file, toml(2).as_bytes());
     assert_eq!(second.served("served once the reload raised the cap").await, 200);
     assert_eq!(first.get("/", "x").await.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_renames_listeners_and_trades_their_addresses() {
+    // The new name's socket at an address the old name still listens on cannot be bound:
+    // the listener that takes over the address takes over the old one's socket.
+    let up = Upstream::http1("up").start().await;
+    let (p1, p2) = (weir_tests::unused_port(), weir_tests::unused_port());
+    let at = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let toml = |a: &str, pa: u16, b: &str, pb: u16| {
+        format!(
+            "{ADMIN}\n[[listeners]]\nname = \"{a}\"\naddress = \"127.0.0.1:{pa}\"\n\
+             [[listeners]]\nname = \"{b}\"\naddress = \"127.0.0.1:{pb}\"\n\
+             [[routes]]\ncluster = \"c\"\n[clusters.c]\nendpoints = [\"{}\"]\n",
+            up.addr
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("weir.toml");
+    std::fs::write(&file, toml("a", p1, "b", p2)).unwrap();
+    let (proxy, _) = TestProxy::start_file(&file, DEBOUNCE).await;
+    // A keep-alive connection, idle when the listener it came through is renamed.
+    let mut open = tokio::net::TcpStream::connect(at(p1)).await.unwrap();
+    open.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = open.read(&mut buf).await.unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+
+    let reloaded = |n: u64| {
+        let proxy = &proxy;
+        async move {
+            let start = Instant::now();
+            while metric(proxy, "weir_reload_total{result=\"ok\"}").await != Some(n) {
+                assert_eq!(
+                    metric(proxy, "weir_reload_total{result=\"error\"}")
+                        .await
+                        .unwrap_or(0),
+                    0,
+                    "the reload failed"
+                );
+                assert!(start.elapsed() < Duration::from_secs(10), "no reload");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    let served_by = |name: &'static str, port: u16| {
+        let proxy = &proxy;
+        async move {
+            let line = format!("weir_listener_connections_total{{listener=\"{name}\"}}");
+            let before = metric(proxy, &line).await.unwrap_or(0);
+            assert_eq!(Client::h1(at(port)).await.get("/", "x").await.status(), 200);
+            assert_eq!(metric(proxy, &line).await, Some(before + 1), "{name} at {port}");
+        }
+    };
+
+    // Renamed, same addresses.
+    std::fs::write(&file, toml("web", p1, "api", p2)).unwrap();
+    reloaded(1).await;
+    // The old listener's connections are drained (closed once idle), as Envoy drains a
+    // removed listener's: their requests would find its config gone.
+    // (Well within the 10 s in which hyper closes a connection waiting for a request head.)
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        while open.read(&mut buf).await.unwrap_or(0) > 0 {}
+    });
+    closed
+        .await
+        .expect("the old listener's idle connection was closed");
+    served_by("web", p1).await;
+    served_by("api", p2).await;
+    // The two trade addresses.
+    std::fs::write(&file, toml("web", p2, "api", p1)).unwrap();
+    reloaded(2).await;
+    served_by("web", p2).await;
+    served_by("api", p1).await;
 }
