@@ -216,7 +216,8 @@ pub struct ListenerLimits {
     pub max_uri_bytes: usize,
     /// Largest request body in bytes (413 above).
     pub max_request_body: u64,
-    /// Time to receive a whole request head (slowloris guard).
+    /// Time to receive a whole request head (slowloris guard); also the time a new
+    /// connection may stay silent (not a byte sent) before it is dropped.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
     /// Close a connection idle this long.

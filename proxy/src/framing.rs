@@ -10,7 +10,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -333,23 +333,27 @@ fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
     None
 }
 
-/// When a connection's writes have been blocked since (the peer stopped reading and the
-/// socket's buffers are full), for the connection's watchdog: a client that never reads
-/// holds its connection (and the upstream one) with no body ever polled, so no body timer
-/// can see it.
+/// A connection's I/O as its watchdog sees it: whether the client has sent anything yet (a
+/// client that connects and stays silent sits before HTTP/1 vs HTTP/2 detection, where no
+/// head timer runs), and since when writes have been blocked (the peer stopped reading and
+/// the socket's buffers are full: such a client holds its connection, and the upstream one,
+/// with no body ever polled, so no body timer can see it).
 #[derive(Debug)]
-pub struct WriteStall {
+pub struct IoWatch {
     opened: std::time::Instant,
     /// Milliseconds since `opened` when writing blocked; `u64::MAX` while writes go through.
     since_ms: AtomicU64,
+    /// A read has returned bytes.
+    heard: AtomicBool,
 }
 
-impl WriteStall {
+impl IoWatch {
     /// A watch for a connection opened at `opened`.
-    pub fn new(opened: std::time::Instant) -> Arc<WriteStall> {
-        Arc::new(WriteStall {
+    pub fn new(opened: std::time::Instant) -> Arc<IoWatch> {
+        Arc::new(IoWatch {
             opened,
             since_ms: AtomicU64::new(u64::MAX),
+            heard: AtomicBool::new(false),
         })
     }
 
@@ -360,6 +364,11 @@ impl WriteStall {
             now.saturating_duration_since(self.opened)
                 .saturating_sub(std::time::Duration::from_millis(since))
         })
+    }
+
+    /// Whether the client has sent a byte.
+    pub fn heard(&self) -> bool {
+        self.heard.load(Ordering::Relaxed)
     }
 
     fn note<T>(&self, r: &Poll<T>) {
@@ -381,22 +390,22 @@ impl WriteStall {
 }
 
 pin_project_lite::pin_project! {
-    /// An I/O stream whose reads feed a [`Tracker`] and whose writes a [`WriteStall`] watches.
+    /// An I/O stream whose reads feed a [`Tracker`], watched by an [`IoWatch`].
     pub struct Guarded<S> {
         #[pin]
         inner: S,
         tracker: Tracker,
-        stall: Arc<WriteStall>,
+        watch: Arc<IoWatch>,
     }
 }
 
 impl<S> Guarded<S> {
     /// Wraps a stream.
-    pub fn new(inner: S, tracker: Tracker, stall: Arc<WriteStall>) -> Self {
+    pub fn new(inner: S, tracker: Tracker, watch: Arc<IoWatch>) -> Self {
         Guarded {
             inner,
             tracker,
-            stall,
+            watch,
         }
     }
 }
@@ -410,6 +419,9 @@ impl<S: AsyncRead> AsyncRead for Guarded<S> {
             if this.tracker.state != State::Off {
                 this.tracker.feed(&buf.filled()[before..]);
             }
+            if buf.filled().len() > before && !this.watch.heard.load(Ordering::Relaxed) {
+                this.watch.heard.store(true, Ordering::Relaxed);
+            }
         }
         r
     }
@@ -419,13 +431,13 @@ impl<S: AsyncWrite> AsyncWrite for Guarded<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.project();
         let r = this.inner.poll_write(cx, buf);
-        this.stall.note(&r);
+        this.watch.note(&r);
         r
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.project();
         let r = this.inner.poll_flush(cx);
-        this.stall.note(&r);
+        this.watch.note(&r);
         r
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -438,7 +450,7 @@ impl<S: AsyncWrite> AsyncWrite for Guarded<S> {
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
         let r = this.inner.poll_write_vectored(cx, bufs);
-        this.stall.note(&r);
+        this.watch.note(&r);
         r
     }
     fn is_write_vectored(&self) -> bool {

@@ -20,7 +20,8 @@ pub const DEFAULT_MAX_URI_BYTES: usize = 16 * 1024;
 pub const DEFAULT_MAX_REQUEST_BODY: u64 = 100 * 1024 * 1024;
 
 /// Time a client has to send a complete request head (slowloris). Also bounds how long an
-/// idle HTTP/1 keep-alive connection waits for its next request head.
+/// idle HTTP/1 keep-alive connection waits for its next request head, and how long a new
+/// connection (HTTP/1 or HTTP/2) may send nothing at all.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A request or response body that yields nothing for this long fails: the stream is reset

@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{ListenerConfig, ListenerLimits};
-use crate::framing::{Guarded, Tracker, WriteStall};
+use crate::framing::{Guarded, IoWatch, Tracker};
 use crate::proxy::{handle, ConnInfo, Shared};
 use crate::tls::TlsInfo;
 
@@ -243,13 +243,13 @@ async fn connection(
     match &l.tls {
         None => {
             let conn = Arc::new(ConnInfo::new(l.name.clone(), peer, None, slot));
-            let stall = WriteStall::new(conn.opened);
+            let io_watch = IoWatch::new(conn.opened);
             let io = Guarded::new(
                 tcp,
                 Tracker::new(max_head, conn.ambiguous_framing_at.clone(), true),
-                stall.clone(),
+                io_watch.clone(),
             );
-            serve_http(io, &l.auto, conn, shared, drain, &l.limits, stall).await;
+            serve_http(io, &l.auto, conn, shared, drain, &l.limits, io_watch).await;
         }
         Some(acceptor) => {
             let stream = match tokio::time::timeout(l.limits.tls_handshake_timeout, acceptor.accept(tcp))
@@ -268,14 +268,14 @@ async fn connection(
             let info = TlsInfo::from_connection(stream.get_ref().1);
             let h2 = info.alpn.as_deref() == Some(b"h2");
             let conn = Arc::new(ConnInfo::new(l.name.clone(), peer, Some(Arc::new(info)), slot));
-            let stall = WriteStall::new(conn.opened);
+            let io_watch = IoWatch::new(conn.opened);
             let io = Guarded::new(
                 stream,
                 Tracker::new(max_head, conn.ambiguous_framing_at.clone(), !h2),
-                stall.clone(),
+                io_watch.clone(),
             );
             let builder = if h2 { &l.h2 } else { &l.h1 };
-            serve_http(io, builder, conn, shared, drain, &l.limits, stall).await;
+            serve_http(io, builder, conn, shared, drain, &l.limits, io_watch).await;
         }
     }
 }
@@ -287,11 +287,15 @@ async fn serve_http<I>(
     shared: Arc<Shared>,
     mut drain: watch::Receiver<bool>,
     limits: &ListenerLimits,
-    stall: Arc<WriteStall>,
+    io_watch: Arc<IoWatch>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (idle_timeout, stream_idle) = (limits.idle_timeout, limits.stream_idle_timeout);
+    let (idle_timeout, stream_idle, head_timeout) = (
+        limits.idle_timeout,
+        limits.stream_idle_timeout,
+        limits.header_read_timeout,
+    );
     let info = conn.clone();
     let svc = service_fn(move |req| handle(req, info.clone(), shared.clone()));
     let c = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
@@ -301,7 +305,8 @@ async fn serve_http<I>(
         c.as_mut().graceful_shutdown();
     }
     let mut tick = tokio::time::interval(
-        (idle_timeout.min(stream_idle) / 4).clamp(Duration::from_millis(50), Duration::from_secs(5)),
+        (idle_timeout.min(stream_idle).min(head_timeout) / 4)
+            .clamp(Duration::from_millis(50), Duration::from_secs(5)),
     );
     // Armed when an idle connection is asked to close; drain has its own global deadline.
     let force_close = tokio::time::sleep(Duration::ZERO);
@@ -330,9 +335,17 @@ async fn serve_http<I>(
             c.as_mut().graceful_shutdown();
         }
         while tick.poll_tick(&mut scx).is_ready() {
+            // A client that has sent nothing, not even the HTTP/2 preface: bounded like one
+            // that sends its head slowly. (Before the HTTP/1-or-2 detection of a plain
+            // listener, and before an HTTP/2 connection's preface, no timer of hyper's runs:
+            // only the idle timeout, six times longer by default, held such a connection.)
+            if !io_watch.heard() && conn.opened.elapsed() >= head_timeout {
+                tracing::debug!(listener = %conn.listener, client.addr = %conn.client, "client sent nothing; dropping the connection");
+                return Poll::Ready(());
+            }
             // A peer that stopped reading: nothing it is sent can leave, so no graceful close
             // can finish either; the connection (and its upstream exchange) is dropped.
-            if stall.stalled_for(std::time::Instant::now()).is_some_and(|d| d >= stream_idle) {
+            if io_watch.stalled_for(std::time::Instant::now()).is_some_and(|d| d >= stream_idle) {
                 tracing::debug!(listener = %conn.listener, client.addr = %conn.client, "client stopped reading; dropping the connection");
                 return Poll::Ready(());
             }

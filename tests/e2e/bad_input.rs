@@ -188,3 +188,39 @@ async fn smuggling_after_an_upgrade_or_connect_that_was_not_tunnelled_is_not_ser
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_sends_nothing_is_cut_by_the_header_timeout() {
+    // On a plain listener nothing is read before the HTTP/1-or-HTTP/2 detection, where no
+    // head timer of hyper's runs: a silent client held its connection (and a place under the
+    // connection cap) until the idle timeout, 60 s by default.
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let up = Upstream::http1("up").start().await;
+    let proxy = start_one_route(up.addr, r#"limits = { header_read_timeout = "300ms" }"#, "").await;
+    let mut silent = tokio::net::TcpStream::connect(proxy.addr("web")).await.unwrap();
+    // An HTTP/2 client that sent its preface and settings, and no request yet, is an idle
+    // connection, not a slow head: the idle timeout (60 s) governs it.
+    let mut h2 = tokio::net::TcpStream::connect(proxy.addr("web")).await.unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let t = std::time::Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf))
+        .await
+        .expect("a silent client is cut within 5 s")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without an answer");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    // The HTTP/2 connection is still open: reading drains the server's frames, then waits.
+    let open = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            match h2.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(open.is_err(), "the HTTP/2 connection was closed");
+}
