@@ -1,4 +1,5 @@
-//! Logging into Weir's logs, tagged with the filter's name.
+//! Logging into Weir's logs, tagged with the filter's name. A line is at most 4 KiB, and a
+//! call (a phase, or `init`) writes at most 100 lines: past that the host drops them.
 
 use crate::host;
 use crate::wit::weir::filter::types::LogLevel;

@@ -317,6 +317,74 @@ endpoints = ["{}"]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_logging_in_a_loop_writes_a_bounded_number_of_lines_per_call() {
+    use std::process::{Command, Stdio};
+    let up = Upstream::http1("up").start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("weir.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[log]
+format = "json"
+[admin]
+enabled = false
+[filter_host]
+cpu_budget = "2s"
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+filters = [{{ name = "flood", file = "{HOSTILE}", config = {{ mode = "log-flood" }} }}]
+[[routes]]
+cluster = "c"
+[clusters.c]
+endpoints = ["{}"]
+"#,
+            up.addr
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("weir.log");
+    let mut child = Command::new(crate::config_errors::weir_bin())
+        .args(["run", "-c"])
+        .arg(&cfg)
+        .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+        .spawn()
+        .unwrap();
+    let addr = crate::config_errors::bound_address(&mut child, &log, Some("web")).await;
+    let mut c = Client::h1(addr).await;
+    // Each request's call tries 1 000 lines.
+    for _ in 0..2 {
+        assert_eq!(c.get("/hostile", "x").await.status(), 200);
+    }
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let _ = child.wait();
+    let logs = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "weir::filter")
+        .collect();
+    let flood = lines
+        .iter()
+        .filter(|v| v["message"].as_str().unwrap_or("").starts_with("flood "))
+        .count();
+    let notes = lines
+        .iter()
+        .filter(|v| v["message"].as_str().unwrap_or("").contains("lines are dropped"))
+        .count();
+    assert_eq!(
+        (flood, notes),
+        (2 * 99, 2),
+        "per call: 99 lines, then one saying the rest were dropped"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn phases_a_filter_does_not_implement_are_not_called_again() {
     use std::sync::Arc;
     use weir::filter::{Filter, Phase};

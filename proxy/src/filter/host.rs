@@ -198,7 +198,15 @@ pub struct HostState {
     pub(crate) active: bool,
     /// Epoch ticks the running call may still use (see `WasmFilter`'s deadline callback).
     pub(crate) ticks_left: u64,
+    /// Log lines the running call may still write (see [`MAX_LOG_LINES_PER_CALL`]).
+    pub(crate) logs_left: u32,
 }
+
+/// Log lines one call (a phase, or instantiation with `init`) may write. Each line is at most
+/// 4 KiB, but a filter logging in a loop until its CPU budget runs out wrote tens of thousands
+/// per request: enough to flood the log pipeline of every proxy running it. Past the bound
+/// one line says so and the rest of the call's lines are dropped.
+pub const MAX_LOG_LINES_PER_CALL: u32 = 100;
 
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
@@ -619,6 +627,18 @@ impl log::Host for HostState {
         }
     }
     fn write(&mut self, level: LogLevel, message: String) {
+        if self.logs_left == 0 {
+            return;
+        }
+        self.logs_left -= 1;
+        if self.logs_left == 0 {
+            let request_id = self
+                .call()
+                .and_then(|c| c.ctx.request_id.to_str().ok())
+                .unwrap_or("-");
+            tracing::warn!(target: "weir::filter", filter = &*self.shared.name, request.id = request_id, "{MAX_LOG_LINES_PER_CALL} log lines in one call: the rest of this call's lines are dropped");
+            return;
+        }
         // Bounded so a filter cannot flood the log with one call.
         let mut message = message;
         message.truncate(message.floor_char_boundary(4096));
