@@ -33,6 +33,10 @@ pub enum ProxyError {
     /// `CONNECT` on a route that does not allow it.
     #[error("CONNECT is not allowed on this route")]
     ConnectNotAllowed,
+    /// A reload removed (or renamed) the listener of the request's connection, which is
+    /// being drained.
+    #[error("the connection's listener was removed by a reload")]
+    ListenerGone,
     /// The chosen cluster does not exist (a filter named a wrong one).
     #[error("unknown cluster {0:?}")]
     UnknownCluster(String),
@@ -89,7 +93,7 @@ impl ProxyError {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::ConnectNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::UnknownCluster(_) | ProxyError::Filter { .. } => StatusCode::INTERNAL_SERVER_ERROR,
-            ProxyError::NoHealthyEndpoint(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoHealthyEndpoint(_) | ProxyError::ListenerGone => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::UpgradeUnsupported(_) => StatusCode::NOT_IMPLEMENTED,
@@ -105,6 +109,7 @@ impl ProxyError {
             ProxyError::BodyIdle(_) => "request-body-idle",
             ProxyError::NoRoute => "no-route",
             ProxyError::ConnectNotAllowed => "connect-not-allowed",
+            ProxyError::ListenerGone => "listener-gone",
             ProxyError::UnknownCluster(_) => "unknown-cluster",
             ProxyError::NoHealthyEndpoint(_) => "no-healthy-endpoint",
             ProxyError::Connect { .. } => "upstream-connect-failed",
@@ -138,11 +143,14 @@ impl ProxyError {
     }
 
     /// Whether the downstream connection should be closed after answering (the request's
-    /// framing can no longer be trusted).
+    /// framing can no longer be trusted, or its listener is gone).
     pub fn closes_connection(&self) -> bool {
         matches!(
             self,
-            ProxyError::BadRequest(_) | ProxyError::BodyTooLarge(_) | ProxyError::BodyIdle(_)
+            ProxyError::BadRequest(_)
+                | ProxyError::BodyTooLarge(_)
+                | ProxyError::BodyIdle(_)
+                | ProxyError::ListenerGone
         )
     }
 

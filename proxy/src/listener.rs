@@ -54,15 +54,7 @@ impl BoundListener {
         cfg: &ListenerConfig,
         tls: Option<Arc<rustls::ServerConfig>>,
     ) -> std::io::Result<BoundListener> {
-        let socket = if cfg.address.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        // Rebinding right after a restart must not fail on TIME_WAIT sockets.
-        socket.set_reuseaddr(true)?;
-        socket.bind(cfg.address)?;
-        let tcp = socket.listen(1024)?;
+        let tcp = bind_socket(cfg.address)?;
         Ok(BoundListener {
             name: cfg.name.as_str().into(),
             tcp,
@@ -74,6 +66,19 @@ impl BoundListener {
     pub fn local_addr(&self) -> SocketAddr {
         self.tcp.local_addr().expect("bound socket has an address")
     }
+}
+
+/// A listening socket at `address`.
+pub fn bind_socket(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // Rebinding right after a restart must not fail on TIME_WAIT sockets.
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(1024)
 }
 
 impl ListenerRt {
@@ -112,8 +117,8 @@ impl ListenerRt {
 /// Accepts and serves connections until `drain` turns true; then stops accepting (new
 /// connections are refused) and asks every open connection to finish gracefully. Each
 /// connection task holds a clone of `done`, so the caller knows when all have ended.
-/// `stop` (a reload removed or moved the listener) only stops accepting: open connections
-/// finish on their own.
+/// `stop` (a reload removed, renamed or moved the listener) does the same, except that a
+/// listener taking over the address gets the socket through `handoff`.
 pub async fn serve(
     listener: BoundListener,
     shared: Arc<Shared>,
@@ -301,9 +306,11 @@ async fn serve_http<I>(
     let c = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(c);
     let mut closing = *drain.borrow();
-    if closing {
-        c.as_mut().graceful_shutdown();
-    }
+    // A drain that came before the client's first byte waits for it: a plain listener's
+    // HTTP/1-or-2 detection, asked to shut down before it read anything, closes with no
+    // answer, though the request may already be on its way. (A client silent for the header
+    // read timeout is dropped anyway.)
+    let mut drain_unheard = closing;
     let mut tick = tokio::time::interval(
         (idle_timeout.min(stream_idle).min(head_timeout) / 4)
             .clamp(Duration::from_millis(50), Duration::from_secs(5)),
@@ -326,13 +333,23 @@ async fn serve_http<I>(
             }
             return Poll::Ready(());
         }
+        if drain_unheard && io_watch.heard() {
+            // The first bytes are in: shut down after what they asked for.
+            drain_unheard = false;
+            c.as_mut().graceful_shutdown();
+            continue;
+        }
         if !side.due.swap(false, Ordering::AcqRel) {
             return Poll::Pending;
         }
         let mut scx = Context::from_waker(&side_waker);
         if !closing && drained.as_mut().poll(&mut scx).is_ready() {
             closing = true;
-            c.as_mut().graceful_shutdown();
+            if io_watch.heard() {
+                c.as_mut().graceful_shutdown();
+            } else {
+                drain_unheard = true;
+            }
         }
         while tick.poll_tick(&mut scx).is_ready() {
             // A client that has sent nothing, not even the HTTP/2 preface: bounded like one

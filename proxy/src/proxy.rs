@@ -215,8 +215,9 @@ pub async fn handle(
     conn.touch(start);
     let gw = shared.gateway.load_full();
     let Some(ls) = gw.listeners.get(&conn.listener).cloned() else {
-        // The listener left the config while this connection was open.
-        return Ok(ProxyError::NoRoute.to_response());
+        // The listener left the config while this connection was open: the connection is
+        // being drained; a request that came in meanwhile is told to go elsewhere.
+        return Ok(ProxyError::ListenerGone.to_response());
     };
     let request_id = request_id(req.headers());
     let mut ctx = RequestContext::new(conn.listener.clone(), conn.client, conn.tls.clone(), request_id);

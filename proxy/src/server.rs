@@ -308,6 +308,8 @@ impl Listeners {
                 tracing::info!(listener = %name, address = %r.local, "listener stopped by reload");
                 let _ = r.stop.send(true);
             }
+            // Not serving yet: its socket closes now (or went to its successor above).
+            inner.pending.retain(|(b, _, _)| *b.name != *name);
         }
         for (address, bound) in plan.start {
             let local = bound.local_addr();
@@ -319,7 +321,21 @@ impl Listeners {
         for (address, local, name, rt, rx) in taken {
             let rt = Arc::new(ArcSwap::from_pointee(rt));
             let (n, r) = (name.clone(), rt.clone());
-            let serve = async move { rx.await.ok().map(|tcp| BoundListener { name: n, tcp, rt: r }) };
+            let serve = async move {
+                let tcp = match rx.await {
+                    Ok(tcp) => tcp,
+                    // The old listener ended without giving its socket (its task failed):
+                    // the address is free now.
+                    Err(_) => match listener::bind_socket(local) {
+                        Ok(tcp) => tcp,
+                        Err(e) => {
+                            tracing::error!(listener = %n, address = %local, error = %e, "cannot bind the address of the listener this one replaces");
+                            return None;
+                        }
+                    },
+                };
+                Some(BoundListener { name: n, tcp, rt: r })
+            };
             inner.start(name.to_string(), address, local, rt, serve);
         }
     }

@@ -568,3 +568,82 @@ async fn a_reload_renames_listeners_and_trades_their_addresses() {
     served_by("web", p2).await;
     served_by("api", p1).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_before_serving_move_and_rename_listeners_too() {
+    // An embedder may reload before `run`: the listeners are then bound but not serving.
+    // Moving one and then renaming it at its new address once handed over the socket of the
+    // first address, which the stopped listener still held.
+    weir_tests::init();
+    let up = Upstream::http1("up").start().await;
+    let (px, py) = (weir_tests::unused_port(), weir_tests::unused_port());
+    let at = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let toml = |name: &str, port: u16| {
+        format!(
+            "[admin]\nenabled = false\n[[listeners]]\nname = \"{name}\"\naddress = \"127.0.0.1:{port}\"\n\
+             [[routes]]\ncluster = \"c\"\n[clusters.c]\nendpoints = [\"{}\"]\n",
+            up.addr
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("weir.toml");
+    std::fs::write(&file, toml("a", px)).unwrap();
+    let proxy = weir::Proxy::bind_file(file.clone()).await.unwrap();
+    std::fs::write(&file, toml("a", py)).unwrap();
+    proxy.reload().await.unwrap();
+    std::fs::write(&file, toml("b", py)).unwrap();
+    proxy.reload().await.unwrap();
+    assert_eq!(proxy.listener_addr("b"), Some(at(py)));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(proxy.run(async move {
+        let _ = rx.await;
+    }));
+    assert_eq!(Client::h1(at(py)).await.get("/", "x").await.status(), 200);
+    assert!(
+        tokio::net::TcpStream::connect(at(px)).await.is_err(),
+        "the first address is closed"
+    );
+    let _ = tx.send(());
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_has_not_spoken_yet_when_its_listener_goes_gets_an_answer() {
+    // A stopped listener drains its connections. One accepted but not yet heard from sits in
+    // the HTTP/1-or-2 detection, which, asked to shut down, closed it with no answer; the
+    // request it then sends gets one, and the connection closes after it. (Its listener's
+    // config is gone: 503 `listener-gone`, which a client may retry on a new connection.)
+    let up = Upstream::http1("up").start().await;
+    let port = weir_tests::unused_port();
+    let toml = |name: &str| {
+        format!(
+            "{ADMIN}\n[[listeners]]\nname = \"{name}\"\naddress = \"127.0.0.1:{port}\"\n\
+             [[routes]]\ncluster = \"c\"\n[clusters.c]\nendpoints = [\"{}\"]\n",
+            up.addr
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("weir.toml");
+    std::fs::write(&file, toml("a")).unwrap();
+    let (proxy, _) = TestProxy::start_file(&file, DEBOUNCE).await;
+    let mut quiet = tokio::net::TcpStream::connect(proxy.addr("a")).await.unwrap();
+    // Accepted, not yet heard from, when the reload renames its listener.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    std::fs::write(&file, toml("b")).unwrap();
+    let start = Instant::now();
+    while metric(&proxy, "weir_reload_total{result=\"ok\"}").await != Some(1) {
+        assert!(start.elapsed() < Duration::from_secs(10), "no reload");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    quiet
+        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), quiet.read_to_end(&mut got)).await;
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 503"), "{got:?}");
+    assert!(got.contains("x-weir-error: listener-gone"), "{got:?}");
+    assert!(got.to_ascii_lowercase().contains("connection: close"), "{got:?}");
+}
