@@ -82,13 +82,23 @@ impl IdleTimer {
     }
 }
 
-/// Why a client's request body failed, kept where the request path can read it: an HTTP/2
-/// upstream connection only resets the stream when the body it sends fails, so the error the
-/// exchange returns no longer says the body was the client's fault.
+/// What the request path learns of a client's request body as it streams to the upstream:
+/// - why it failed, if it did: an HTTP/2 upstream connection only resets the stream when the
+///   body it sends fails, so the error the exchange returns no longer says the body was the
+///   client's fault;
+/// - when it ended: the request timeout runs from there, as Envoy's does (a slow upload is
+///   bounded by the stream idle timeout, not answered 504 and charged to the endpoint);
+/// - how many frames passed: an upload that stops moving because the upstream stopped reading
+///   is seen by the request timer, as nothing polls the body then.
 #[derive(Debug, Default)]
-pub struct BodyFault(std::sync::OnceLock<ClientBodyFault>);
+pub struct BodyWatch {
+    fault: std::sync::OnceLock<ClientBodyFault>,
+    ended: std::sync::OnceLock<std::time::Instant>,
+    frames: std::sync::atomic::AtomicU64,
+    waiting: futures_util::task::AtomicWaker,
+}
 
-/// See [`BodyFault`].
+/// See [`BodyWatch`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientBodyFault {
     /// Over the limit of this many bytes.
@@ -97,10 +107,40 @@ pub enum ClientBodyFault {
     Idle(Duration),
 }
 
-impl BodyFault {
+impl BodyWatch {
     /// The fault recorded, if any.
     pub fn get(&self) -> Option<ClientBodyFault> {
-        self.0.get().copied()
+        self.fault.get().copied()
+    }
+
+    /// When the body ended, if it has.
+    pub fn ended_at(&self) -> Option<std::time::Instant> {
+        self.ended.get().copied()
+    }
+
+    /// Frames passed so far.
+    pub fn frames(&self) -> u64 {
+        self.frames.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Resolves when the body has ended, with when.
+    pub fn ended(&self) -> impl Future<Output = std::time::Instant> + '_ {
+        std::future::poll_fn(move |cx| {
+            if let Some(t) = self.ended_at() {
+                return Poll::Ready(t);
+            }
+            self.waiting.register(cx.waker());
+            match self.ended_at() {
+                Some(t) => Poll::Ready(t),
+                None => Poll::Pending,
+            }
+        })
+    }
+
+    fn end(&self) {
+        if self.ended.set(std::time::Instant::now()).is_ok() {
+            self.waiting.wake();
+        }
     }
 }
 
@@ -115,7 +155,7 @@ pin_project_lite::pin_project! {
         seen: u64,
         limit: u64,
         idle: IdleTimer,
-        fault: Option<std::sync::Arc<BodyFault>>,
+        watch: Option<std::sync::Arc<BodyWatch>>,
     }
 }
 
@@ -127,13 +167,13 @@ impl<B> Limited<B> {
             seen: 0,
             limit,
             idle: IdleTimer::new(idle),
-            fault: None,
+            watch: None,
         }
     }
 
-    /// Also records why the body failed in `fault`.
-    pub fn recording(mut self, fault: std::sync::Arc<BodyFault>) -> Self {
-        self.fault = Some(fault);
+    /// Also records how the body goes in `watch`.
+    pub fn recording(mut self, watch: std::sync::Arc<BodyWatch>) -> Self {
+        self.watch = Some(watch);
         self
     }
 }
@@ -150,26 +190,38 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        match this.inner.poll_frame(cx) {
+        let mut this = self.project();
+        match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 this.idle.frame();
                 if let Some(data) = frame.data_ref() {
                     *this.seen += data.len() as u64;
                     if *this.seen > *this.limit {
-                        if let Some(f) = this.fault {
-                            let _ = f.0.set(ClientBodyFault::TooLarge(*this.limit));
+                        if let Some(w) = this.watch {
+                            let _ = w.fault.set(ClientBodyFault::TooLarge(*this.limit));
                         }
                         return Poll::Ready(Some(Err(BodyTooLarge { limit: *this.limit }.into())));
+                    }
+                }
+                if let Some(w) = this.watch {
+                    w.frames.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    // The last frame: readers that know the length poll no further.
+                    if this.inner.is_end_stream() {
+                        w.end();
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(None) => {
+                if let Some(w) = this.watch {
+                    w.end();
+                }
+                Poll::Ready(None)
+            }
             Poll::Pending if this.idle.expired(cx) => {
-                if let Some(f) = this.fault {
-                    let _ = f.0.set(ClientBodyFault::Idle(this.idle.idle));
+                if let Some(w) = this.watch {
+                    let _ = w.fault.set(ClientBodyFault::Idle(this.idle.idle));
                 }
                 Poll::Ready(Some(Err(BodyIdle(this.idle.idle).into())))
             }

@@ -417,7 +417,9 @@ pub struct ClusterConfig {
     /// Time to connect (TCP + TLS).
     #[serde(default = "d_connect", with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// Time to the response head.
+    /// Time from the end of the request (its body's last byte, for a request with one) to the
+    /// response head, as Envoy's route timeout: a slow upload is bounded by the listener's
+    /// stream idle timeout instead.
     #[serde(default = "d_request", with = "humantime_serde")]
     pub request_timeout: Duration,
     /// Close pooled connections idle this long.

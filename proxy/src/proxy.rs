@@ -490,11 +490,12 @@ async fn forward(
 
     let chain = &route.chain;
     let buffer = gw.body_buffer as usize;
-    // A request with a body records why it failed, if it does: over HTTP/2 the upstream
-    // exchange's error no longer says (the stream is just reset).
-    let fault = (!http_body::Body::is_end_stream(&body)).then(|| Arc::new(body::BodyFault::default()));
+    // A request with a body records why it failed, if it does (over HTTP/2 the upstream
+    // exchange's error no longer says: the stream is just reset), and when it ended (the
+    // request timeout runs from there).
+    let watch = (!http_body::Body::is_end_stream(&body)).then(|| Arc::new(body::BodyWatch::default()));
     let limited = Limited::new(body, limits.max_request_body, limits.stream_idle_timeout);
-    let mut body: Body = match &fault {
+    let mut body: Body = match &watch {
         Some(f) => limited.recording(f.clone()).boxed(),
         None => limited.boxed(),
     };
@@ -546,13 +547,17 @@ async fn forward(
             &mut unsent,
             client_host.clone(),
             upgrade.is_some(),
-            timeout,
+            Timing {
+                timeout,
+                body: watch.as_deref(),
+                stream_idle: limits.stream_idle_timeout,
+            },
             &tried,
             x,
         )
         .await;
         // An exchange that failed because the client's body did is the client's fault.
-        let sent = sent.map_err(|e| match (&e, fault.as_ref().and_then(|f| f.get())) {
+        let sent = sent.map_err(|e| match (&e, watch.as_ref().and_then(|f| f.get())) {
             (ProxyError::Upstream { .. }, Some(body::ClientBodyFault::TooLarge(n))) => {
                 ProxyError::BodyTooLarge(n)
             }
@@ -726,10 +731,11 @@ async fn send(
     body: &mut Option<Body>,
     client_host: Option<HeaderValue>,
     upgrade: bool,
-    timeout: Duration,
+    timing: Timing<'_>,
     avoid: &[SocketAddr],
     x: &mut Exchange,
 ) -> Result<(Response<UpstreamBody>, Arc<Endpoint>), ProxyError> {
+    let timeout = timing.timeout;
     // A retry goes to an endpoint not tried yet when the cluster has one.
     // Inline: one endpoint is tried per request almost always, and this runs on every one.
     let mut tried: smallvec::SmallVec<[SocketAddr; 4]> = avoid.iter().copied().collect();
@@ -817,41 +823,48 @@ async fn send(
     let req = Request::from_parts(parts, body.take().expect("a body for every attempt"));
     let pending = ep.load.start();
     let sent = Instant::now();
-    // The deadline from the clock read that times the exchange (`timeout` would read it again).
-    let deadline = tokio::time::Instant::from_std(
-        sent.checked_add(timeout)
-            .unwrap_or_else(|| sent + Duration::from_secs(86_400 * 365 * 30)),
-    );
-    let result = match conn {
-        Conn::Http1(c) => match tokio::time::timeout_at(deadline, c.send(req)).await {
-            Ok(Ok((resp, c))) => {
-                let max = cluster.config.max_idle_per_endpoint;
-                Ok(Ok(resp.map(|b| {
-                    UpstreamBody::Pooled(PooledBody::new(b, c, ep.clone(), max))
-                })))
-            }
-            Ok(Err(e)) => Ok(Err(e)),
-            Err(t) => Err(t),
-        },
-        Conn::Http1Upgradable(mut s) => {
-            tokio::time::timeout_at(deadline, s.send_request(req))
-                .await
-                .map(|r| {
-                    r.map(|resp| resp.map(UpstreamBody::Incoming))
-                        .map_err(|e| describe(&e))
-                })
-        }
-        Conn::Http2(mut s) => tokio::time::timeout_at(deadline, s.send_request(req))
-            .await
-            .map(|r| {
-                r.map(|resp| resp.map(UpstreamBody::Incoming))
-                    .map_err(|e| describe(&e))
+    let max_idle = cluster.config.max_idle_per_endpoint;
+    let exchange = async {
+        match conn {
+            Conn::Http1(c) => c.send(req).await.map(|(resp, c)| {
+                resp.map(|b| UpstreamBody::Pooled(PooledBody::new(b, c, ep.clone(), max_idle)))
             }),
+            Conn::Http1Upgradable(mut s) => s
+                .send_request(req)
+                .await
+                .map(|resp| resp.map(UpstreamBody::Incoming))
+                .map_err(|e| describe(&e)),
+            Conn::Http2(mut s) => s
+                .send_request(req)
+                .await
+                .map(|resp| resp.map(UpstreamBody::Incoming))
+                .map_err(|e| describe(&e)),
+        }
+    };
+    let result = match timing.body.filter(|b| b.ended_at().is_none()) {
+        None => {
+            // The deadline from the clock read that times the exchange (`timeout` would read
+            // it again).
+            let deadline = tokio::time::Instant::from_std(far(sent, timeout));
+            tokio::time::timeout_at(deadline, exchange).await.map_err(|_| ())
+        }
+        Some(body) => {
+            tokio::select! {
+                biased;
+                r = exchange => Ok(r),
+                _ = timing.after_upload(body, sent) => Err(()),
+            }
+        }
     };
     drop(pending);
-    // Every outcome is a latency observation: peak-EWMA must see slow and failing endpoints.
+    // Every outcome is a latency observation: peak-EWMA must see slow and failing endpoints,
+    // not slow clients: from the end of the request body.
     let done = Instant::now();
-    ep.load.observe_at(done, done.saturating_duration_since(sent));
+    let from = timing
+        .body
+        .and_then(|b| b.ended_at())
+        .map_or(sent, |e| e.max(sent));
+    ep.load.observe_at(done, done.saturating_duration_since(from));
     match result {
         Ok(Ok(resp)) => Ok((resp, ep)),
         Ok(Err(reason)) => Err(ProxyError::Upstream {
@@ -862,6 +875,48 @@ async fn send(
             addr: ep.addr,
             timeout,
         }),
+    }
+}
+
+/// `at + d`, or 30 years on when that overflows.
+fn far(at: Instant, d: Duration) -> Instant {
+    at.checked_add(d)
+        .unwrap_or_else(|| at + Duration::from_secs(86_400 * 365 * 30))
+}
+
+/// When an exchange times out.
+#[derive(Clone, Copy)]
+struct Timing<'a> {
+    /// The request timeout: from the end of the request (its body's, if it has one) to the
+    /// response head, as Envoy's route timeout.
+    timeout: Duration,
+    /// The request body, for requests with one.
+    body: Option<&'a body::BodyWatch>,
+    /// How long an upload may stand still before the exchange gives up on it.
+    stream_idle: Duration,
+}
+
+impl Timing<'_> {
+    /// Resolves when the exchange has timed out, for a request whose body is still on its
+    /// way: `timeout` after the body ended (or after `sent`, for a retry of a body that had
+    /// ended before), or once the upload has not moved for the stream idle timeout. A client
+    /// that stops sending gets 408 from the body's own idle timer first; this sees an upstream
+    /// that stopped reading (then nothing polls the body).
+    async fn after_upload(self, body: &body::BodyWatch, sent: Instant) {
+        let mut frames = body.frames();
+        let ended = loop {
+            tokio::select! {
+                t = body.ended() => break t,
+                _ = tokio::time::sleep(self.stream_idle) => {
+                    let now = body.frames();
+                    if now == frames {
+                        return;
+                    }
+                    frames = now;
+                }
+            }
+        };
+        tokio::time::sleep_until(tokio::time::Instant::from_std(far(ended.max(sent), self.timeout))).await;
     }
 }
 

@@ -322,3 +322,94 @@ async fn a_client_that_stops_reading_is_dropped_after_the_stream_idle_timeout() 
     }
     drop(s);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_timeout_runs_from_the_end_of_the_request_body() {
+    // A client uploading steadily for longer than the request timeout, to an upstream that
+    // answers once it has the whole body. The timeout ran from the start of sending: the
+    // client got 504 from a healthy upstream, counted as that endpoint's failure and latency.
+    let up_addr = raw_server(|mut s| async move {
+        let _ = read_head(&mut s).await;
+        let mut body = [0u8; 5];
+        if s.read_exact(&mut body).await.is_ok() {
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await;
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    })
+    .await;
+    let proxy = start_one_route(up_addr, "", r#"request_timeout = "500ms""#).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr("web")).await.unwrap();
+    s.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
+        .await
+        .unwrap();
+    for b in b"hello" {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.write_all(&[*b]).await.unwrap();
+    }
+    let head = tokio::time::timeout(Duration::from_secs(10), read_head(&mut s))
+        .await
+        .expect("an answer");
+    assert_eq!(raw_status(&head), Some(200), "{head}");
+
+    // The timer still runs for an upstream that answers late once the body is in.
+    let proxy = start_one_route(
+        raw_server(|mut s| async move {
+            let _ = read_head(&mut s).await;
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        })
+        .await,
+        "",
+        r#"request_timeout = "500ms""#,
+    )
+    .await;
+    let t = Instant::now();
+    let req = http::Request::post("/")
+        .header("host", "x")
+        .body(weir_tests::full("hello"))
+        .unwrap();
+    let r = Client::h1(proxy.addr("web")).await.send(req).await.unwrap();
+    assert_eq!(r.status(), 504);
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_to_an_upstream_that_stopped_reading_is_given_up_after_the_stream_idle_timeout() {
+    // The request timeout waits for the end of the body; an upstream that stops reading it
+    // (and never answers) leaves it unpolled, so no body timer runs: the exchange gives up
+    // once the upload has not moved for the stream idle timeout.
+    let up_addr = raw_server(|mut s| async move {
+        let _ = read_head(&mut s).await;
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    })
+    .await;
+    let proxy = start_one_route(
+        up_addr,
+        r#"limits = { stream_idle_timeout = "500ms", max_request_body = 1073741824 }"#,
+        r#"request_timeout = "60s""#,
+    )
+    .await;
+    let s = tokio::net::TcpStream::connect(proxy.addr("web")).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let size = 256usize << 20;
+    let writer = tokio::spawn(async move {
+        let head = format!("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n");
+        wr.write_all(head.as_bytes()).await?;
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..256 {
+            wr.write_all(&chunk).await?;
+        }
+        Ok::<_, std::io::Error>(wr)
+    });
+    let t = Instant::now();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(15), rd.read(&mut buf))
+        .await
+        .expect("an answer well before the 60 s request timeout")
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert_eq!(raw_status(&head), Some(504), "{head}");
+    assert!(t.elapsed() >= Duration::from_millis(400), "{:?}", t.elapsed());
+    writer.abort();
+}
