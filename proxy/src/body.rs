@@ -95,6 +95,8 @@ pub struct BodyWatch {
     fault: std::sync::OnceLock<ClientBodyFault>,
     ended: std::sync::OnceLock<std::time::Instant>,
     frames: std::sync::atomic::AtomicU64,
+    /// The upstream side has asked for the body at least once.
+    polled: std::sync::atomic::AtomicBool,
     waiting: futures_util::task::AtomicWaker,
 }
 
@@ -116,6 +118,11 @@ impl BodyWatch {
     /// When the body ended, if it has.
     pub fn ended_at(&self) -> Option<std::time::Instant> {
         self.ended.get().copied()
+    }
+
+    /// Whether the upstream side has asked for the body yet.
+    pub fn polled(&self) -> bool {
+        self.polled.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Frames passed so far.
@@ -191,6 +198,11 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut this = self.project();
+        if let Some(w) = this.watch {
+            if !w.polled.load(std::sync::atomic::Ordering::Relaxed) {
+                w.polled.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
         match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 this.idle.frame();
@@ -205,8 +217,15 @@ where
                 }
                 if let Some(w) = this.watch {
                     w.frames.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    // The last frame: readers that know the length poll no further.
-                    if this.inner.is_end_stream() {
+                    // The last frame: hyper's clients poll no further once they have sent
+                    // the declared length or the trailers, so the final `None` never comes.
+                    // (An HTTP/2 body with the length declared says it is at its end only by
+                    // its size hint until END_STREAM is read; an HTTP/1 one after trailers,
+                    // never.)
+                    if frame.is_trailers()
+                        || this.inner.is_end_stream()
+                        || this.inner.size_hint().exact() == Some(0)
+                    {
                         w.end();
                     }
                 }

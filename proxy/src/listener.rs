@@ -311,9 +311,16 @@ async fn serve_http<I>(
     // answer, though the request may already be on its way. (A client silent for the header
     // read timeout is dropped anyway.)
     let mut drain_unheard = closing;
+    // When a client that has sent nothing, not even the HTTP/2 preface, is dropped: the
+    // header read timeout after it connected, as one that sends its head slowly (before a
+    // plain listener's HTTP/1-or-2 detection, and before an HTTP/2 connection's preface, no
+    // timer of hyper's runs: only the idle timeout, six times longer by default, held such a
+    // connection), or a short grace once a drain began.
+    let silent = tokio::time::sleep_until(tokio::time::Instant::from_std(conn.opened) + head_timeout);
+    tokio::pin!(silent);
+    let mut heard = false;
     let mut tick = tokio::time::interval(
-        (idle_timeout.min(stream_idle).min(head_timeout) / 4)
-            .clamp(Duration::from_millis(50), Duration::from_secs(5)),
+        (idle_timeout.min(stream_idle) / 4).clamp(Duration::from_millis(50), Duration::from_secs(5)),
     );
     // Armed when an idle connection is asked to close; drain has its own global deadline.
     let force_close = tokio::time::sleep(Duration::ZERO);
@@ -349,17 +356,20 @@ async fn serve_http<I>(
                 c.as_mut().graceful_shutdown();
             } else {
                 drain_unheard = true;
+                let grace = tokio::time::Instant::now() + DRAIN_UNHEARD_GRACE;
+                if grace < silent.deadline() {
+                    silent.as_mut().reset(grace);
+                }
             }
         }
-        while tick.poll_tick(&mut scx).is_ready() {
-            // A client that has sent nothing, not even the HTTP/2 preface: bounded like one
-            // that sends its head slowly. (Before the HTTP/1-or-2 detection of a plain
-            // listener, and before an HTTP/2 connection's preface, no timer of hyper's runs:
-            // only the idle timeout, six times longer by default, held such a connection.)
-            if !io_watch.heard() && conn.opened.elapsed() >= head_timeout {
+        if !heard {
+            heard = io_watch.heard();
+            if !heard && silent.as_mut().poll(&mut scx).is_ready() {
                 tracing::debug!(listener = %conn.listener, client.addr = %conn.client, "client sent nothing; dropping the connection");
                 return Poll::Ready(());
             }
+        }
+        while tick.poll_tick(&mut scx).is_ready() {
             // A peer that stopped reading: nothing it is sent can leave, so no graceful close
             // can finish either; the connection (and its upstream exchange) is dropped.
             if io_watch.stalled_for(std::time::Instant::now()).is_some_and(|d| d >= stream_idle) {
@@ -382,6 +392,11 @@ async fn serve_http<I>(
     })
     .await
 }
+
+/// How long a connection that has sent nothing yet may still do so once a drain began (its
+/// request may be on its way; a connection opened for later, a browser's preconnect, should
+/// not hold up a shutdown for the whole header read timeout).
+const DRAIN_UNHEARD_GRACE: Duration = Duration::from_secs(1);
 
 /// The waker of a connection's side events: notes that one is due and wakes the task.
 struct SideWake {

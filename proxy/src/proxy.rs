@@ -899,14 +899,25 @@ struct Timing<'a> {
 impl Timing<'_> {
     /// Resolves when the exchange has timed out, for a request whose body is still on its
     /// way: `timeout` after the body ended (or after `sent`, for a retry of a body that had
-    /// ended before), or once the upload has not moved for the stream idle timeout. A client
-    /// that stops sending gets 408 from the body's own idle timer first; this sees an upstream
-    /// that stopped reading (then nothing polls the body).
+    /// ended before); `timeout` after `sent` if the upstream side never asked for the body
+    /// (an HTTP/2 connection at its stream limit, say); or once the upload has not moved for
+    /// the stream idle timeout (checked in windows of it: 1 to 2 times it after the last
+    /// frame). A client that stops sending gets 408 from the body's own idle timer first;
+    /// this sees an upstream that stopped reading (then nothing polls the body).
     async fn after_upload(self, body: &body::BodyWatch, sent: Instant) {
         let mut frames = body.frames();
+        let first = tokio::time::sleep_until(tokio::time::Instant::from_std(far(sent, self.timeout)));
+        tokio::pin!(first);
+        let mut asked = false;
         let ended = loop {
             tokio::select! {
                 t = body.ended() => break t,
+                _ = &mut first, if !asked => {
+                    if !body.polled() {
+                        return;
+                    }
+                    asked = true;
+                }
                 _ = tokio::time::sleep(self.stream_idle) => {
                     let now = body.frames();
                     if now == frames {

@@ -413,3 +413,41 @@ async fn an_upload_to_an_upstream_that_stopped_reading_is_given_up_after_the_str
     assert!(t.elapsed() >= Duration::from_millis(400), "{:?}", t.elapsed());
     writer.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_timeout_starts_at_the_end_of_a_body_that_ends_with_trailers() {
+    // hyper's HTTP/1 client reads no further than the trailers, so the body's end must be
+    // seen at the trailers frame: else the request timer never started and a hung upstream
+    // held the request until the upload's stall check (minutes).
+    let up = Upstream::http1("up").start().await;
+    let proxy = start_one_route(up.addr, "", r#"request_timeout = "500ms""#).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr("web")).await.unwrap();
+    let t = Instant::now();
+    s.write_all(
+        b"POST /delay/5000 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nx-checksum: 1\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let head = tokio::time::timeout(Duration::from_secs(10), read_head(&mut s))
+        .await
+        .expect("an answer");
+    assert_eq!(raw_status(&head), Some(504), "{head}");
+    assert!(t.elapsed() < Duration::from_millis(2500), "{:?}", t.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_never_speaks_does_not_hold_up_shutdown() {
+    // A drain waits for an unheard connection's first bytes, but only a short grace: a
+    // browser's preconnect would otherwise hold the shutdown for the header read timeout.
+    let up = Upstream::http1("up").start().await;
+    let proxy = start_one_route(up.addr, "", "").await;
+    let _silent = tokio::net::TcpStream::connect(proxy.addr("web")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t = Instant::now();
+    proxy.stop().await;
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        t.elapsed()
+    );
+}

@@ -379,8 +379,8 @@ endpoints = ["{}"]
         .count();
     assert_eq!(
         (flood, notes),
-        (2 * 99, 2),
-        "per call: 99 lines, then one saying the rest were dropped"
+        (2 * 100, 2),
+        "per call: 100 lines, then one saying the rest were dropped"
     );
 }
 

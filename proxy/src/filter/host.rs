@@ -208,6 +208,10 @@ pub struct HostState {
 /// one line says so and the rest of the call's lines are dropped.
 pub const MAX_LOG_LINES_PER_CALL: u32 = 100;
 
+/// What a call starts with in `HostState::logs_left`: its lines, and the one saying the rest
+/// were dropped.
+pub const LOG_QUOTA: u32 = MAX_LOG_LINES_PER_CALL + 1;
+
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView {
@@ -627,7 +631,8 @@ impl log::Host for HostState {
         }
     }
     fn write(&mut self, level: LogLevel, message: String) {
-        if self.logs_left == 0 {
+        // Lines at a level that is off are not written, so they use up nothing.
+        if self.logs_left == 0 || !self.enabled(level) {
             return;
         }
         self.logs_left -= 1;
@@ -636,7 +641,7 @@ impl log::Host for HostState {
                 .call()
                 .and_then(|c| c.ctx.request_id.to_str().ok())
                 .unwrap_or("-");
-            tracing::warn!(target: "weir::filter", filter = &*self.shared.name, request.id = request_id, "{MAX_LOG_LINES_PER_CALL} log lines in one call: the rest of this call's lines are dropped");
+            tracing::warn!(target: "weir::filter", filter = &*self.shared.name, request.id = request_id, "more than {MAX_LOG_LINES_PER_CALL} log lines in one call: the rest of this call's lines are dropped");
             return;
         }
         // Bounded so a filter cannot flood the log with one call.

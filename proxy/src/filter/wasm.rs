@@ -477,7 +477,7 @@ impl WasmFilter {
             active: false,
             // Instantiation and init run the guest's start code and config parsing: a larger budget.
             ticks_left: ticks(self.limits.cpu_budget * 10),
-            logs_left: super::host::MAX_LOG_LINES_PER_CALL,
+            logs_left: super::host::LOG_QUOTA,
         };
         let mut store = Store::new(&self.engine.engine, state);
         store.limiter(|s| &mut s.limits);
@@ -576,7 +576,7 @@ impl WasmFilter {
         let mut inst = self.checkout().await.map_err(|e| self.failed(e))?;
         let data = inst.store.data_mut();
         data.ticks_left = ticks(self.limits.cpu_budget);
-        data.logs_left = super::host::MAX_LOG_LINES_PER_CALL;
+        data.logs_left = super::host::LOG_QUOTA;
         data.active = true;
         let c = &mut data.call;
         c.phase = phase;
