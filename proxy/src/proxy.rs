@@ -10,7 +10,9 @@
 //! filter could ask for a retry.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -823,38 +825,51 @@ async fn send(
     let req = Request::from_parts(parts, body.take().expect("a body for every attempt"));
     let pending = ep.load.start();
     let sent = Instant::now();
-    let max_idle = cluster.config.max_idle_per_endpoint;
-    let exchange = async {
-        match conn {
-            Conn::Http1(c) => c.send(req).await.map(|(resp, c)| {
-                resp.map(|b| UpstreamBody::Pooled(PooledBody::new(b, c, ep.clone(), max_idle)))
-            }),
-            Conn::Http1Upgradable(mut s) => s
-                .send_request(req)
-                .await
-                .map(|resp| resp.map(UpstreamBody::Incoming))
-                .map_err(|e| describe(&e)),
-            Conn::Http2(mut s) => s
-                .send_request(req)
-                .await
-                .map(|resp| resp.map(UpstreamBody::Incoming))
-                .map_err(|e| describe(&e)),
-        }
+    let deadline = match timing.body.filter(|b| b.ended_at().is_none()) {
+        // The deadline from the clock read that times the exchange (`timeout` would read it
+        // again).
+        None => Deadline::At {
+            sleep: tokio::time::sleep_until(tokio::time::Instant::from_std(far(sent, timeout))),
+        },
+        // Boxed: only requests whose body is still on its way pay for it.
+        Some(body) => Deadline::AfterUpload {
+            timer: Box::pin(timing.after_upload(body, sent)),
+        },
     };
-    let result = match timing.body.filter(|b| b.ended_at().is_none()) {
-        None => {
-            // The deadline from the clock read that times the exchange (`timeout` would read
-            // it again).
-            let deadline = tokio::time::Instant::from_std(far(sent, timeout));
-            tokio::time::timeout_at(deadline, exchange).await.map_err(|_| ())
-        }
-        Some(body) => {
-            tokio::select! {
-                biased;
-                r = exchange => Ok(r),
-                _ = timing.after_upload(body, sent) => Err(()),
+    let result = match conn {
+        Conn::Http1(c) => match (Timed {
+            fut: c.send(req),
+            deadline,
+        })
+        .await
+        {
+            Ok(Ok((resp, c))) => {
+                let max = cluster.config.max_idle_per_endpoint;
+                Ok(Ok(resp.map(|b| {
+                    UpstreamBody::Pooled(PooledBody::new(b, c, ep.clone(), max))
+                })))
             }
-        }
+            Ok(Err(e)) => Ok(Err(e)),
+            Err(t) => Err(t),
+        },
+        Conn::Http1Upgradable(mut s) => (Timed {
+            fut: s.send_request(req),
+            deadline,
+        })
+        .await
+        .map(|r| {
+            r.map(|resp| resp.map(UpstreamBody::Incoming))
+                .map_err(|e| describe(&e))
+        }),
+        Conn::Http2(mut s) => (Timed {
+            fut: s.send_request(req),
+            deadline,
+        })
+        .await
+        .map(|r| {
+            r.map(|resp| resp.map(UpstreamBody::Incoming))
+                .map_err(|e| describe(&e))
+        }),
     };
     drop(pending);
     // Every outcome is a latency observation: peak-EWMA must see slow and failing endpoints,
@@ -882,6 +897,47 @@ async fn send(
 fn far(at: Instant, d: Duration) -> Instant {
     at.checked_add(d)
         .unwrap_or_else(|| at + Duration::from_secs(86_400 * 365 * 30))
+}
+
+pin_project_lite::pin_project! {
+    /// An exchange under its deadline; `Err` once the deadline passed. The exchange is polled
+    /// first, as `tokio::time::Timeout` does.
+    struct Timed<'a, F> {
+        #[pin]
+        fut: F,
+        #[pin]
+        deadline: Deadline<'a>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// When an exchange times out: at an instant, or per [`Timing::after_upload`].
+    #[project = DeadlineProj]
+    enum Deadline<'a> {
+        At {
+            #[pin]
+            sleep: tokio::time::Sleep,
+        },
+        AfterUpload {
+            timer: Pin<Box<dyn Future<Output = ()> + Send + 'a>>,
+        },
+    }
+}
+
+impl<F: Future> Future for Timed<'_, F> {
+    type Output = Result<F::Output, ()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        if let std::task::Poll::Ready(v) = this.fut.poll(cx) {
+            return std::task::Poll::Ready(Ok(v));
+        }
+        let expired = match this.deadline.project() {
+            DeadlineProj::At { sleep } => sleep.poll(cx),
+            DeadlineProj::AfterUpload { timer } => timer.as_mut().poll(cx),
+        };
+        expired.map(|()| Err(()))
+    }
 }
 
 /// When an exchange times out.
