@@ -509,14 +509,16 @@ parse_wrk() {
         }' "$1"
 }
 
-# CPU time (user + system, in clock ticks) of the processes given, all their threads.
+# CPU time of the processes given, all their threads, in clock ticks: "user system".
 HZ="$(getconf CLK_TCK)"
 cpu_ticks() {
-    local p t=0
+    local p u=0 s=0 pu ps
     for p in "$@"; do
-        [[ -r "/proc/$p/stat" ]] && t=$((t + $(awk '{ print $14 + $15 }' "/proc/$p/stat")))
+        [[ -r "/proc/$p/stat" ]] || continue
+        read -r pu ps < <(awk '{ print $14, $15 }' "/proc/$p/stat")
+        u=$((u + pu)) s=$((s + ps))
     done
-    echo "$t"
+    echo "$u $s"
 }
 # The processes serving a target: the upstream for `direct`, Weir, or nginx's master and workers.
 server_pids() {
@@ -528,25 +530,29 @@ server_pids() {
 }
 
 # Per target, one value per round, space-separated, in round order (ERRS: summed).
-declare -A RPS=() P50=() P99=() ERRS=() CPU=()
+declare -A RPS=() P50=() P99=() ERRS=() CPU=() USR=() SYS=()
 bench_target() {
     local name="$1" url="$2" out="$TMP/wrk-$1.txt"
     log "$name: warm-up $WARMUP"
     wrk_run "$url" "$WARMUP" "$WARMUP_S" >/dev/null ||
         log "$name: warm-up run failed (continuing to the measured run)"
     log "$name: measuring $DURATION, $CONNECTIONS connections, $THREADS wrk thread(s)"
-    local pids c0 c1 n
+    local pids u0 s0 u1 s1 n
     read -ra pids <<<"$(server_pids "$name")"
-    c0="$(cpu_ticks "${pids[@]}")"
+    read -r u0 s0 <<<"$(cpu_ticks "${pids[@]}")"
     wrk_run "$url" "$DURATION" "$DURATION_S" >"$out" || { cat "$out" >&2; die "$name: wrk failed"; }
-    c1="$(cpu_ticks "${pids[@]}")"
-    local r rps p50 p99 errs cpu
+    read -r u1 s1 <<<"$(cpu_ticks "${pids[@]}")"
+    local r rps p50 p99 errs cpu usr sys
     r="$(parse_wrk "$out")" || { cat "$out" >&2; die "$name: cannot parse wrk output"; }
     read -r rps p50 p99 errs <<<"$r"
-    # CPU per request: steadier than req/s on a shared machine (see BENCHMARKING.md).
+    # CPU per request: steadier than req/s on a shared machine (see BENCHMARKING.md); user
+    # space and kernel apart (the kernel's part is the sockets: the same syscalls for Weir and
+    # nginx).
     n="$(awk '/ requests in / { print $1 }' "$out")"
-    cpu="$(awk -v c=$((c1 - c0)) -v hz="$HZ" -v n="${n:-0}" 'BEGIN { printf "%.1f", (n > 0) ? c / hz * 1e6 / n : 0 }')"
+    per_req() { awk -v c="$1" -v hz="$HZ" -v n="${n:-0}" 'BEGIN { printf "%.1f", (n > 0) ? c / hz * 1e6 / n : 0 }'; }
+    cpu="$(per_req $((u1 + s1 - u0 - s0)))" usr="$(per_req $((u1 - u0)))" sys="$(per_req $((s1 - s0)))"
     RPS[$name]+="$rps " P50[$name]+="$p50 " P99[$name]+="$p99 " CPU[$name]+="$cpu "
+    USR[$name]+="$usr " SYS[$name]+="$sys "
     ERRS[$name]=$((${ERRS[$name]:-0} + errs))
 }
 
@@ -643,26 +649,28 @@ report="$TMP/report.md"
     echo
     ((ROUNDS > 1)) && echo "Each figure is the median of $ROUNDS rounds (every target once per round, in order);" &&
         echo "the ratios below are taken within each round, then their median." && echo
-    echo "| target | req/s | p50 (µs) | p99 (µs) | throughput vs direct | added p99 vs direct (µs) | server CPU per request (µs) |"
-    echo "|---|---:|---:|---:|---:|---:|---:|"
-    declare -A M_RPS=() M_P50=() M_P99=() M_CPU=()
+    echo "| target | req/s | p50 (µs) | p99 (µs) | throughput vs direct | added p99 vs direct (µs) | server CPU per request (µs) | of which user / kernel (µs) |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+    declare -A M_RPS=() M_P50=() M_P99=() M_CPU=() M_USR=() M_SYS=()
     for t in direct weir weir-1-filter weir-3-filters weir-3-pass nginx weir-gateway nginx-gateway; do
         M_RPS[$t]="$(median "${RPS[$t]}")" M_P50[$t]="$(median "${P50[$t]}")"
         M_P99[$t]="$(median "${P99[$t]}")" M_CPU[$t]="$(median "${CPU[$t]}")"
+        M_USR[$t]="$(median "${USR[$t]}")" M_SYS[$t]="$(median "${SYS[$t]}")"
     done
     for t in direct weir weir-1-filter weir-3-filters weir-3-pass nginx weir-gateway nginx-gateway; do
         awk -v t="$t" -v r="${M_RPS[$t]}" -v p50="${M_P50[$t]}" -v p99="${M_P99[$t]}" \
-            -v dr="${M_RPS[direct]}" -v dp99="${M_P99[direct]}" -v cpu="${M_CPU[$t]}" 'BEGIN {
-                printf "| %s | %.0f | %d | %d | %.1f %% | %+d | %s |\n", t, r, p50, p99, 100 * r / dr, p99 - dp99, cpu
+            -v dr="${M_RPS[direct]}" -v dp99="${M_P99[direct]}" -v cpu="${M_CPU[$t]}" \
+            -v usr="${M_USR[$t]}" -v sys="${M_SYS[$t]}" 'BEGIN {
+                printf "| %s | %.0f | %d | %d | %.1f %% | %+d | %s | %s / %s |\n", t, r, p50, p99, 100 * r / dr, p99 - dp99, cpu, usr, sys
             }'
     done
     echo
     echo "Server CPU per request: the CPU time (user + system) of the process serving the target"
     echo "(the upstream for direct, else Weir or nginx's master and workers) over the measured run,"
-    echo "divided by the requests wrk counted."
+    echo "divided by the requests wrk counted; each part is its own median over the rounds."
     echo
     echo "weir/nginx throughput ratio: $(per_round %.2f 'a[i] / b[i]' -v A="${RPS[weir]}" -v B="${RPS[nginx]}")"
-    echo "CPU per request, weir/nginx: $(per_round %.2f 'a[i] / b[i]' -v A="${CPU[weir]}" -v B="${CPU[nginx]}"); gateway, weir/nginx: $(per_round %.2f 'a[i] / b[i]' -v A="${CPU[weir-gateway]}" -v B="${CPU[nginx-gateway]}")"
+    echo "CPU per request, weir/nginx: $(per_round %.2f 'a[i] / b[i]' -v A="${CPU[weir]}" -v B="${CPU[nginx]}") (user space $(per_round %.2f 'a[i] / b[i]' -v A="${USR[weir]}" -v B="${USR[nginx]}"), kernel $(per_round %.2f 'a[i] / b[i]' -v A="${SYS[weir]}" -v B="${SYS[nginx]}")); gateway, weir/nginx: $(per_round %.2f 'a[i] / b[i]' -v A="${CPU[weir-gateway]}" -v B="${CPU[nginx-gateway]}")"
     echo
     echo "filter chain cost (throughput vs no filter, %): 1 filter $(per_round %.1f '100 * (1 - b[i] / a[i])' -v A="${RPS[weir]}" -v B="${RPS[weir-1-filter]}"), 3 filters $(per_round %.1f '100 * (1 - b[i] / a[i])' -v A="${RPS[weir]}" -v B="${RPS[weir-3-filters]}") (target 15); 3 pass filters, the boundary alone: $(per_round %.1f '100 * (1 - b[i] / a[i])' -v A="${RPS[weir]}" -v B="${RPS[weir-3-pass]}")"
     echo
