@@ -263,8 +263,14 @@ async fn concurrent_calls_never_run_more_instances_than_max_instances() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_filter_log_line_lands_in_weirs_logs_tagged_with_its_name() {
+/// Runs the real binary with JSON logs: `filter_host` (TOML lines) and a listener `web` with
+/// the chain `filters` (a TOML array) in front of a test upstream. `drive` sends requests to
+/// it; then the process is stopped and its `weir::filter` log lines returned.
+async fn filter_log_lines<F, Fut>(filter_host: &str, filters: &str, drive: F) -> Vec<serde_json::Value>
+where
+    F: FnOnce(std::net::SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     use std::process::{Command, Stdio};
     let up = Upstream::http1("up").start().await;
     let dir = tempfile::tempdir().unwrap();
@@ -272,20 +278,9 @@ async fn a_filter_log_line_lands_in_weirs_logs_tagged_with_its_name() {
     std::fs::write(
         &cfg,
         format!(
-            r#"
-[log]
-format = "json"
-[admin]
-enabled = false
-[[listeners]]
-name = "web"
-address = "127.0.0.1:0"
-filters = [{{ name = "policy", file = "{POLICY}", config = {{ value = "yes", deny_path = "/admin" }} }}]
-[[routes]]
-cluster = "c"
-[clusters.c]
-endpoints = ["{}"]
-"#,
+            "[log]\nformat = \"json\"\n[admin]\nenabled = false\n[filter_host]\n{filter_host}\n\
+             [[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\nfilters = {filters}\n\
+             [[routes]]\ncluster = \"c\"\n[clusters.c]\nendpoints = [\"{}\"]\n",
             up.addr
         ),
     )
@@ -298,19 +293,31 @@ endpoints = ["{}"]
         .spawn()
         .unwrap();
     let addr = crate::config_errors::bound_address(&mut child, &log, Some("web")).await;
-    let status = Client::h1(addr).await.get("/admin", "x").await.status();
-    assert_eq!(status, 403);
+    drive(addr).await;
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
     let _ = child.wait();
-    let logs = std::fs::read_to_string(&log).unwrap();
-    let line = logs
+    std::fs::read_to_string(&log)
+        .unwrap()
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["target"] == "weir::filter")
-        .unwrap_or_else(|| panic!("a filter log line in:\n{logs}"));
+        .filter(|v| v["target"] == "weir::filter")
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_log_line_lands_in_weirs_logs_tagged_with_its_name() {
+    let lines = filter_log_lines(
+        "",
+        &format!(r#"[{{ name = "policy", file = "{POLICY}", config = {{ value = "yes", deny_path = "/admin" }} }}]"#),
+        |addr| async move {
+            assert_eq!(Client::h1(addr).await.get("/admin", "x").await.status(), 403);
+        },
+    )
+    .await;
+    let line = lines.first().expect("a filter log line");
     assert_eq!(line["filter"], "policy");
     assert_eq!(line["level"], "WARN");
     assert_eq!(line["message"], "denied /admin");
@@ -318,65 +325,26 @@ endpoints = ["{}"]
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_filter_logging_in_a_loop_writes_a_bounded_number_of_lines_per_call() {
-    use std::process::{Command, Stdio};
-    let up = Upstream::http1("up").start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("weir.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-[log]
-format = "json"
-[admin]
-enabled = false
-[filter_host]
-cpu_budget = "2s"
-[[listeners]]
-name = "web"
-address = "127.0.0.1:0"
-filters = [{{ name = "flood", file = "{HOSTILE}", config = {{ mode = "log-flood" }} }}]
-[[routes]]
-cluster = "c"
-[clusters.c]
-endpoints = ["{}"]
-"#,
-            up.addr
-        ),
+    let lines = filter_log_lines(
+        "cpu_budget = \"2s\"",
+        &format!(r#"[{{ name = "flood", file = "{HOSTILE}", config = {{ mode = "log-flood" }} }}]"#),
+        |addr| async move {
+            let mut c = Client::h1(addr).await;
+            // Each request's call tries 1 000 lines.
+            for _ in 0..2 {
+                assert_eq!(c.get("/hostile", "x").await.status(), 200);
+            }
+        },
     )
-    .unwrap();
-    let log = dir.path().join("weir.log");
-    let mut child = Command::new(crate::config_errors::weir_bin())
-        .args(["run", "-c"])
-        .arg(&cfg)
-        .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
-        .spawn()
-        .unwrap();
-    let addr = crate::config_errors::bound_address(&mut child, &log, Some("web")).await;
-    let mut c = Client::h1(addr).await;
-    // Each request's call tries 1 000 lines.
-    for _ in 0..2 {
-        assert_eq!(c.get("/hostile", "x").await.status(), 200);
-    }
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let _ = child.wait();
-    let logs = std::fs::read_to_string(&log).unwrap();
-    let lines: Vec<serde_json::Value> = logs
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["target"] == "weir::filter")
-        .collect();
-    let flood = lines
-        .iter()
-        .filter(|v| v["message"].as_str().unwrap_or("").starts_with("flood "))
-        .count();
-    let notes = lines
-        .iter()
-        .filter(|v| v["message"].as_str().unwrap_or("").contains("lines are dropped"))
-        .count();
+    .await;
+    let count = |what: fn(&str) -> bool| {
+        lines
+            .iter()
+            .filter(|v| what(v["message"].as_str().unwrap_or("")))
+            .count()
+    };
+    let flood = count(|m| m.starts_with("flood "));
+    let notes = count(|m| m.contains("lines are dropped"));
     assert_eq!(
         (flood, notes),
         (2 * 100, 2),
