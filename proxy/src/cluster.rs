@@ -307,6 +307,17 @@ impl Endpoint {
     }
 }
 
+/// What [`Cluster::eject_unless_last`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ejection {
+    /// The endpoint is out of balancing for the time asked.
+    Ejected,
+    /// The cluster has no endpoint at that address (any more).
+    NoSuchEndpoint,
+    /// Not ejected: no other endpoint is available.
+    LastAvailable,
+}
+
 /// An established upstream connection, ready for one request.
 pub enum Conn {
     /// A pooled HTTP/1.1 connection, driven by the request that uses it.
@@ -394,6 +405,8 @@ pub struct Cluster {
     balancer: Balancer,
     tls: Option<UpstreamTls>,
     metrics: Arc<Metrics>,
+    /// Held while a filter's ejection checks and ejects (see [`Cluster::eject_unless_last`]).
+    ejecting: Mutex<()>,
 }
 
 impl Cluster {
@@ -441,7 +454,26 @@ impl Cluster {
             balancer: Balancer::new(config.balance),
             tls,
             metrics,
+            ejecting: Mutex::new(()),
         })
+    }
+
+    /// Ejects the endpoint at `addr` for `d` (an outlier signal from a filter) unless no
+    /// other endpoint is available. The check and the ejection happen under one lock: two
+    /// filters ejecting the two endpoints of a pair at once each saw the other still
+    /// available, and both went.
+    pub fn eject_unless_last(&self, addr: SocketAddr, d: Duration) -> Ejection {
+        let _one = self.ejecting.lock().expect("ejecting lock");
+        let now = Instant::now();
+        let endpoints = self.endpoints();
+        let Some(ep) = endpoints.iter().find(|e| e.addr == addr) else {
+            return Ejection::NoSuchEndpoint;
+        };
+        if !endpoints.iter().any(|e| e.addr != addr && e.is_available(now)) {
+            return Ejection::LastAvailable;
+        }
+        ep.eject_for(d);
+        Ejection::Ejected
     }
 
     /// The current endpoints.
@@ -666,6 +698,38 @@ mod tests {
         assert!(parse_endpoint("h:0").is_err());
         assert!(parse_endpoint("h:99999").is_err());
         assert!(parse_endpoint(":80").is_err());
+    }
+
+    #[test]
+    fn concurrent_filter_ejections_never_take_out_the_last_endpoint() {
+        let toml = "[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\n[[routes]]\ncluster = \"c\"\n\
+                    [clusters.c]\nendpoints = [\"127.0.0.1:1\", \"127.0.0.1:2\"]\n";
+        let config = Config::from_toml(toml, "weir.toml", std::path::Path::new(".")).unwrap();
+        // Without the lock, some of 200 rounds see both go.
+        for _ in 0..200 {
+            let c = Cluster::new("c", &config.clusters["c"], &config, Arc::new(Metrics::new())).unwrap();
+            let addrs: Vec<SocketAddr> = c.endpoints().iter().map(|e| e.addr).collect();
+            let barrier = std::sync::Barrier::new(8);
+            let ejected = std::thread::scope(|s| {
+                let hs: Vec<_> = (0..8)
+                    .map(|i| {
+                        let (c, b, a) = (&c, &barrier, addrs[i % 2]);
+                        s.spawn(move || {
+                            b.wait();
+                            c.eject_unless_last(a, Duration::from_secs(60)) == Ejection::Ejected
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).filter(|&e| e).count()
+            });
+            let now = Instant::now();
+            assert!(ejected >= 1);
+            assert_eq!(
+                c.endpoints().iter().filter(|e| e.is_available(now)).count(),
+                1,
+                "one endpoint stays"
+            );
+        }
     }
 
     #[test]

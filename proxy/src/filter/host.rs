@@ -563,22 +563,16 @@ impl properties::Host for HostState {
         let Some(cluster) = self.shared.clusters.load().get(cluster).cloned() else {
             return Err(Error::Invalid(format!("unknown cluster {cluster:?}")));
         };
-        let now = std::time::Instant::now();
-        let endpoints = cluster.endpoints();
-        let Some(ep) = endpoints.iter().find(|e| e.addr == addr) else {
-            return Ok(());
-        };
-        let others = endpoints
-            .iter()
-            .filter(|e| e.addr != addr && e.is_available(now))
-            .count();
-        if others == 0 {
-            return Err(Error::Limit(
-                "would eject the cluster's last available endpoint".into(),
-            ));
-        }
         let d = Duration::from_millis(ms.into()).min(crate::limits::MAX_FILTER_EJECTION);
-        ep.eject_for(d);
+        match cluster.eject_unless_last(addr, d) {
+            crate::cluster::Ejection::Ejected => {}
+            crate::cluster::Ejection::NoSuchEndpoint => return Ok(()),
+            crate::cluster::Ejection::LastAvailable => {
+                return Err(Error::Limit(
+                    "would eject the cluster's last available endpoint".into(),
+                ))
+            }
+        }
         tracing::warn!(filter = %self.shared.name, cluster = %cluster.name, upstream.addr = %addr, ejected_for = ?d, "endpoint ejected by a filter (outlier)");
         Ok(())
     }
