@@ -263,6 +263,44 @@ pub trait OnComplete: Send + 'static {
     fn on_complete(self, bytes: u64, complete: bool);
 }
 
+/// How far a response body got toward an HTTP/2 client, for its connection's watchdog: the
+/// connection clock's value when the body last handed over a frame and has not been asked
+/// for the next one since, or `u64::MAX` while it waits on its own source (or has ended).
+/// hyper's HTTP/2 server asks a body for more only when the client's flow-control window has
+/// room: a client that grants none leaves it unpolled, so no body timer can see it.
+#[derive(Debug)]
+pub struct Handover {
+    since: std::sync::atomic::AtomicU64,
+    clock: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Handover {
+    /// A body's handover, on the connection clock `clock`.
+    pub fn new(clock: std::sync::Arc<std::sync::atomic::AtomicU64>) -> std::sync::Arc<Handover> {
+        std::sync::Arc::new(Handover {
+            since: std::sync::atomic::AtomicU64::new(u64::MAX),
+            clock,
+        })
+    }
+
+    /// The clock value since which the body has waited to be asked again, if it does.
+    pub fn waiting_since(&self) -> Option<u64> {
+        let s = self.since.load(std::sync::atomic::Ordering::Relaxed);
+        (s != u64::MAX).then_some(s)
+    }
+
+    fn handed(&self, waiting: bool) {
+        let v = if waiting {
+            self.clock.load(std::sync::atomic::Ordering::Relaxed)
+        } else {
+            u64::MAX
+        };
+        if self.since.load(std::sync::atomic::Ordering::Relaxed) != v {
+            self.since.store(v, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
 pin_project_lite::pin_project! {
     /// Streams a body through and reports its size and outcome once at the end.
     pub struct Observed<B: HttpBody, F: OnComplete> {
@@ -270,6 +308,7 @@ pin_project_lite::pin_project! {
         inner: B,
         bytes: u64,
         done: Option<F>,
+        handover: Option<std::sync::Arc<Handover>>,
     }
 
     impl<B: HttpBody, F: OnComplete> PinnedDrop for Observed<B, F> {
@@ -292,7 +331,14 @@ impl<B: HttpBody, F: OnComplete> Observed<B, F> {
             inner,
             bytes: 0,
             done: Some(done),
+            handover: None,
         }
+    }
+
+    /// Also notes in `h` when the body waits for its reader (see [`Handover`]).
+    pub fn handing_over(mut self, h: std::sync::Arc<Handover>) -> Self {
+        self.handover = Some(h);
+        self
     }
 }
 
@@ -310,6 +356,10 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let mut this = self.project();
         let polled = this.inner.as_mut().poll_frame(cx);
+        if let Some(h) = this.handover {
+            // Handed a frame over and not at the end: the next step is the reader's.
+            h.handed(matches!(&polled, Poll::Ready(Some(Ok(_)))) && !this.inner.is_end_stream());
+        }
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {

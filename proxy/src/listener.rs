@@ -319,9 +319,10 @@ async fn serve_http<I>(
     let silent = tokio::time::sleep_until(tokio::time::Instant::from_std(conn.opened) + head_timeout);
     tokio::pin!(silent);
     let mut heard = false;
-    let mut tick = tokio::time::interval(
-        (idle_timeout.min(stream_idle) / 4).clamp(Duration::from_millis(50), Duration::from_secs(5)),
-    );
+    let period = (idle_timeout.min(stream_idle) / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+    let mut tick = tokio::time::interval(period);
+    // Ticks in a stream idle timeout, plus the one under way.
+    let stall_ticks = u64::try_from(stream_idle.as_millis() / period.as_millis()).unwrap_or(u64::MAX) + 1;
     // Armed when an idle connection is asked to close; drain has its own global deadline.
     let force_close = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(force_close);
@@ -374,6 +375,12 @@ async fn serve_http<I>(
             // can finish either; the connection (and its upstream exchange) is dropped.
             if io_watch.stalled_for(std::time::Instant::now()).is_some_and(|d| d >= stream_idle) {
                 tracing::debug!(listener = %conn.listener, client.addr = %conn.client, "client stopped reading; dropping the connection");
+                return Poll::Ready(());
+            }
+            // The same over HTTP/2, where the socket does not block: a client that grants a
+            // stream no flow-control window leaves its response body unpolled.
+            if conn.tick_and_find_stalled_handover(stall_ticks) {
+                tracing::debug!(listener = %conn.listener, client.addr = %conn.client, "client granted a stream no window for the stream idle timeout; dropping the connection");
                 return Poll::Ready(());
             }
             if !closing && conn.idle_for().is_some_and(|d| d >= idle_timeout) {

@@ -161,6 +161,10 @@ pub struct ConnInfo {
     /// What the connection holds while open (its place under the connection cap, its count
     /// on the gauge, the drain's wait): tunnels made from it hold it on.
     pub slot: Arc<dyn std::any::Any + Send + Sync>,
+    /// The connection's clock: its watchdog's ticks.
+    pub clock: Arc<AtomicU64>,
+    /// HTTP/2: its response bodies in flight (see [`body::Handover`]).
+    pub handovers: Mutex<Vec<std::sync::Weak<body::Handover>>>,
 }
 
 impl ConnInfo {
@@ -184,7 +188,20 @@ impl ConnInfo {
             opened: Instant::now(),
             requests: AtomicU64::new(0),
             ambiguous_framing_at: Arc::new(AtomicU64::new(0)),
+            clock: Arc::new(AtomicU64::new(0)),
+            handovers: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Advances the connection's clock by a tick; whether a response body has waited for its
+    /// HTTP/2 client at least `ticks` ticks (the client grants no flow-control window).
+    pub fn tick_and_find_stalled_handover(&self, ticks: u64) -> bool {
+        let now = self.clock.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut list = self.handovers.lock().expect("handovers lock");
+        list.retain(|w| w.strong_count() > 0);
+        list.iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .any(|h| h.waiting_since().is_some_and(|s| now.saturating_sub(s) >= ticks))
     }
 
     /// Records activity at `now` (a clock read the caller has: one per request start and end).
@@ -276,6 +293,19 @@ pub async fn handle(
         upstream: x.upstream,
         start,
     };
+    if version == Version::HTTP_2 {
+        // Watched by the connection: an HTTP/2 client may stall it by granting no window.
+        let h = body::Handover::new(conn.clock.clone());
+        let mut list = conn.handovers.lock().expect("handovers lock");
+        // Ended ones go at each tick, and here too on a busy connection (a `Weak` keeps its
+        // allocation).
+        if list.len() >= 32 {
+            list.retain(|w| w.strong_count() > 0);
+        }
+        list.push(Arc::downgrade(&h));
+        drop(list);
+        return Ok(resp.map(|b| Observed::new(b, done).handing_over(h).boxed()));
+    }
     Ok(resp.map(|b| Observed::new(b, done).boxed()))
 }
 

@@ -451,3 +451,30 @@ async fn a_connection_that_never_speaks_does_not_hold_up_shutdown() {
         t.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_grants_no_window_is_dropped_after_the_stream_idle_timeout() {
+    // Over HTTP/2 the socket does not block: a client that reads nothing grants no window,
+    // and hyper then never asks the response body for more, so no body timer ran and the
+    // stream, and its upstream exchange, stayed open for good.
+    use http_body_util::BodyExt;
+    let up = Upstream::http1("up").start().await;
+    let proxy = start_one_route(up.addr, r#"limits = { stream_idle_timeout = "500ms" }"#, "").await;
+    let mut c = Client::h2c(proxy.addr("web")).await;
+    // 8 MiB echoed back: far more than the client's windows (hyper's: 2 MiB a stream).
+    let req = http::Request::post("/echo")
+        .header("host", "x")
+        .body(weir_tests::full(vec![b'x'; 8 << 20]))
+        .unwrap();
+    let resp = c.send(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    // Not reading: the proxy fills the windows, then waits on the client.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let read = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
+        .await
+        .expect("the body ends one way or the other");
+    assert!(
+        read.is_err(),
+        "the connection was dropped, so the body is cut short"
+    );
+}
