@@ -203,7 +203,9 @@ pub enum FailurePolicy {
     /// The request is answered 500 (the safe default for auth-like filters).
     #[default]
     FailClosed,
-    /// The request goes on as if the filter were absent.
+    /// The request goes on past the filter, without its answer. Header edits it made in the
+    /// failed call before failing stay, as with Envoy's `fail_open` (undoing them would
+    /// mean a copy of the head before every call).
     FailOpen,
 }
 
