@@ -882,24 +882,21 @@ async fn send(
             Ok(Err(e)) => Ok(Err(e)),
             Err(t) => Err(t),
         },
-        Conn::Http1Upgradable(mut s) => (Timed {
-            fut: s.send_request(req),
-            deadline,
-        })
-        .await
-        .map(|r| {
-            r.map(|resp| resp.map(UpstreamBody::Incoming))
-                .map_err(|e| describe(&e))
-        }),
-        Conn::Http2(mut s) => (Timed {
-            fut: s.send_request(req),
-            deadline,
-        })
-        .await
-        .map(|r| {
-            r.map(|resp| resp.map(UpstreamBody::Incoming))
-                .map_err(|e| describe(&e))
-        }),
+        // Two hyper types, one outcome: a response whose body has its own connection task.
+        Conn::Http1Upgradable(mut s) => incoming(
+            Timed {
+                fut: s.send_request(req),
+                deadline,
+            }
+            .await,
+        ),
+        Conn::Http2(mut s) => incoming(
+            Timed {
+                fut: s.send_request(req),
+                deadline,
+            }
+            .await,
+        ),
     };
     drop(pending);
     // Every outcome is a latency observation: peak-EWMA must see slow and failing endpoints,
@@ -921,6 +918,16 @@ async fn send(
             timeout,
         }),
     }
+}
+
+/// A timed exchange's outcome on a connection with its own task (HTTP/2, upgrades).
+fn incoming(
+    r: Result<hyper::Result<Response<Incoming>>, ()>,
+) -> Result<Result<Response<UpstreamBody>, String>, ()> {
+    r.map(|r| {
+        r.map(|resp| resp.map(UpstreamBody::Incoming))
+            .map_err(|e| describe(&e))
+    })
 }
 
 /// `at + d`, or 30 years on when that overflows.
