@@ -354,18 +354,10 @@ async fn the_request_timeout_runs_from_the_end_of_the_request_body() {
     assert_eq!(raw_status(&head), Some(200), "{head}");
 
     // The timer still runs for an upstream that answers late once the body is in.
-    let proxy = start_one_route(
-        raw_server(|mut s| async move {
-            let _ = read_head(&mut s).await;
-            tokio::time::sleep(Duration::from_secs(30)).await;
-        })
-        .await,
-        "",
-        r#"request_timeout = "500ms""#,
-    )
-    .await;
+    let up = Upstream::http1("up").start().await;
+    let proxy = start_one_route(up.addr, "", r#"request_timeout = "500ms""#).await;
     let t = Instant::now();
-    let req = http::Request::post("/")
+    let req = http::Request::post("/delay/30000")
         .header("host", "x")
         .body(weir_tests::full("hello"))
         .unwrap();
