@@ -82,6 +82,51 @@ pub struct H1Conn {
     sender: http1::SendRequest<Body>,
     conn: Pin<Box<http1::Connection<TokioIo<Stream>, Body>>>,
     ended: bool,
+    /// Taken from the idle pool: it served an exchange before this one.
+    reused: bool,
+}
+
+/// Why an exchange on a pooled HTTP/1.1 connection failed before its response head.
+#[derive(Debug)]
+pub struct SendFailed {
+    /// What happened, for the log and the error response.
+    pub reason: String,
+    /// The connection closed, or was reset, before any response: on a connection that sat
+    /// in the pool, most likely the upstream closing it as idle while the request was on its
+    /// way, not a failure of the request (see [`H1Conn::reused`]).
+    pub closed: bool,
+}
+
+impl SendFailed {
+    fn of(e: &hyper::Error) -> SendFailed {
+        SendFailed {
+            reason: describe(e),
+            closed: closed_before_response(e),
+        }
+    }
+}
+
+/// Whether hyper's error says the connection went away under the exchange (closed, reset,
+/// the request never written), rather than the upstream answering something invalid.
+fn closed_before_response(e: &hyper::Error) -> bool {
+    use std::io::ErrorKind;
+    if e.is_canceled() || e.is_incomplete_message() || e.is_closed() {
+        return true;
+    }
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                ErrorKind::ConnectionReset
+                    | ErrorKind::BrokenPipe
+                    | ErrorKind::ConnectionAborted
+                    | ErrorKind::UnexpectedEof
+            );
+        }
+        src = s.source();
+    }
+    false
 }
 
 impl H1Conn {
@@ -110,22 +155,30 @@ impl H1Conn {
         !self.ended && self.sender.is_ready()
     }
 
+    /// Whether the connection served an exchange before this one (it came from the pool).
+    pub fn reused(&self) -> bool {
+        self.reused
+    }
+
     /// Sends a request and drives the connection until the response head arrives.
     pub async fn send(
         mut self,
         req: http::Request<Body>,
-    ) -> Result<(http::Response<Incoming>, H1Conn), String> {
+    ) -> Result<(http::Response<Incoming>, H1Conn), SendFailed> {
         let mut fut = std::pin::pin!(self.sender.send_request(req));
         let r = std::future::poll_fn(|cx| {
             if let Poll::Ready(r) = fut.as_mut().poll(cx) {
-                return Poll::Ready(r.map_err(|e| describe(&e)));
+                return Poll::Ready(r.map_err(|e| SendFailed::of(&e)));
             }
             match self.poll_conn(cx) {
                 Poll::Pending => Poll::Pending,
                 // The connection ended: the response future resolves with the reason now.
                 Poll::Ready(()) => match fut.as_mut().poll(cx) {
-                    Poll::Ready(r) => Poll::Ready(r.map_err(|e| describe(&e))),
-                    Poll::Pending => Poll::Ready(Err("connection closed before the response".into())),
+                    Poll::Ready(r) => Poll::Ready(r.map_err(|e| SendFailed::of(&e))),
+                    Poll::Pending => Poll::Ready(Err(SendFailed {
+                        reason: "connection closed before the response".into(),
+                        closed: true,
+                    })),
                 },
             }
         })
@@ -580,8 +633,14 @@ impl Cluster {
         Some(eps[i].clone())
     }
 
-    /// Takes a pooled connection to `ep` or opens a new one. `http1` forces HTTP/1.1 (upgrades).
-    pub async fn checkout(&self, ep: &Arc<Endpoint>, force_http1: bool) -> Result<Conn, ConnectError> {
+    /// Takes a pooled connection to `ep` or opens a new one. `force_http1` forces HTTP/1.1
+    /// (upgrades); `fresh`, a new HTTP/1.1 connection even if one is idle in the pool.
+    pub async fn checkout(
+        &self,
+        ep: &Arc<Endpoint>,
+        force_http1: bool,
+        fresh: bool,
+    ) -> Result<Conn, ConnectError> {
         let h2 = self.config.protocol == UpstreamProtocol::Http2 && !force_http1;
         if h2 {
             let mut slot = ep.h2.lock().await;
@@ -613,10 +672,11 @@ impl Cluster {
             *slot = Some(sender.clone());
             return Ok(Conn::Http2(sender));
         }
-        if !force_http1 {
+        if !force_http1 && !fresh {
             let mut idle = ep.idle.lock().expect("idle lock");
             while let Some(mut c) = idle.pop() {
                 if c.since.elapsed() < self.config.idle_timeout && c.conn.reusable() {
+                    c.conn.reused = true;
                     return Ok(Conn::Http1(c.conn));
                 }
             }
@@ -632,6 +692,7 @@ impl Cluster {
                 sender,
                 conn: Box::pin(conn),
                 ended: false,
+                reused: false,
             }));
         }
         let addr = ep.addr;
@@ -641,6 +702,13 @@ impl Cluster {
             }
         });
         Ok(Conn::Http1Upgradable(sender))
+    }
+
+    /// A new HTTP/1.1 connection to `ep` for a request whose pooled connection closed under
+    /// it before any response (see [`SendFailed::closed`]); counted in the metrics.
+    pub async fn reconnect(&self, ep: &Arc<Endpoint>) -> Result<Conn, ConnectError> {
+        self.metrics.upstream_resend(&self.name);
+        self.checkout(ep, false, true).await
     }
 
     /// Opens a raw stream (TCP, then TLS if configured) to an endpoint, within the connect

@@ -65,6 +65,7 @@ pub struct Metrics {
     connections: Family<ListenerLabels, Gauge>,
     connections_total: Family<ListenerLabels, Counter>,
     connect_errors: Family<ClusterLabels, Counter>,
+    resends: Family<ClusterLabels, Counter>,
     filter_errors: Family<FilterErrorLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
     filters: std::sync::Mutex<Vec<(Arc<str>, std::sync::Weak<crate::filter::host::FilterMetrics>)>>,
@@ -106,6 +107,7 @@ impl Metrics {
         let connections = Family::<ListenerLabels, Gauge>::default();
         let connections_total = Family::<ListenerLabels, Counter>::default();
         let connect_errors = Family::<ClusterLabels, Counter>::default();
+        let resends = Family::<ClusterLabels, Counter>::default();
         let filter_errors = Family::<FilterErrorLabels, Counter>::default();
         let reloads = Family::<ReloadLabels, Counter>::default();
         // Both results exist from the start, so a dashboard sees 0 rather than no series.
@@ -141,6 +143,12 @@ impl Metrics {
             "Failed connection attempts to upstream endpoints",
             connect_errors.clone(),
         );
+        upstream.register(
+            "resent_requests",
+            "Requests sent again on a new connection because their pooled connection closed \
+             under them (the upstream's idle timeout is shorter than the cluster's)",
+            resends.clone(),
+        );
         let filter = root.sub_registry_with_prefix("filter");
         filter.register(
             "errors",
@@ -154,6 +162,7 @@ impl Metrics {
             connections,
             connections_total,
             connect_errors,
+            resends,
             filter_errors,
             reloads,
             filters: std::sync::Mutex::new(Vec::new()),
@@ -197,6 +206,15 @@ impl Metrics {
     /// Counts a failed connection attempt to a cluster's endpoint.
     pub fn upstream_connect_error(&self, cluster: &str) {
         self.connect_errors
+            .get_or_create(&ClusterLabels {
+                cluster: cluster.into(),
+            })
+            .inc();
+    }
+
+    /// Counts a request sent again after its pooled connection closed under it.
+    pub fn upstream_resend(&self, cluster: &str) {
+        self.resends
             .get_or_create(&ClusterLabels {
                 cluster: cluster.into(),
             })

@@ -26,7 +26,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::body::{self, Body, Limited, Observed, OnComplete};
-use crate::cluster::{describe, Cluster, Conn, Endpoint, PooledBody};
+use crate::cluster::{describe, Cluster, Conn, Endpoint, PooledBody, SendFailed};
 use crate::config::{Config, FilterEntry, ForwardedMode, ListenerLimits};
 use crate::error::ProxyError;
 use crate::filter::pipeline::{self, Pipeline, Stop};
@@ -754,7 +754,9 @@ fn ls_metrics_for(gw: &Gateway, ls: &ListenerState, route: &Route, cluster: &str
 }
 
 /// Sends the request to an endpoint of the cluster. Connect failures try other endpoints
-/// (the request has not left yet); nothing else is retried here.
+/// (the request has not left yet). A request that may safely go twice (see [`replayable`])
+/// and lost its pooled connection before any response goes again once, on a new connection
+/// to the same endpoint; nothing else is retried here.
 #[allow(clippy::too_many_arguments)]
 async fn send(
     cluster: &Cluster,
@@ -773,7 +775,7 @@ async fn send(
     let mut tried: smallvec::SmallVec<[SocketAddr; 4]> = avoid.iter().copied().collect();
     let mut connects = 0;
     let mut last_err = None;
-    let (ep, conn) = loop {
+    let (ep, mut conn) = loop {
         if connects >= limits::CONNECT_ATTEMPTS {
             break Err(last_err.expect("set after a failed attempt"));
         }
@@ -793,7 +795,7 @@ async fn send(
         };
         connects += 1;
         tried.push(ep.addr);
-        match cluster.checkout(&ep, upgrade).await {
+        match cluster.checkout(&ep, upgrade, false).await {
             Ok(c) => break Ok((ep, c)),
             Err(e) => {
                 last_err = Some(ProxyError::Connect {
@@ -850,83 +852,121 @@ async fn send(
             parts.headers.insert(header::HOST, h);
         }
     }
+    // A head to send again if the pooled connection turns out closed under the request.
+    let mut again = match &conn {
+        Conn::Http1(c) if c.reused() && replayable(&parts, body.as_ref()) => {
+            Some(crate::filter::copy_head(&parts))
+        }
+        _ => None,
+    };
     // Taken only now: when no endpoint could be reached the body stays with the caller,
     // unread, for a retry to send.
-    let req = Request::from_parts(parts, body.take().expect("a body for every attempt"));
-    let pending = ep.load.start();
-    let sent = Instant::now();
-    let deadline = match timing.body.filter(|b| b.ended_at().is_none()) {
-        // The deadline from the clock read that times the exchange (`timeout` would read it
-        // again).
-        None => Deadline::At {
-            sleep: tokio::time::sleep_until(tokio::time::Instant::from_std(far(sent, timeout))),
-        },
-        // Boxed: only requests whose body is still on its way pay for it.
-        Some(body) => Deadline::AfterUpload {
-            timer: Box::pin(timing.after_upload(body, sent)),
-        },
-    };
-    let result = match conn {
-        Conn::Http1(c) => match (Timed {
-            fut: c.send(req),
-            deadline,
-        })
-        .await
-        {
-            Ok(Ok((resp, c))) => {
-                let max = cluster.config.max_idle_per_endpoint;
-                Ok(Ok(resp.map(|b| {
-                    UpstreamBody::Pooled(PooledBody::new(b, c, ep.clone(), max))
-                })))
-            }
-            Ok(Err(e)) => Ok(Err(e)),
-            Err(t) => Err(t),
-        },
-        // Two hyper types, one outcome: a response whose body has its own connection task.
-        Conn::Http1Upgradable(mut s) => incoming(
-            Timed {
-                fut: s.send_request(req),
+    let mut req = Request::from_parts(parts, body.take().expect("a body for every attempt"));
+    loop {
+        let pending = ep.load.start();
+        let sent = Instant::now();
+        let deadline = match timing.body.filter(|b| b.ended_at().is_none()) {
+            // The deadline from the clock read that times the exchange (`timeout` would read it
+            // again).
+            None => Deadline::At {
+                sleep: tokio::time::sleep_until(tokio::time::Instant::from_std(far(sent, timeout))),
+            },
+            // Boxed: only requests whose body is still on its way pay for it.
+            Some(body) => Deadline::AfterUpload {
+                timer: Box::pin(timing.after_upload(body, sent)),
+            },
+        };
+        let result = match conn {
+            Conn::Http1(c) => match (Timed {
+                fut: c.send(req),
                 deadline,
+            })
+            .await
+            {
+                Ok(Ok((resp, c))) => {
+                    let max = cluster.config.max_idle_per_endpoint;
+                    Ok(Ok(resp.map(|b| {
+                        UpstreamBody::Pooled(PooledBody::new(b, c, ep.clone(), max))
+                    })))
+                }
+                Ok(Err(e)) => Ok(Err(e)),
+                Err(t) => Err(t),
+            },
+            // Two hyper types, one outcome: a response whose body has its own connection task.
+            Conn::Http1Upgradable(mut s) => incoming(
+                Timed {
+                    fut: s.send_request(req),
+                    deadline,
+                }
+                .await,
+            ),
+            Conn::Http2(mut s) => incoming(
+                Timed {
+                    fut: s.send_request(req),
+                    deadline,
+                }
+                .await,
+            ),
+        };
+        drop(pending);
+        if let Ok(Err(f)) = &result {
+            if let Some(head) = again.take().filter(|_| f.closed) {
+                // Not the endpoint's failure nor its latency: the connection's. Like Go's HTTP
+                // client and nginx with a cached upstream connection, send the request again.
+                tracing::debug!(upstream.addr = %ep.addr, error = %f.reason, "pooled connection closed under the request; sending it again on a new one");
+                conn = cluster.reconnect(&ep).await.map_err(|e| ProxyError::Connect {
+                    addr: ep.addr,
+                    reason: e.0,
+                })?;
+                req = Request::from_parts(head, body::empty());
+                continue;
             }
-            .await,
-        ),
-        Conn::Http2(mut s) => incoming(
-            Timed {
-                fut: s.send_request(req),
-                deadline,
-            }
-            .await,
-        ),
-    };
-    drop(pending);
-    // Every outcome is a latency observation: peak-EWMA must see slow and failing endpoints,
-    // not slow clients: from the end of the request body.
-    let done = Instant::now();
-    let from = timing
-        .body
-        .and_then(|b| b.ended_at())
-        .map_or(sent, |e| e.max(sent));
-    ep.load.observe_at(done, done.saturating_duration_since(from));
-    match result {
-        Ok(Ok(resp)) => Ok((resp, ep)),
-        Ok(Err(reason)) => Err(ProxyError::Upstream {
-            addr: ep.addr,
-            reason,
-        }),
-        Err(_) => Err(ProxyError::Timeout {
-            addr: ep.addr,
-            timeout,
-        }),
+        }
+        // Every outcome is a latency observation: peak-EWMA must see slow and failing endpoints,
+        // not slow clients: from the end of the request body.
+        let done = Instant::now();
+        let from = timing
+            .body
+            .and_then(|b| b.ended_at())
+            .map_or(sent, |e| e.max(sent));
+        ep.load.observe_at(done, done.saturating_duration_since(from));
+        return match result {
+            Ok(Ok(resp)) => Ok((resp, ep)),
+            Ok(Err(f)) => Err(ProxyError::Upstream {
+                addr: ep.addr,
+                reason: f.reason,
+            }),
+            Err(_) => Err(ProxyError::Timeout {
+                addr: ep.addr,
+                timeout,
+            }),
+        };
     }
 }
+
+/// Whether a request may be sent a second time after its connection failed under it: its
+/// method is idempotent (RFC 9110, section 9.2.2) or it carries an `Idempotency-Key`, and it
+/// has no body to send again (the body streamed, nothing kept it).
+fn replayable(parts: &http::request::Parts, body: Option<&Body>) -> bool {
+    let idempotent = matches!(
+        parts.method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    ) || parts.headers.contains_key(IDEMPOTENCY_KEY);
+    idempotent && body.is_some_and(http_body::Body::is_end_stream)
+}
+
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
 /// A timed exchange's outcome on a connection with its own task (HTTP/2, upgrades).
 fn incoming(
     r: Result<hyper::Result<Response<Incoming>>, ()>,
-) -> Result<Result<Response<UpstreamBody>, String>, ()> {
+) -> Result<Result<Response<UpstreamBody>, SendFailed>, ()> {
     r.map(|r| {
         r.map(|resp| resp.map(UpstreamBody::Incoming))
-            .map_err(|e| describe(&e))
+            .map_err(|e| SendFailed {
+                reason: describe(&e),
+                closed: false,
+            })
     })
 }
 

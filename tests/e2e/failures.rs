@@ -208,3 +208,90 @@ async fn responses_without_a_body_keep_their_upstream_connection() {
     assert_eq!(up.hits(), 11);
     assert_eq!(up.conns(), 1, "every exchange reused the one upstream connection");
 }
+
+/// An upstream whose every connection answers one request (keep-alive) and closes as the
+/// next one arrives, unread: an upstream's idle timeout firing just as a pooled connection is
+/// reused (Node.js closes idle keep-alive connections after 5 s; a proxy whose own idle
+/// timeout is longer meets this race under steady traffic). Counts connections accepted.
+async fn closes_on_second_request() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let conns = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                // The first request: its head (the test's requests carry no body).
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok";
+                // No body after the head of a HEAD response.
+                let len = answer.len() - if buf.starts_with(b"HEAD ") { 2 } else { 0 };
+                let _ = s.write_all(&answer[..len]).await;
+                // The next request's first bytes, then close with them unread (a reset).
+                let _ = s.readable().await;
+                drop(s);
+            });
+        }
+    });
+    (addr, conns)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_the_upstream_closes_as_it_is_reused_is_retried_on_a_new_one() {
+    use std::sync::atomic::Ordering;
+    let (up, conns) = closes_on_second_request().await;
+    let proxy = weir_tests::proxy::start_one_route(up, "", "").await;
+    let mut c = Client::h1(proxy.addr("web")).await;
+    // Idempotent requests without a body: the upstream cannot have acted on the lost one
+    // in a way a second one changes; each reuse fails and goes again on a new connection.
+    for (i, method) in ["GET", "GET", "HEAD", "DELETE", "GET"].into_iter().enumerate() {
+        let r = c.send_text(method, "/", "x", &[]).await;
+        assert_eq!(
+            r.status(),
+            200,
+            "request {i} ({method}): {:?} {}",
+            r.headers(),
+            r.body()
+        );
+    }
+    assert_eq!(
+        conns.load(Ordering::SeqCst),
+        5,
+        "one new connection per retried request"
+    );
+    // A request that is not idempotent is not sent twice: the client learns it failed.
+    let r = c.send_text("POST", "/", "x", &[]).await;
+    assert_eq!(r.status(), 502, "{:?}", r.headers());
+    // The endpoint was not at fault: it is still there for the next request (a new
+    // connection: the failed one is gone).
+    assert_eq!(c.send_text("GET", "/", "x", &[]).await.status(), 200);
+    assert_eq!(conns.load(Ordering::SeqCst), 6);
+    // A request that says it may go twice does (the Idempotency-Key header, as Go's HTTP
+    // client honours it).
+    let r = c.send_text("POST", "/", "x", &[("idempotency-key", "k-1")]).await;
+    assert_eq!(r.status(), 200, "{:?} {}", r.headers(), r.body());
+    assert_eq!(conns.load(Ordering::SeqCst), 7);
+    // Operators see it: the upstream closes idle connections sooner than the cluster does.
+    let (_, metrics) = proxy.admin_get("/metrics").await;
+    assert!(
+        metrics.contains(r#"weir_upstream_resent_requests_total{cluster="c"} 5"#),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("weir_upstream_connect_errors_total{"),
+        "{metrics}"
+    );
+}

@@ -1094,7 +1094,7 @@ async fn outbound_call(
         .pick(&[])
         .ok_or_else(|| format!("no healthy endpoint in cluster {:?}", &*cluster.name))?;
     let conn = cluster
-        .checkout(&ep, false)
+        .checkout(&ep, false, false)
         .await
         .map_err(|e| format!("connect to {}: {e}", ep.addr))?;
     let mut b = http::Request::builder().method(method);
@@ -1112,7 +1112,7 @@ async fn outbound_call(
                 .header(http::header::HOST, &*ep.authority)
                 .body(body)
                 .map_err(|e| e.to_string())?;
-            let (resp, c) = c.send(req).await?;
+            let (resp, c) = c.send(req).await.map_err(|f| f.reason)?;
             let max = cluster.config.max_idle_per_endpoint;
             let (parts, body) = resp.into_parts();
             let body = PooledBody::new(body, c, ep.clone(), max);
