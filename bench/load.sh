@@ -33,6 +33,10 @@
 #   SKIP_BUILD=1     use the release binaries already built instead of running cargo
 #   KEEP_DUMPS=DIR   with --instructions: keep each target's callgrind dump in DIR
 #                    (callgrind_annotate DIR/weir.callgrind shows where the instructions go)
+#   PROFILE=DIR      sample each server's stacks, user space and kernel, with `perf record`
+#                    during each measured run, into DIR/<target>-<round>.perf (perf report
+#                    -i FILE --no-children shows where the time goes; the sampling slows the
+#                    measured runs a little, so compare figures of such runs only together)
 #
 # It prints a Markdown table and writes the same report to bench/results/load-<date>.md.
 # It is a manual tool: never part of the test suite (numbers depend on the machine).
@@ -53,6 +57,7 @@ ROUNDS="${ROUNDS:-3}"
 PIN="${PIN:-0}"
 SKIP_BUILD="${SKIP_BUILD:-0}"
 KEEP_DUMPS="${KEEP_DUMPS:-}"
+PROFILE="${PROFILE:-}"
 H2=0
 INSTR=0
 # How long a server may take to answer its first request (wait_ok).
@@ -100,6 +105,7 @@ command -v curl >/dev/null || need+=(curl)
 command -v python3 >/dev/null || need+=(python3-minimal)
 if ((H2)) && ! command -v h2load >/dev/null; then need+=(nghttp2-client); fi
 if ((INSTR)) && ! command -v valgrind >/dev/null; then need+=(valgrind); fi
+if [[ -n "$PROFILE" ]] && ! command -v perf >/dev/null; then need+=(linux-perf); fi
 if ((${#need[@]})); then
     command -v apt-get >/dev/null || die "missing ${need[*]} and no apt-get to install them"
     SUDO=()
@@ -156,6 +162,7 @@ fi
 
 # --- processes and cleanup -----------------------------------------------------------------
 TMP="$(mktemp -d -t weir-bench.XXXXXX)"
+[[ -z "$PROFILE" ]] || mkdir -p "$PROFILE"
 # nginx drops its workers to `nobody` when started as root; they must reach the temp dir.
 chmod 755 "$TMP"
 PIDS=()
@@ -540,7 +547,15 @@ bench_target() {
     local pids u0 s0 u1 s1 n
     read -ra pids <<<"$(server_pids "$name")"
     read -r u0 s0 <<<"$(cpu_ticks "${pids[@]}")"
+    local perf_pid=""
+    if [[ -n "$PROFILE" ]]; then
+        timeout --foreground $((DURATION_S + 60)) perf record -q -e cpu-clock -F 1999 -g \
+            -o "$PROFILE/$name-$round.perf" -p "$(IFS=,; echo "${pids[*]}")" \
+            -- sleep "$DURATION_S" 2>/dev/null &
+        perf_pid=$!
+    fi
     wrk_run "$url" "$DURATION" "$DURATION_S" >"$out" || { cat "$out" >&2; die "$name: wrk failed"; }
+    [[ -z "$perf_pid" ]] || wait "$perf_pid" || log "$name: perf record failed"
     read -r u1 s1 <<<"$(cpu_ticks "${pids[@]}")"
     local r rps p50 p99 errs cpu usr sys
     r="$(parse_wrk "$out")" || { cat "$out" >&2; die "$name: cannot parse wrk output"; }
@@ -646,6 +661,7 @@ report="$TMP/report.md"
     echo "- machine: $(nproc) CPUs, $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo 2>/dev/null || echo unknown CPU), Linux $(uname -r)"
     echo "- tools: $(wrk --version 2>&1 | awk 'NR == 1 { print $1, $2 }'), $(nginx -v 2>&1 | sed 's/^nginx version: //')"
     echo "- settings: DURATION=$DURATION CONNECTIONS=$CONNECTIONS THREADS=$THREADS WORKERS=$WORKERS WARMUP=$WARMUP PIN=$PIN ROUNDS=$ROUNDS"
+    [[ -z "$PROFILE" ]] || echo "- sampled with \`perf record\` during each measured run (PROFILE=$PROFILE): every figure is slowed by the sampling"
     echo
     ((ROUNDS > 1)) && echo "Each figure is the median of $ROUNDS rounds (every target once per round, in order);" &&
         echo "the ratios below are taken within each round, then their median." && echo
