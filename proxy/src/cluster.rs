@@ -11,6 +11,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -80,10 +81,13 @@ struct IdleConn {
 /// proxy is a large share of the per-request work.
 pub struct H1Conn {
     sender: http1::SendRequest<Body>,
-    conn: Pin<Box<http1::Connection<TokioIo<Stream>, Body>>>,
+    conn: Pin<Box<http1::Connection<TokioIo<Heard>, Body>>>,
     ended: bool,
-    /// Taken from the idle pool: it served an exchange before this one.
-    reused: bool,
+    /// Taken from the idle pool after resting there [`limits::RESEND_AFTER_IDLE`] or
+    /// longer: the upstream may have closed it as idle just as the request goes.
+    rested: bool,
+    /// Set by the connection's reads; cleared when an exchange starts.
+    heard: Arc<AtomicBool>,
 }
 
 /// Why an exchange on a pooled HTTP/1.1 connection failed before its response head.
@@ -91,19 +95,30 @@ pub struct H1Conn {
 pub struct SendFailed {
     /// What happened, for the log and the error response.
     pub reason: String,
-    /// The connection closed, or was reset, before any response: on a connection that sat
-    /// in the pool, most likely the upstream closing it as idle while the request was on its
-    /// way, not a failure of the request (see [`H1Conn::reused`]).
+    /// The connection closed, or was reset, before a byte of response: on a connection that
+    /// sat in the pool, most likely the upstream closing it as idle while the request was on
+    /// its way, not a failure of the request (see [`H1Conn::rested`]).
     pub closed: bool,
 }
 
 impl SendFailed {
-    fn of(e: &hyper::Error) -> SendFailed {
+    /// `heard`: whether the connection read anything since the request went.
+    fn of(e: &hyper::Error, heard: bool) -> SendFailed {
         SendFailed {
             reason: describe(e),
-            closed: closed_before_response(e),
+            closed: !heard && closed_before_response(e),
         }
     }
+}
+
+/// Whether a request may go a second time, its body aside: its method is idempotent (RFC
+/// 9110, section 9.2.2) or it carries an `Idempotency-Key` (as Go's HTTP client honours it).
+pub fn may_resend(method: &http::Method, headers: &http::HeaderMap) -> bool {
+    use http::Method;
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    ) || headers.contains_key("idempotency-key")
 }
 
 /// Whether hyper's error says the connection went away under the exchange (closed, reset,
@@ -155,9 +170,10 @@ impl H1Conn {
         !self.ended && self.sender.is_ready()
     }
 
-    /// Whether the connection served an exchange before this one (it came from the pool).
-    pub fn reused(&self) -> bool {
-        self.reused
+    /// Whether the connection sat idle in the pool long enough before this exchange that the
+    /// upstream may close it under the request (see [`limits::RESEND_AFTER_IDLE`]).
+    pub fn rested(&self) -> bool {
+        self.rested
     }
 
     /// Sends a request and drives the connection until the response head arrives.
@@ -165,19 +181,22 @@ impl H1Conn {
         mut self,
         req: http::Request<Body>,
     ) -> Result<(http::Response<Incoming>, H1Conn), SendFailed> {
+        self.heard.store(false, Ordering::Relaxed);
+        let heard = self.heard.clone();
+        let failed = |e: hyper::Error| SendFailed::of(&e, heard.load(Ordering::Relaxed));
         let mut fut = std::pin::pin!(self.sender.send_request(req));
         let r = std::future::poll_fn(|cx| {
             if let Poll::Ready(r) = fut.as_mut().poll(cx) {
-                return Poll::Ready(r.map_err(|e| SendFailed::of(&e)));
+                return Poll::Ready(r.map_err(failed));
             }
             match self.poll_conn(cx) {
                 Poll::Pending => Poll::Pending,
                 // The connection ended: the response future resolves with the reason now.
                 Poll::Ready(()) => match fut.as_mut().poll(cx) {
-                    Poll::Ready(r) => Poll::Ready(r.map_err(|e| SendFailed::of(&e))),
+                    Poll::Ready(r) => Poll::Ready(r.map_err(failed)),
                     Poll::Pending => Poll::Ready(Err(SendFailed {
                         reason: "connection closed before the response".into(),
-                        closed: true,
+                        closed: !heard.load(Ordering::Relaxed),
                     })),
                 },
             }
@@ -440,6 +459,53 @@ impl AsyncWrite for Stream {
     }
 }
 
+type H1Handshake = (
+    http1::SendRequest<Body>,
+    http1::Connection<TokioIo<Heard>, Body>,
+    Arc<AtomicBool>,
+);
+
+/// An HTTP/1.1 upstream stream that notes when it reads something: whether a response had
+/// begun when its connection failed (see [`SendFailed::closed`]). One store per read.
+pub struct Heard {
+    io: Stream,
+    heard: Arc<AtomicBool>,
+}
+
+impl AsyncRead for Heard {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.heard.store(true, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Heard {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
 struct UpstreamTls {
     connector: tokio_rustls::TlsConnector,
     /// For an HTTP/2 cluster, the connector of its HTTP/1.1 connections (upgrades such as
@@ -633,14 +699,8 @@ impl Cluster {
         Some(eps[i].clone())
     }
 
-    /// Takes a pooled connection to `ep` or opens a new one. `force_http1` forces HTTP/1.1
-    /// (upgrades); `fresh`, a new HTTP/1.1 connection even if one is idle in the pool.
-    pub async fn checkout(
-        &self,
-        ep: &Arc<Endpoint>,
-        force_http1: bool,
-        fresh: bool,
-    ) -> Result<Conn, ConnectError> {
+    /// Takes a pooled connection to `ep` or opens a new one. `http1` forces HTTP/1.1 (upgrades).
+    pub async fn checkout(&self, ep: &Arc<Endpoint>, force_http1: bool) -> Result<Conn, ConnectError> {
         let h2 = self.config.protocol == UpstreamProtocol::Http2 && !force_http1;
         if h2 {
             let mut slot = ep.h2.lock().await;
@@ -672,27 +732,24 @@ impl Cluster {
             *slot = Some(sender.clone());
             return Ok(Conn::Http2(sender));
         }
-        if !force_http1 && !fresh {
+        if !force_http1 {
             let mut idle = ep.idle.lock().expect("idle lock");
             while let Some(mut c) = idle.pop() {
-                if c.since.elapsed() < self.config.idle_timeout && c.conn.reusable() {
-                    c.conn.reused = true;
+                let rested = c.since.elapsed();
+                if rested < self.config.idle_timeout && c.conn.reusable() {
+                    c.conn.rested = rested >= limits::RESEND_AFTER_IDLE;
                     return Ok(Conn::Http1(c.conn));
                 }
             }
         }
-        let io = self.connect(ep, true).await?;
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(io))
-            .await
-            .map_err(|e| self.connect_failed(ep, format!("http/1 handshake: {e}")))?;
-        ep.record_success();
+        let (sender, conn, heard) = self.handshake_h1(ep).await?;
         if !force_http1 {
             return Ok(Conn::Http1(H1Conn {
                 sender,
                 conn: Box::pin(conn),
                 ended: false,
-                reused: false,
+                rested: false,
+                heard,
             }));
         }
         let addr = ep.addr;
@@ -706,9 +763,30 @@ impl Cluster {
 
     /// A new HTTP/1.1 connection to `ep` for a request whose pooled connection closed under
     /// it before any response (see [`SendFailed::closed`]); counted in the metrics.
-    pub async fn reconnect(&self, ep: &Arc<Endpoint>) -> Result<Conn, ConnectError> {
+    pub async fn reconnect(&self, ep: &Endpoint) -> Result<H1Conn, ConnectError> {
+        let (sender, conn, heard) = self.handshake_h1(ep).await?;
         self.metrics.upstream_resend(&self.name);
-        self.checkout(ep, false, true).await
+        Ok(H1Conn {
+            sender,
+            conn: Box::pin(conn),
+            ended: false,
+            rested: false,
+            heard,
+        })
+    }
+
+    async fn handshake_h1(&self, ep: &Endpoint) -> Result<H1Handshake, ConnectError> {
+        let io = self.connect(ep, true).await?;
+        let heard = Arc::new(AtomicBool::new(false));
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(Heard {
+                io,
+                heard: heard.clone(),
+            }))
+            .await
+            .map_err(|e| self.connect_failed(ep, format!("http/1 handshake: {e}")))?;
+        ep.record_success();
+        Ok((sender, conn, heard))
     }
 
     /// Opens a raw stream (TCP, then TLS if configured) to an endpoint, within the connect

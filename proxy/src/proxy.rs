@@ -755,8 +755,9 @@ fn ls_metrics_for(gw: &Gateway, ls: &ListenerState, route: &Route, cluster: &str
 
 /// Sends the request to an endpoint of the cluster. Connect failures try other endpoints
 /// (the request has not left yet). A request that may safely go twice (see [`replayable`])
-/// and lost its pooled connection before any response goes again once, on a new connection
-/// to the same endpoint; nothing else is retried here.
+/// and lost a pooled connection that had rested (see [`limits::RESEND_AFTER_IDLE`]) before any
+/// response goes again once, on a new connection to the same endpoint; nothing else is retried
+/// here.
 #[allow(clippy::too_many_arguments)]
 async fn send(
     cluster: &Cluster,
@@ -795,7 +796,7 @@ async fn send(
         };
         connects += 1;
         tried.push(ep.addr);
-        match cluster.checkout(&ep, upgrade, false).await {
+        match cluster.checkout(&ep, upgrade).await {
             Ok(c) => break Ok((ep, c)),
             Err(e) => {
                 last_err = Some(ProxyError::Connect {
@@ -854,7 +855,7 @@ async fn send(
     }
     // A head to send again if the pooled connection turns out closed under the request.
     let mut again = match &conn {
-        Conn::Http1(c) if c.reused() && replayable(&parts, body.as_ref()) => {
+        Conn::Http1(c) if c.rested() && replayable(&parts, body.as_ref()) => {
             Some(crate::filter::copy_head(&parts))
         }
         _ => None,
@@ -862,18 +863,21 @@ async fn send(
     // Taken only now: when no endpoint could be reached the body stays with the caller,
     // unread, for a retry to send.
     let mut req = Request::from_parts(parts, body.take().expect("a body for every attempt"));
+    // When the exchange began: a request sent again has what is left of the timeout.
+    let mut began = None;
     loop {
         let pending = ep.load.start();
         let sent = Instant::now();
+        let began = *began.get_or_insert(sent);
         let deadline = match timing.body.filter(|b| b.ended_at().is_none()) {
             // The deadline from the clock read that times the exchange (`timeout` would read it
             // again).
             None => Deadline::At {
-                sleep: tokio::time::sleep_until(tokio::time::Instant::from_std(far(sent, timeout))),
+                sleep: tokio::time::sleep_until(tokio::time::Instant::from_std(far(began, timeout))),
             },
             // Boxed: only requests whose body is still on its way pay for it.
             Some(body) => Deadline::AfterUpload {
-                timer: Box::pin(timing.after_upload(body, sent)),
+                timer: Box::pin(timing.after_upload(body, began)),
             },
         };
         let result = match conn {
@@ -910,14 +914,32 @@ async fn send(
         };
         drop(pending);
         if let Ok(Err(f)) = &result {
-            if let Some(head) = again.take().filter(|_| f.closed) {
+            if let Some(head) = again
+                .take()
+                .filter(|_| f.closed && ep.is_available(Instant::now()))
+            {
                 // Not the endpoint's failure nor its latency: the connection's. Like Go's HTTP
-                // client and nginx with a cached upstream connection, send the request again.
+                // client and nginx with a cached upstream connection, send the request again,
+                // within the request's timeout.
                 tracing::debug!(upstream.addr = %ep.addr, error = %f.reason, "pooled connection closed under the request; sending it again on a new one");
-                conn = cluster.reconnect(&ep).await.map_err(|e| ProxyError::Connect {
-                    addr: ep.addr,
-                    reason: e.0,
-                })?;
+                let until = tokio::time::Instant::from_std(far(began, timeout));
+                conn = match tokio::time::timeout_at(until, cluster.reconnect(&ep)).await {
+                    Ok(Ok(c)) => Conn::Http1(c),
+                    // The request did reach the endpoint: not a connect failure (which would
+                    // tell filters it never left).
+                    Ok(Err(e)) => {
+                        return Err(ProxyError::Upstream {
+                            addr: ep.addr,
+                            reason: format!("{}; a new connection failed: {e}", f.reason),
+                        })
+                    }
+                    Err(_) => {
+                        return Err(ProxyError::Timeout {
+                            addr: ep.addr,
+                            timeout,
+                        })
+                    }
+                };
                 req = Request::from_parts(head, body::empty());
                 continue;
             }
@@ -944,18 +966,13 @@ async fn send(
     }
 }
 
-/// Whether a request may be sent a second time after its connection failed under it: its
-/// method is idempotent (RFC 9110, section 9.2.2) or it carries an `Idempotency-Key`, and it
-/// has no body to send again (the body streamed, nothing kept it).
+/// Whether a request may be sent a second time after its connection failed under it: it may
+/// ([`crate::cluster::may_resend`]) and has no body to send again (the body streamed,
+/// nothing kept it).
 fn replayable(parts: &http::request::Parts, body: Option<&Body>) -> bool {
-    let idempotent = matches!(
-        parts.method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    ) || parts.headers.contains_key(IDEMPOTENCY_KEY);
-    idempotent && body.is_some_and(http_body::Body::is_end_stream)
+    crate::cluster::may_resend(&parts.method, &parts.headers)
+        && body.is_some_and(http_body::Body::is_end_stream)
 }
-
-const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
 /// A timed exchange's outcome on a connection with its own task (HTTP/2, upgrades).
 fn incoming(

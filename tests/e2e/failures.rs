@@ -209,16 +209,40 @@ async fn responses_without_a_body_keep_their_upstream_connection() {
     assert_eq!(up.conns(), 1, "every exchange reused the one upstream connection");
 }
 
-/// An upstream whose every connection answers one request (keep-alive) and closes as the
-/// next one arrives, unread: an upstream's idle timeout firing just as a pooled connection is
-/// reused (Node.js closes idle keep-alive connections after 5 s; a proxy whose own idle
-/// timeout is longer meets this race under steady traffic). Counts connections accepted.
-async fn closes_on_second_request() -> (
+/// How [`closes_on_second_request`] ends a connection when its second request arrives.
+#[derive(Clone, Copy, PartialEq)]
+pub(crate) enum Ending {
+    /// Closed with the request unread (a reset): an idle timeout firing as it arrived.
+    Close,
+    /// The request read, the start of a response head written, then closed: a response had
+    /// begun, the upstream acted on the request.
+    PartialResponse,
+}
+
+/// An upstream whose every connection answers one request (keep-alive), with the request's
+/// head as the body, and ends as the next one arrives: an upstream's idle timeout firing
+/// just as a pooled connection is reused (Node.js closes idle keep-alive connections after
+/// 5 s; a proxy whose own idle timeout is longer meets this race under steady traffic).
+/// Counts connections accepted.
+pub(crate) async fn closes_on_second_request(
+    ending: Ending,
+) -> (
     std::net::SocketAddr,
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn read_head(s: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        Some(buf)
+    }
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let conns = std::sync::Arc::new(AtomicUsize::new(0));
@@ -227,21 +251,30 @@ async fn closes_on_second_request() -> (
         while let Ok((mut s, _)) = l.accept().await {
             counted.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
-                // The first request: its head (the test's requests carry no body).
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                // The first request's head (requests with a body get no answer).
+                let Some(head) = read_head(&mut s).await else {
+                    return;
+                };
+                let mut answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: keep-alive\r\n\r\n",
+                    head.len()
+                )
+                .into_bytes();
+                // No body after the head of a HEAD response.
+                if !head.starts_with(b"HEAD ") {
+                    answer.extend_from_slice(&head);
+                }
+                let _ = s.write_all(&answer).await;
+                match ending {
+                    Ending::Close => {
+                        let _ = s.readable().await;
+                    }
+                    Ending::PartialResponse => {
+                        if read_head(&mut s).await.is_some() {
+                            let _ = s.write_all(b"HTTP/1.1 20").await;
+                        }
                     }
                 }
-                let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok";
-                // No body after the head of a HEAD response.
-                let len = answer.len() - if buf.starts_with(b"HEAD ") { 2 } else { 0 };
-                let _ = s.write_all(&answer[..len]).await;
-                // The next request's first bytes, then close with them unread (a reset).
-                let _ = s.readable().await;
                 drop(s);
             });
         }
@@ -249,16 +282,23 @@ async fn closes_on_second_request() -> (
     (addr, conns)
 }
 
+/// Long enough for a pooled connection to count as rested (`limits::RESEND_AFTER_IDLE`, 100 ms).
+pub(crate) async fn rest() {
+    tokio::time::sleep(Duration::from_millis(150)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pooled_connection_the_upstream_closes_as_it_is_reused_is_retried_on_a_new_one() {
     use std::sync::atomic::Ordering;
-    let (up, conns) = closes_on_second_request().await;
+    let (up, conns) = closes_on_second_request(Ending::Close).await;
     let proxy = weir_tests::proxy::start_one_route(up, "", "").await;
     let mut c = Client::h1(proxy.addr("web")).await;
     // Idempotent requests without a body: the upstream cannot have acted on the lost one
-    // in a way a second one changes; each reuse fails and goes again on a new connection.
+    // in a way a second one changes; each reuse fails and goes again on a new connection,
+    // the same head as the first.
     for (i, method) in ["GET", "GET", "HEAD", "DELETE", "GET"].into_iter().enumerate() {
-        let r = c.send_text(method, "/", "x", &[]).await;
+        rest().await;
+        let r = c.send_text(method, "/p?q=1", "x", &[("x-mark", "m")]).await;
         assert_eq!(
             r.status(),
             200,
@@ -266,24 +306,45 @@ async fn a_pooled_connection_the_upstream_closes_as_it_is_reused_is_retried_on_a
             r.headers(),
             r.body()
         );
+        if method != "HEAD" {
+            let seen = r.body().to_ascii_lowercase();
+            assert!(
+                seen.starts_with(&format!("{} /p?q=1 http/1.1\r\n", method.to_ascii_lowercase())),
+                "{seen}"
+            );
+            assert!(
+                seen.contains("\r\nhost: x\r\n") && seen.contains("\r\nx-mark: m\r\n"),
+                "{seen}"
+            );
+        }
     }
     assert_eq!(
         conns.load(Ordering::SeqCst),
         5,
         "one new connection per retried request"
     );
+    rest().await;
     // A request that is not idempotent is not sent twice: the client learns it failed.
     let r = c.send_text("POST", "/", "x", &[]).await;
     assert_eq!(r.status(), 502, "{:?}", r.headers());
+    rest().await;
     // The endpoint was not at fault: it is still there for the next request (a new
     // connection: the failed one is gone).
     assert_eq!(c.send_text("GET", "/", "x", &[]).await.status(), 200);
     assert_eq!(conns.load(Ordering::SeqCst), 6);
+    rest().await;
     // A request that says it may go twice does (the Idempotency-Key header, as Go's HTTP
     // client honours it).
     let r = c.send_text("POST", "/", "x", &[("idempotency-key", "k-1")]).await;
     assert_eq!(r.status(), 200, "{:?} {}", r.headers(), r.body());
     assert_eq!(conns.load(Ordering::SeqCst), 7);
+    rest().await;
+    // An idempotent request with a body is not: the body streamed through, nothing kept it.
+    let req = http::Request::put("/")
+        .header("host", "x")
+        .body(weir_tests::full("some data"))
+        .unwrap();
+    assert_eq!(c.send(req).await.unwrap().status(), 502);
     // Operators see it: the upstream closes idle connections sooner than the cluster does.
     let (_, metrics) = proxy.admin_get("/metrics").await;
     assert!(
@@ -294,4 +355,19 @@ async fn a_pooled_connection_the_upstream_closes_as_it_is_reused_is_retried_on_a
         !metrics.contains("weir_upstream_connect_errors_total{"),
         "{metrics}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_that_fails_once_a_response_began_is_not_retried() {
+    use std::sync::atomic::Ordering;
+    // The upstream read the request and started answering: it acted on it. The client
+    // learns the exchange failed, even for a GET.
+    let (up, conns) = closes_on_second_request(Ending::PartialResponse).await;
+    let proxy = weir_tests::proxy::start_one_route(up, "", "").await;
+    let mut c = Client::h1(proxy.addr("web")).await;
+    assert_eq!(c.send_text("GET", "/", "x", &[]).await.status(), 200);
+    rest().await;
+    let r = c.send_text("GET", "/", "x", &[]).await;
+    assert_eq!(r.status(), 502, "{:?} {}", r.headers(), r.body());
+    assert_eq!(conns.load(Ordering::SeqCst), 1);
 }

@@ -406,3 +406,50 @@ async fn phases_a_filter_does_not_implement_are_not_called_again() {
         "an implemented phase keeps being called"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filters_call_on_a_pooled_connection_the_upstream_closes_goes_again() {
+    use std::sync::atomic::Ordering;
+    // The filter's calls (the policy fixture calls the cluster named by `x-call`) go to an
+    // upstream that closes each connection as its second request arrives: every call after
+    // the first meets its pooled connection closing, as the proxy's own requests do.
+    let (idp, conns) = crate::failures::closes_on_second_request(crate::failures::Ending::Close).await;
+    let up = Upstream::http1("up").start().await;
+    let toml = format!(
+        r#"{ADMIN}
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+filters = [{{ name = "policy", file = "{POLICY}", config = {{ value = "yes", deny_path = "/admin" }} }}]
+[[routes]]
+cluster = "c"
+[clusters.c]
+endpoints = ["{}"]
+[clusters.idp]
+endpoints = ["{idp}"]
+"#,
+        up.addr
+    );
+    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+    let mut c = Client::h1(proxy.addr("web")).await;
+    for i in 0..3 {
+        crate::failures::rest().await;
+        let r = c.send_text("GET", "/headers", "x", &[("x-call", "idp")]).await;
+        assert_eq!(r.status(), 200, "request {i}: {}", r.body());
+        assert!(
+            r.body().contains("x-call-status: 200"),
+            "request {i}: {}",
+            r.body()
+        );
+    }
+    assert_eq!(
+        conns.load(Ordering::SeqCst),
+        3,
+        "a new connection for each call after the first"
+    );
+    let (_, metrics) = proxy.admin_get("/metrics").await;
+    assert!(
+        metrics.contains(r#"weir_upstream_resent_requests_total{cluster="idp"} 2"#),
+        "{metrics}"
+    );
+}

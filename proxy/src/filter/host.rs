@@ -1094,7 +1094,7 @@ async fn outbound_call(
         .pick(&[])
         .ok_or_else(|| format!("no healthy endpoint in cluster {:?}", &*cluster.name))?;
     let conn = cluster
-        .checkout(&ep, false, false)
+        .checkout(&ep, false)
         .await
         .map_err(|e| format!("connect to {}: {e}", ep.addr))?;
     let mut b = http::Request::builder().method(method);
@@ -1104,15 +1104,34 @@ async fn outbound_call(
         b = b.header(n, v);
     }
     let path: http::uri::PathAndQuery = r.path.parse().map_err(|_| format!("invalid path {:?}", r.path))?;
-    let body = crate::body::full(r.body);
+    let data = bytes::Bytes::from(r.body);
+    let body = crate::body::full(data.clone());
     let resp = match conn {
         Conn::Http1(c) => {
-            let req = b
+            let (head, ()) = b
                 .uri(http::Uri::from(path))
                 .header(http::header::HOST, &*ep.authority)
-                .body(body)
-                .map_err(|e| e.to_string())?;
-            let (resp, c) = c.send(req).await.map_err(|f| f.reason)?;
+                .body(())
+                .map_err(|e| e.to_string())?
+                .into_parts();
+            // As the proxy does for requests (`proxy::send`): a pooled connection the
+            // upstream closed under the call gets a second try on a new one, if the call may
+            // go twice; the body is all here.
+            let again = (c.rested() && crate::cluster::may_resend(&head.method, &head.headers))
+                .then(|| crate::filter::copy_head(&head));
+            let (resp, c) = match c.send(http::Request::from_parts(head, body)).await {
+                Ok(r) => r,
+                Err(f) => match again.filter(|_| f.closed) {
+                    Some(head) => cluster
+                        .reconnect(&ep)
+                        .await
+                        .map_err(|e| format!("connect to {}: {e}", ep.addr))?
+                        .send(http::Request::from_parts(head, crate::body::full(data)))
+                        .await
+                        .map_err(|f| f.reason)?,
+                    None => return Err(f.reason),
+                },
+            };
             let max = cluster.config.max_idle_per_endpoint;
             let (parts, body) = resp.into_parts();
             let body = PooledBody::new(body, c, ep.clone(), max);
