@@ -11,7 +11,6 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -81,13 +80,11 @@ struct IdleConn {
 /// proxy is a large share of the per-request work.
 pub struct H1Conn {
     sender: http1::SendRequest<Body>,
-    conn: Pin<Box<http1::Connection<TokioIo<Heard>, Body>>>,
+    conn: Pin<Box<http1::Connection<TokioIo<Stream>, Body>>>,
     ended: bool,
     /// Taken from the idle pool after resting there [`limits::RESEND_AFTER_IDLE`] or
     /// longer: the upstream may have closed it as idle just as the request goes.
     rested: bool,
-    /// Set by the connection's reads; cleared when an exchange starts.
-    heard: Arc<AtomicBool>,
 }
 
 /// Why an exchange on a pooled HTTP/1.1 connection failed before its response head.
@@ -99,16 +96,6 @@ pub struct SendFailed {
     /// sat in the pool, most likely the upstream closing it as idle while the request was on
     /// its way, not a failure of the request (see [`H1Conn::rested`]).
     pub closed: bool,
-}
-
-impl SendFailed {
-    /// `heard`: whether the connection read anything since the request went.
-    fn of(e: &hyper::Error, heard: bool) -> SendFailed {
-        SendFailed {
-            reason: describe(e),
-            closed: !heard && closed_before_response(e),
-        }
-    }
 }
 
 /// Whether a request may go a second time, its body aside: its method is idempotent (RFC
@@ -181,28 +168,42 @@ impl H1Conn {
         mut self,
         req: http::Request<Body>,
     ) -> Result<(http::Response<Incoming>, H1Conn), SendFailed> {
-        self.heard.store(false, Ordering::Relaxed);
-        let heard = self.heard.clone();
-        let failed = |e: hyper::Error| SendFailed::of(&e, heard.load(Ordering::Relaxed));
         let mut fut = std::pin::pin!(self.sender.send_request(req));
+        // `Err(None)`: the connection ended and the request with it.
         let r = std::future::poll_fn(|cx| {
             if let Poll::Ready(r) = fut.as_mut().poll(cx) {
-                return Poll::Ready(r.map_err(failed));
+                return Poll::Ready(r.map_err(Some));
             }
             match self.poll_conn(cx) {
                 Poll::Pending => Poll::Pending,
                 // The connection ended: the response future resolves with the reason now.
                 Poll::Ready(()) => match fut.as_mut().poll(cx) {
-                    Poll::Ready(r) => Poll::Ready(r.map_err(failed)),
-                    Poll::Pending => Poll::Ready(Err(SendFailed {
-                        reason: "connection closed before the response".into(),
-                        closed: !heard.load(Ordering::Relaxed),
-                    })),
+                    Poll::Ready(r) => Poll::Ready(r.map_err(Some)),
+                    Poll::Pending => Poll::Ready(Err(None)),
                 },
             }
         })
         .await;
-        r.map(|resp| (resp, self))
+        match r {
+            Ok(resp) => Ok((resp, self)),
+            Err(e) => {
+                let reason = e
+                    .as_ref()
+                    .map_or_else(|| "connection closed before the response".to_string(), describe);
+                let gone = e.as_ref().is_none_or(closed_before_response);
+                Err(SendFailed {
+                    reason,
+                    closed: gone && self.read_nothing(),
+                })
+            }
+        }
+    }
+
+    /// Whether the connection holds no byte of a response: hyper keeps a head it could not
+    /// complete in its read buffer. Looked at only after a failure (it takes the connection
+    /// apart), so the request path pays nothing for it.
+    fn read_nothing(self) -> bool {
+        Pin::into_inner(self.conn).into_parts().read_buf.is_empty()
     }
 }
 
@@ -459,53 +460,6 @@ impl AsyncWrite for Stream {
     }
 }
 
-type H1Handshake = (
-    http1::SendRequest<Body>,
-    http1::Connection<TokioIo<Heard>, Body>,
-    Arc<AtomicBool>,
-);
-
-/// An HTTP/1.1 upstream stream that notes when it reads something: whether a response had
-/// begun when its connection failed (see [`SendFailed::closed`]). One store per read.
-pub struct Heard {
-    io: Stream,
-    heard: Arc<AtomicBool>,
-}
-
-impl AsyncRead for Heard {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let r = Pin::new(&mut this.io).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            this.heard.store(true, Ordering::Relaxed);
-        }
-        r
-    }
-}
-
-impl AsyncWrite for Heard {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-}
-
 struct UpstreamTls {
     connector: tokio_rustls::TlsConnector,
     /// For an HTTP/2 cluster, the connector of its HTTP/1.1 connections (upgrades such as
@@ -742,14 +696,13 @@ impl Cluster {
                 }
             }
         }
-        let (sender, conn, heard) = self.handshake_h1(ep).await?;
+        let (sender, conn) = self.handshake_h1(ep).await?;
         if !force_http1 {
             return Ok(Conn::Http1(H1Conn {
                 sender,
                 conn: Box::pin(conn),
                 ended: false,
                 rested: false,
-                heard,
             }));
         }
         let addr = ep.addr;
@@ -764,29 +717,27 @@ impl Cluster {
     /// A new HTTP/1.1 connection to `ep` for a request whose pooled connection closed under
     /// it before any response (see [`SendFailed::closed`]); counted in the metrics.
     pub async fn reconnect(&self, ep: &Endpoint) -> Result<H1Conn, ConnectError> {
-        let (sender, conn, heard) = self.handshake_h1(ep).await?;
+        let (sender, conn) = self.handshake_h1(ep).await?;
         self.metrics.upstream_resend(&self.name);
         Ok(H1Conn {
             sender,
             conn: Box::pin(conn),
             ended: false,
             rested: false,
-            heard,
         })
     }
 
-    async fn handshake_h1(&self, ep: &Endpoint) -> Result<H1Handshake, ConnectError> {
+    async fn handshake_h1(
+        &self,
+        ep: &Endpoint,
+    ) -> Result<(http1::SendRequest<Body>, http1::Connection<TokioIo<Stream>, Body>), ConnectError> {
         let io = self.connect(ep, true).await?;
-        let heard = Arc::new(AtomicBool::new(false));
         let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(Heard {
-                io,
-                heard: heard.clone(),
-            }))
+            .handshake(TokioIo::new(io))
             .await
             .map_err(|e| self.connect_failed(ep, format!("http/1 handshake: {e}")))?;
         ep.record_success();
-        Ok((sender, conn, heard))
+        Ok((sender, conn))
     }
 
     /// Opens a raw stream (TCP, then TLS if configured) to an endpoint, within the connect
