@@ -99,8 +99,10 @@ impl ListenerRt {
                 .max_pending_accept_reset_streams(20)
                 .max_local_error_reset_streams(200)
                 .initial_stream_window_size(64 * 1024)
-                .initial_connection_window_size(1024 * 1024)
-                .enable_connect_protocol();
+                .initial_connection_window_size(1024 * 1024);
+            // Not `enable_connect_protocol`: WebSocket over HTTP/2 (RFC 8441's extended
+            // CONNECT) needs translating to an HTTP/1.1 Upgrade for the upstream, which Weir
+            // does not do; without the setting, browsers open WebSockets over HTTP/1.1.
             b
         };
         ListenerRt {

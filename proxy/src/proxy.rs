@@ -475,6 +475,14 @@ async fn forward(
     if let Some(p) = canonical.filter(|_| parts.method != Method::CONNECT) {
         parts.uri = with_path(&parts.uri, &p)?;
     }
+    // RFC 9112 §3.2.2: with an absolute-form target the target's authority is the host, and
+    // a proxy replaces `Host` with it: filters and the upstream see the host routing saw.
+    if parts.version <= Version::HTTP_11 && parts.method != Method::CONNECT && parts.uri.authority().is_some()
+    {
+        if let Some(h) = &client_host {
+            parts.headers.insert(header::HOST, h.clone());
+        }
+    }
 
     x.chain = route.chain.clone();
     if let Some(resp) = route.chain.on_request_headers(&mut parts, ctx).await? {
@@ -817,7 +825,9 @@ async fn send(
     } else if parts.headers.contains_key(header::HOST) {
         None
     } else {
-        client_host
+        // HTTP/1.0 and HTTP/2 clients may name no host; an HTTP/1.1 request must carry one
+        // (RFC 9112 §3.2): the endpoint's, as for HTTP/2 upstreams below.
+        client_host.or_else(|| HeaderValue::from_str(&ep.authority).ok())
     };
     let pq = parts
         .uri
@@ -848,7 +858,24 @@ async fn send(
         parts.headers.remove(header::HOST);
     } else {
         parts.uri = Uri::from(pq);
+        if parts.version == Version::HTTP_2 {
+            join_cookies(&mut parts.headers);
+        }
         parts.version = Version::HTTP_11;
+        // hyper's HTTP/1.1 client sends a GET, HEAD or CONNECT of unknown length with no
+        // body at all; a body there (a search API's GET, an HTTP/2 GET with DATA and no
+        // content-length, a body a streaming filter rewrote) goes chunked, as Envoy sends it.
+        if let Some(b) = body.as_ref() {
+            if !http_body::Body::is_end_stream(b)
+                && http_body::Body::size_hint(b).exact().is_none()
+                && matches!(parts.method, Method::GET | Method::HEAD)
+                && !parts.headers.contains_key(header::CONTENT_LENGTH)
+            {
+                parts
+                    .headers
+                    .insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+            }
+        }
         if let Some(h) = host {
             parts.headers.insert(header::HOST, h);
         }
@@ -963,6 +990,26 @@ async fn send(
                 timeout,
             }),
         };
+    }
+}
+
+/// HTTP/2 clients may split `Cookie` into several fields, for HPACK (browsers send one per
+/// cookie); HTTP/1.1 allows one. RFC 9113, section 8.2.3: join them with "; " before the
+/// request goes on over HTTP/1.1 (an HTTP/1.1 server reads only one, or joins them with ",").
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut all = headers.get_all(header::COOKIE).iter();
+    let (Some(_), Some(_)) = (all.next(), all.next()) else {
+        return;
+    };
+    let mut joined = Vec::new();
+    for v in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, v);
     }
 }
 
@@ -1278,15 +1325,16 @@ fn upgrade_protocol(h: &HeaderMap) -> Option<HeaderValue> {
     }
 }
 
-/// Hop-by-hop headers of RFC 9110 §7.6.1 plus the legacy ones every proxy strips.
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// Hop-by-hop headers of RFC 9110 §7.6.1 plus the legacy ones every proxy strips. Not
+/// `Trailer`: RFC 9110 §6.6.2 makes it end to end (RFC 2616 listed it), and an HTTP/1.1 hop
+/// sends only the trailer fields it names.
+const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
 ];
 
@@ -1357,14 +1405,18 @@ fn set_forwarded(h: &mut HeaderMap, mode: ForwardedMode, conn: &ConnInfo, host: 
             };
         }
         ForwardedMode::Append => {
-            let xff = match h.get(&X_FORWARDED_FOR) {
-                Some(prev) => {
-                    let mut v = prev.as_bytes().to_vec();
-                    v.extend_from_slice(b", ");
-                    v.extend_from_slice(conn.client_ip.as_bytes());
-                    HeaderValue::from_bytes(&v).unwrap_or_else(|_| conn.client_ip.clone())
-                }
-                None => conn.client_ip.clone(),
+            // Every field line, in order (RFC 9110 §5.3): the hops a CDN appended in a line
+            // of its own count as much as the first line's.
+            let mut v = Vec::new();
+            for prev in h.get_all(&X_FORWARDED_FOR) {
+                v.extend_from_slice(prev.as_bytes());
+                v.extend_from_slice(b", ");
+            }
+            let xff = if v.is_empty() {
+                conn.client_ip.clone()
+            } else {
+                v.extend_from_slice(conn.client_ip.as_bytes());
+                HeaderValue::from_bytes(&v).unwrap_or_else(|_| conn.client_ip.clone())
             };
             h.insert(X_FORWARDED_FOR, xff);
             h.entry(X_FORWARDED_PROTO).or_insert(proto);

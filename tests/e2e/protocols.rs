@@ -305,10 +305,148 @@ async fn hop_by_hop_headers_go_and_forwarded_headers_are_set() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declared_trailers_cross_http1_hops_both_ways() {
+    // An HTTP/1.1 hop sends only the trailer fields its `Trailer` header names (hyper, as RFC
+    // 9110 §6.6.2 asks senders to declare them): a proxy that drops `Trailer` as hop-by-hop
+    // loses the trailers on every HTTP/1.1 leg.
+    let s = setup().await;
+    for host in ["h1.test", "h2.test"] {
+        let mut c = Client::h1(s.proxy.addr("plain")).await;
+        let (tx, body) = channel_body();
+        let req = Request::post("/echo")
+            .header("host", host)
+            .header("te", "trailers")
+            .header("trailer", "x-checksum")
+            .body(body)
+            .unwrap();
+        tokio::spawn(async move {
+            tx.send(Ok(Frame::data(Bytes::from_static(b"payload"))))
+                .await
+                .unwrap();
+            let mut t = http::HeaderMap::new();
+            t.insert("x-checksum", "c0ffee".parse().unwrap());
+            tx.send(Ok(Frame::trailers(t))).await.unwrap();
+        });
+        let resp = c.send(req).await.unwrap();
+        assert_eq!(resp.status(), 200, "{host}");
+        assert_eq!(resp.headers()["trailer"], "x-checksum", "{host}");
+        let collected = resp.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned();
+        assert_eq!(
+            trailers
+                .as_ref()
+                .and_then(|t| t.get("x-checksum"))
+                .map(|v| v.to_str().unwrap()),
+            Some("c0ffee"),
+            "{host}: the request's trailer reached the upstream and the response's came back: {trailers:?}"
+        );
+        assert_eq!(&collected.to_bytes()[..], b"payload");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absolute_form_target_replaces_host_and_a_hostless_request_gets_one() {
+    use weir_tests::client::raw_exchange;
+    let s = setup().await;
+    let wait = Duration::from_secs(2);
+    // RFC 9112 §3.2.2: the target's authority wins; the upstream must not see the other.
+    let (out, _) = raw_exchange(
+        s.proxy.addr("plain"),
+        b"GET http://h1.test/headers HTTP/1.1\r\nHost: admin.internal\r\nConnection: close\r\n\r\n",
+        wait,
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.contains("\nhost: h1.test\n"), "{out}");
+    assert!(!out.contains("admin.internal"), "{out}");
+    // HTTP/1.0 needs no Host; the HTTP/1.1 request to the upstream does (RFC 9112 §3.2).
+    let (out, _) = raw_exchange(s.proxy.addr("plain"), b"GET /headers HTTP/1.0\r\n\r\n", wait).await;
+    assert!(out.starts_with("HTTP/1.0 200"), "{out}");
+    let up = s._ups[0].addr.to_string();
+    assert!(out.contains(&format!("\nhost: {up}\n")), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_with_a_body_of_unknown_length_reaches_an_http1_upstream() {
+    // Search APIs take a GET with a body; sent chunked (no length), it reached the upstream
+    // as a GET without one.
+    let s = setup().await;
+    let (out, _) = weir_tests::client::raw_exchange(
+        s.proxy.addr("plain"),
+        b"GET /echo HTTP/1.1\r\nHost: h1.test\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\nc\r\n{\"query\":{}}\r\n0\r\n\r\n",
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(
+        out.contains("{\"query\":{}}"),
+        "the body reached the upstream: {out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cookies_an_http2_client_split_reach_an_http1_upstream_as_one_header() {
+    // Browsers send each cookie as its own field over HTTP/2 (HPACK compresses them apart);
+    // HTTP/1.1 allows one Cookie header, and servers read only the first of several.
+    let s = setup().await;
+    for (host, joined) in [("h1.test", true), ("h2.test", false)] {
+        let mut c = Client::h2c(s.proxy.addr("plain")).await;
+        let req = Request::get("/headers")
+            .header("host", host)
+            .header("cookie", "session=abc")
+            .header("cookie", "theme=dark")
+            .header("cookie", "lang=en")
+            .body(weir_tests::empty())
+            .unwrap();
+        let resp = c.send(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let seen = String::from_utf8(collect(resp.into_body()).await.unwrap().to_vec()).unwrap();
+        let cookies: Vec<&str> = seen.lines().filter(|l| l.starts_with("cookie: ")).collect();
+        if joined {
+            assert_eq!(cookies, ["cookie: session=abc; theme=dark; lang=en"], "{seen}");
+        } else {
+            // An HTTP/2 upstream takes them as they came.
+            assert_eq!(cookies.len(), 3, "{seen}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paths_are_canonical_before_routing_and_upstream() {
     let s = setup().await;
     let mut c = Client::h1(s.proxy.addr("plain")).await;
     let resp = c.get("/x/%2e%2e/./headers?q=%2e", "h1.test").await;
     let seen = String::from_utf8(collect(resp.into_body()).await.unwrap().to_vec()).unwrap();
     assert!(seen.starts_with("GET /headers?q=%2e HTTP/1.1"), "{seen}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_forwarded_for_appends_to_every_line_the_client_sent() {
+    // Behind a trusted proxy (`append`): a CDN that adds its hop as a line of its own must not
+    // lose it; the upstream counts trusted hops from the right.
+    let up = Upstream::http1("up").start().await;
+    let proxy = weir_tests::proxy::start_one_route(up.addr, r#"forwarded_headers = "append""#, "").await;
+    let mut c = Client::h1(proxy.addr("web")).await;
+    let r = c
+        .send_text(
+            "GET",
+            "/headers",
+            "x",
+            &[
+                ("x-forwarded-for", "203.0.113.7"),
+                ("x-forwarded-for", "198.51.100.2"),
+            ],
+        )
+        .await;
+    let lines: Vec<&str> = r
+        .body()
+        .lines()
+        .filter(|l| l.starts_with("x-forwarded-for: "))
+        .collect();
+    assert_eq!(
+        lines,
+        ["x-forwarded-for: 203.0.113.7, 198.51.100.2, 127.0.0.1"],
+        "{}",
+        r.body()
+    );
 }

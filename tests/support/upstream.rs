@@ -1,7 +1,8 @@
 //! Test upstreams on `127.0.0.1:0`. Every response carries `x-upstream: NAME`.
 //!
 //! Paths: `/echo` streams the request body back (and request trailers as response trailers
-//! with `grpc-status: 0` added on HTTP/2); `/headers` answers the request head it saw;
+//! with `grpc-status: 0` added on HTTP/2; on HTTP/1.1, the request's `Trailer` header is the
+//! response's and its trailers come back); `/headers` answers the request head it saw;
 //! `/delay/MS` answers after MS milliseconds; `/ws` is a WebSocket echo; anything else `ok`.
 
 use std::net::SocketAddr;
@@ -238,6 +239,7 @@ async fn respond(
     let path = req.uri().path().to_string();
     let mut resp = if path == "/echo" {
         let h2 = req.version() == http::Version::HTTP_2;
+        let declared = req.headers().get(http::header::TRAILER).cloned();
         // Stream frames back as they come; on HTTP/2 end with trailers like a gRPC server.
         let (tx, rx) =
             tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>>(4);
@@ -266,11 +268,17 @@ async fn respond(
             }
             if h2 {
                 trailers.insert("grpc-status", HeaderValue::from_static("0"));
+            }
+            if !trailers.is_empty() {
                 let _ = tx.send(Ok(Frame::trailers(trailers))).await;
             }
         });
         let stream = tokio_stream_from(rx);
-        Response::new(BodyExt::boxed(http_body_util::StreamBody::new(stream)))
+        let mut resp = Response::new(BodyExt::boxed(http_body_util::StreamBody::new(stream)));
+        if let Some(t) = declared {
+            resp.headers_mut().insert(http::header::TRAILER, t);
+        }
+        resp
     } else if path == "/headers" {
         let mut out = format!("{} {} {:?}\n", req.method(), req.uri(), req.version());
         for (k, v) in req.headers() {
