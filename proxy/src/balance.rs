@@ -138,21 +138,21 @@ impl Balancer {
                 (0..n).map(|k| (start + k) % n).find(|&i| usable(i))
             }
             Balancer::PeakEwma => {
-                // Sample among usable candidates without allocating: draw positions in the
-                // usable subsequence.
-                let count = (0..n).filter(|&i| usable(i)).count();
-                let nth = |k: usize| (0..n).filter(|&i| usable(i)).nth(k);
-                match count {
+                // The usable candidates, asked once each (on the stack for up to 16): asked
+                // again, an endpoint another request ejected meanwhile left a drawn position
+                // empty, and the request got 503 with healthy endpoints left.
+                let usable: smallvec::SmallVec<[usize; 16]> = (0..n).filter(|&i| usable(i)).collect();
+                match usable.len() {
                     0 => None,
-                    1 => nth(0),
-                    _ => {
+                    1 => Some(usable[0]),
+                    count => {
                         let mut rng = rand::thread_rng();
                         let a = rng.gen_range(0..count);
                         let mut b = rng.gen_range(0..count - 1);
                         if b >= a {
                             b += 1;
                         }
-                        let (a, b) = (nth(a)?, nth(b)?);
+                        let (a, b) = (usable[a], usable[b]);
                         let now = Instant::now();
                         if load(a).cost(now) <= load(b).cost(now) {
                             Some(a)
@@ -179,6 +179,23 @@ mod tests {
                 l
             })
             .collect()
+    }
+
+    #[test]
+    fn peak_ewma_asks_each_endpoint_once_so_an_ejection_meanwhile_cannot_void_the_pick() {
+        // Another request ejects endpoints while this one picks: each later question about
+        // an endpoint says "not usable".
+        let loads = loads(&[5, 5, 5]);
+        let b = Balancer::PeakEwma;
+        for _ in 0..50 {
+            let asked = std::cell::Cell::new(0);
+            let usable = |_: usize| {
+                asked.set(asked.get() + 1);
+                asked.get() <= 3
+            };
+            assert!(b.pick(3, usable, |i| &loads[i]).is_some());
+            assert_eq!(asked.get(), 3);
+        }
     }
 
     #[test]

@@ -360,15 +360,25 @@ impl Endpoint {
     /// Takes the endpoint out of balancing for `d` (an outlier signal from a filter).
     pub fn eject_for(&self, d: Duration) {
         let mut h = self.health.lock().expect("health lock");
-        h.ejected_until = Some(Instant::now() + d);
+        h.ejected_until = Some(later(Instant::now(), d));
     }
 
     fn record_failure(&self, base: Duration, max: Duration) -> Duration {
+        self.record_failure_at(Instant::now(), base, max)
+    }
+
+    fn record_failure_at(&self, now: Instant, base: Duration, max: Duration) -> Duration {
         let mut h = self.health.lock().expect("health lock");
+        if let Some(until) = h.ejected_until.filter(|&u| u > now) {
+            // Connects under way when the endpoint was ejected fail in their turn: one outage,
+            // one step of back-off (Envoy's multiplier grows once per ejection). Counting
+            // each went straight to the maximum when several requests were connecting.
+            return until - now;
+        }
         h.consecutive_failures = h.consecutive_failures.saturating_add(1);
         let exp = h.consecutive_failures.saturating_sub(1).min(16);
         let backoff = base.saturating_mul(1u32 << exp).min(max);
-        h.ejected_until = Some(Instant::now() + backoff);
+        h.ejected_until = Some(later(now, backoff));
         backoff
     }
 
@@ -378,6 +388,13 @@ impl Endpoint {
             *h = Health::default();
         }
     }
+}
+
+/// `at + d`, or a year on when that overflows (a configured `ejection_backoff_max` of
+/// centuries panicked here, with the health lock held, poisoning it for every later pick).
+fn later(at: Instant, d: Duration) -> Instant {
+    at.checked_add(d)
+        .unwrap_or_else(|| at + Duration::from_secs(86_400 * 365))
 }
 
 /// What [`Cluster::eject_unless_last`] did.
@@ -837,12 +854,29 @@ mod tests {
             "127.0.0.1".into(),
         );
         let (b, m) = (Duration::from_secs(1), Duration::from_secs(5));
-        assert_eq!(ep.record_failure(b, m), Duration::from_secs(1));
-        assert_eq!(ep.record_failure(b, m), Duration::from_secs(2));
-        assert_eq!(ep.record_failure(b, m), Duration::from_secs(4));
-        assert_eq!(ep.record_failure(b, m), Duration::from_secs(5));
-        assert!(!ep.is_available(Instant::now()));
+        let t = Instant::now();
+        let s = Duration::from_secs;
+        assert_eq!(ep.record_failure_at(t, b, m), s(1));
+        // Connects that were under way fail during that ejection: no new step.
+        assert_eq!(
+            ep.record_failure_at(t + Duration::from_millis(400), b, m),
+            Duration::from_millis(600)
+        );
+        assert_eq!(
+            ep.record_failure_at(t + Duration::from_millis(900), b, m),
+            Duration::from_millis(100)
+        );
+        // Each failure after an ejection ended doubles the next one, up to the max.
+        assert_eq!(ep.record_failure_at(t + s(1), b, m), s(2));
+        assert_eq!(ep.record_failure_at(t + s(3), b, m), s(4));
+        assert_eq!(ep.record_failure_at(t + s(7), b, m), s(5));
+        assert!(!ep.is_available(t + s(11)));
+        assert!(ep.is_available(t + s(12)));
         ep.record_success();
         assert!(ep.is_available(Instant::now()));
+        // A back-off of centuries ejects for a year instead of overflowing the clock.
+        let huge = Duration::from_secs(u64::MAX / 2);
+        assert_eq!(ep.record_failure_at(t, huge, huge), huge);
+        assert!(!ep.is_available(t + s(86_400 * 300)));
     }
 }

@@ -67,6 +67,7 @@ pub struct ReloadStatus {
 }
 
 /// A filter as loaded, with what identifies its version.
+#[derive(Clone)]
 struct Loaded {
     /// digest + config + limits: equal keys are the same filter.
     key: String,
@@ -75,6 +76,7 @@ struct Loaded {
 }
 
 /// A cluster as built, with what identifies its config.
+#[derive(Clone)]
 struct BuiltCluster {
     key: String,
     cluster: Arc<Cluster>,
@@ -90,6 +92,26 @@ struct Applied {
     shared: HashMap<String, Arc<FilterShared>>,
     clusters: HashMap<String, BuiltCluster>,
     registry: Option<Arc<Registry>>,
+}
+
+/// The filters and clusters in service, and each filter's view of the clusters, as a failed
+/// reload must leave them.
+struct Served {
+    filters: HashMap<String, Loaded>,
+    clusters: HashMap<String, BuiltCluster>,
+    views: Vec<(Arc<FilterShared>, Arc<crate::cluster::Clusters>)>,
+}
+
+impl Served {
+    fn restore(self, applied: &mut Applied) {
+        applied.filters = self.filters;
+        // Not the clusters the failed build made: an unchanged cluster of the next reload
+        // is then the one in service, with its pools and latency estimates.
+        applied.clusters = self.clusters;
+        for (shared, view) in self.views {
+            shared.clusters.store(view);
+        }
+    }
 }
 
 /// How a reload ended.
@@ -274,6 +296,18 @@ impl Control {
             return Ok(Outcome::Unchanged);
         }
         let generation = applied.generation + 1;
+        // What is in service, put back if the reload fails: the build repoints the filters'
+        // view of the clusters (their calls and routing go by it) before it is known whether
+        // the new generation will serve.
+        let served = Served {
+            filters: applied.filters.clone(),
+            clusters: applied.clusters.clone(),
+            views: applied
+                .shared
+                .values()
+                .map(|s| (s.clone(), s.clusters.load_full()))
+                .collect(),
+        };
         // Work on a copy: a failure half-way leaves the running state untouched.
         let mut next = Applied {
             fingerprint: String::new(),
@@ -295,16 +329,14 @@ impl Control {
         let (gateway, errors) = match built {
             Ok(g) => g,
             Err(e) => {
-                applied.filters = next.filters;
-                applied.clusters = next.clusters;
+                served.restore(applied);
                 return Err(e);
             }
         };
         let prepared = match listeners.prepare(&config).await {
             Ok(p) => p,
             Err(e) => {
-                applied.filters = next.filters;
-                applied.clusters = next.clusters;
+                served.restore(applied);
                 return Err(e);
             }
         };

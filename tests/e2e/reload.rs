@@ -647,3 +647,61 @@ async fn a_connection_that_has_not_spoken_yet_when_its_listener_goes_gets_an_ans
     assert!(got.contains("x-weir-error: listener-gone"), "{got:?}");
     assert!(got.to_ascii_lowercase().contains("connection: close"), "{got:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_reload_leaves_the_filters_calling_the_clusters_in_service() {
+    // The build of a reload repointed the filters' view of the clusters before the reload
+    // was known to succeed: after a reload that failed (its new listener's address was
+    // taken), the running filter called the failed config's clusters, and one it removed
+    // was gone.
+    weir_tests::init();
+    let up = Upstream::http1("up").start().await;
+    let idp = Upstream::http1("idp").start().await;
+    let port = weir_tests::unused_port();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap();
+    let policy = env!("WEIR_FIXTURE_POLICY");
+    let toml = |broken: bool| {
+        let (extra, idp) = if broken {
+            (
+                format!("[[listeners]]\nname = \"taken\"\naddress = \"{taken}\"\n"),
+                String::new(),
+            )
+        } else {
+            (
+                String::new(),
+                format!("[clusters.idp]\nendpoints = [\"{}\"]\n", idp.addr),
+            )
+        };
+        format!(
+            "[admin]\nenabled = false\n[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:{port}\"\n\
+             filters = [{{ name = \"policy\", file = \"{policy}\", config = {{ value = \"yes\", deny_path = \"/admin\" }} }}]\n\
+             {extra}[[routes]]\ncluster = \"c\"\n[clusters.c]\nendpoints = [\"{}\"]\n{idp}",
+            up.addr
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("weir.toml");
+    std::fs::write(&file, toml(false)).unwrap();
+    let (proxy, control) = TestProxy::start_file(&file, DEBOUNCE).await;
+    let addr = proxy.addr("web");
+    let call = || async move {
+        let mut c = Client::h1(addr).await;
+        c.send_text("GET", "/headers", "x", &[("x-call", "idp")]).await
+    };
+    let r = call().await;
+    assert!(r.body().contains("x-call-status: 200"), "{}", r.body());
+    std::fs::write(&file, toml(true)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let err = loop {
+        if let Some(e) = control.status().last_error {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "the broken config was never tried");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(err.contains(&taken.to_string()), "{err}");
+    let r = call().await;
+    assert_eq!(r.status(), 200, "{}", r.body());
+    assert!(r.body().contains("x-call-status: 200"), "{}", r.body());
+}
