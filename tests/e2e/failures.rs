@@ -371,3 +371,59 @@ async fn a_pooled_connection_that_fails_once_a_response_began_is_not_retried() {
     assert_eq!(r.status(), 502, "{:?} {}", r.headers(), r.body());
     assert_eq!(conns.load(Ordering::SeqCst), 1);
 }
+
+/// An HTTP/2 upstream that answers one request per connection and then shuts the connection
+/// down gracefully (GOAWAY, then close) while it sits idle: a server at its maximum
+/// connection age (gRPC's `MaxConnectionAge`) or draining for a deploy. Counts connections.
+async fn h2_one_request_per_connection() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let conns = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+                let done_tx = std::sync::Mutex::new(Some(done_tx));
+                let svc = hyper::service::service_fn(move |_req: http::Request<hyper::body::Incoming>| {
+                    if let Some(t) = done_tx.lock().unwrap().take() {
+                        let _ = t.send(());
+                    }
+                    async { Ok::<_, std::convert::Infallible>(http::Response::new(weir_tests::full("ok"))) }
+                });
+                let conn = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc);
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => return,
+                    _ = done_rx => {}
+                }
+                // Answer the request, then go away once idle.
+                let _ = tokio::time::timeout(Duration::from_millis(100), conn.as_mut()).await;
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            });
+        }
+    });
+    (addr, conns)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_upstream_that_went_away_gets_the_next_request_on_a_new_connection() {
+    use std::sync::atomic::Ordering;
+    let (up, conns) = h2_one_request_per_connection().await;
+    let proxy = weir_tests::proxy::start_one_route(up, "", r#"protocol = "http2""#).await;
+    let mut c = Client::h1(proxy.addr("web")).await;
+    for i in 0..4 {
+        // A POST: the request never reached the upstream, so even it goes again.
+        let r = c.send_text("POST", "/", "x", &[]).await;
+        assert_eq!(r.status(), 200, "request {i}: {:?} {}", r.headers(), r.body());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(conns.load(Ordering::SeqCst), 4);
+}
