@@ -285,9 +285,19 @@ pub struct RouteConfig {
     /// Tunnel `CONNECT` requests matching this route to the cluster (refused otherwise).
     #[serde(default)]
     pub allow_connect: bool,
+    /// HTTP/1.1 `Upgrade` protocols tunnelled to the cluster (Envoy's `upgrade_configs`);
+    /// a request asking for another goes on as a plain request, its `Upgrade` removed. Not
+    /// every protocol by default: an `h2c` upgrade would open a raw HTTP/2 tunnel past the
+    /// filters (h2c smuggling).
+    #[serde(default = "default_upgrades")]
+    pub upgrades: Vec<String>,
     /// Filters run on this route, after the listener's.
     #[serde(default)]
     pub filters: Vec<FilterEntry>,
+}
+
+fn default_upgrades() -> Vec<String> {
+    vec!["websocket".into()]
 }
 
 /// The filter host: where filter files are and the limits each filter call runs under.

@@ -506,8 +506,9 @@ async fn forward(
         return connect_tunnel(parts, cluster, conn.slot.clone(), x).await;
     }
 
+    // Only the protocols the route allows; another goes on as a plain request.
     let upgrade = if parts.version == Version::HTTP_11 {
-        upgrade_protocol(&parts.headers)
+        upgrade_protocol(&parts.headers).filter(|p| route.allows_upgrade(p))
     } else {
         None
     };

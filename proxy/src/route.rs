@@ -36,6 +36,8 @@ pub struct Route {
     pub auto_host_rewrite: bool,
     /// Tunnel `CONNECT` to the cluster.
     pub allow_connect: bool,
+    /// `Upgrade` protocols tunnelled to the cluster.
+    pub upgrades: Arc<[String]>,
     /// Pre-resolved metric series for (listener, route, route's cluster).
     pub metrics: RouteMetrics,
     /// The filters this route's requests run: the listener's, then the route's own.
@@ -43,6 +45,20 @@ pub struct Route {
 }
 
 impl Route {
+    /// Whether the route tunnels an upgrade to `proto` (the `Upgrade` header's first
+    /// protocol, its version aside: `websocket`, `h2c`, `TLS/1.2`).
+    pub fn allows_upgrade(&self, proto: &http::HeaderValue) -> bool {
+        let first = proto.as_bytes().split(|&b| b == b',').next().unwrap_or_default();
+        let name = first
+            .split(|&b| b == b'/')
+            .next()
+            .unwrap_or_default()
+            .trim_ascii();
+        self.upgrades
+            .iter()
+            .any(|u| u.as_bytes().eq_ignore_ascii_case(name))
+    }
+
     fn matches(&self, host: &str, path: &str) -> bool {
         let host_ok = match &self.host {
             HostMatch::Any => true,
@@ -116,6 +132,7 @@ fn compile(i: usize, r: &RouteConfig, listener: &str, metrics: &Metrics, chain: 
             .and_then(|h| http::HeaderValue::from_str(h).ok()),
         auto_host_rewrite: r.auto_host_rewrite,
         allow_connect: r.allow_connect,
+        upgrades: r.upgrades.iter().map(|u| u.to_ascii_lowercase()).collect(),
         chain,
     }
 }

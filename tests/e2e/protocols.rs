@@ -450,3 +450,67 @@ async fn x_forwarded_for_appends_to_every_line_the_client_sent() {
         r.body()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_upgrades_a_route_allows_are_tunnelled() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use weir_tests::client::raw_exchange;
+    // An upstream that switches to any protocol asked for. An `h2c` upgrade through the
+    // proxy would give the client a raw HTTP/2 tunnel to it, past every filter (h2c
+    // smuggling): only `websocket` is tunnelled unless the route lists more.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let answer: &[u8] = if head.contains("\r\nupgrade: h2c") {
+                    b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n"
+                } else {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain"
+                };
+                let _ = s.write_all(answer).await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            });
+        }
+    });
+    let toml = format!(
+        r#"{ADMIN}
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+[[routes]]
+path_prefix = "/open"
+cluster = "c"
+upgrades = ["websocket", "h2c"]
+[[routes]]
+cluster = "c"
+[clusters.c]
+endpoints = ["{up}"]
+"#
+    );
+    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+    let ask = |path: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n\
+             HTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
+        )
+    };
+    let wait = Duration::from_millis(500);
+    let (out, _) = raw_exchange(proxy.addr("web"), ask("/").as_bytes(), wait).await;
+    assert!(
+        out.starts_with("HTTP/1.1 200"),
+        "a plain request, not a tunnel: {out}"
+    );
+    assert!(out.ends_with("plain"), "{out}");
+    let (out, _) = raw_exchange(proxy.addr("web"), ask("/open").as_bytes(), wait).await;
+    assert!(out.starts_with("HTTP/1.1 101"), "the route allows h2c: {out}");
+}
