@@ -330,10 +330,15 @@ impl http_body::Body for PooledBody {
     }
 }
 
+/// Two kinds of ejection, kept apart: a connection to the endpoint succeeding ends the
+/// first, not the second (it says nothing of the 5xx a filter ejected it for).
 #[derive(Default)]
 struct Health {
+    /// Connect failures in a row, and the back-off they earned.
     consecutive_failures: u32,
     ejected_until: Option<Instant>,
+    /// An outlier signal from a filter (`eject-upstream`), for its own duration.
+    outlier_until: Option<Instant>,
 }
 
 impl Endpoint {
@@ -351,16 +356,16 @@ impl Endpoint {
 
     /// Whether the endpoint may receive traffic now.
     pub fn is_available(&self, now: Instant) -> bool {
-        match self.health.lock().expect("health lock").ejected_until {
-            Some(until) => now >= until,
-            None => true,
-        }
+        let h = self.health.lock().expect("health lock");
+        h.ejected_until.is_none_or(|u| now >= u) && h.outlier_until.is_none_or(|u| now >= u)
     }
 
-    /// Takes the endpoint out of balancing for `d` (an outlier signal from a filter).
+    /// Takes the endpoint out of balancing for `d` (an outlier signal from a filter); a
+    /// longer ejection under way stays.
     pub fn eject_for(&self, d: Duration) {
         let mut h = self.health.lock().expect("health lock");
-        h.ejected_until = Some(later(Instant::now(), d));
+        let until = later(Instant::now(), d);
+        h.outlier_until = Some(h.outlier_until.map_or(until, |u| u.max(until)));
     }
 
     fn record_failure(&self, base: Duration, max: Duration) -> Duration {
@@ -385,7 +390,8 @@ impl Endpoint {
     fn record_success(&self) {
         let mut h = self.health.lock().expect("health lock");
         if h.consecutive_failures != 0 || h.ejected_until.is_some() {
-            *h = Health::default();
+            h.consecutive_failures = 0;
+            h.ejected_until = None;
         }
     }
 }
@@ -874,6 +880,20 @@ mod tests {
         assert!(ep.is_available(t + s(12)));
         ep.record_success();
         assert!(ep.is_available(Instant::now()));
+        // A filter's ejection outlives a connection that succeeds meanwhile (one begun
+        // before it, a filter's outbound call); a connect failure's back-off does not
+        // shorten it.
+        ep.eject_for(s(30));
+        ep.record_success();
+        assert!(!ep.is_available(Instant::now()));
+        assert_eq!(ep.record_failure_at(Instant::now(), b, m), s(1));
+        assert!(!ep.is_available(Instant::now() + s(2)));
+        assert!(ep.is_available(Instant::now() + s(31)));
+        let ep = Endpoint::new(
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:1".into(),
+            "127.0.0.1".into(),
+        );
         // A back-off of centuries ejects for a year instead of overflowing the clock.
         let huge = Duration::from_secs(u64::MAX / 2);
         assert_eq!(ep.record_failure_at(t, huge, huge), huge);
