@@ -632,6 +632,30 @@ impl Cluster {
         }
     }
 
+    /// Seeds the endpoints of this (new) cluster's names with the addresses `previous` had for
+    /// them, as fresh endpoints (TLS or protocol may have changed): a reload that changes a
+    /// cluster while its names fail to resolve keeps their last addresses instead of an empty
+    /// cluster until the next refresh, as Envoy keeps the last resolved hosts.
+    pub fn inherit_addresses(&self, previous: &Cluster) {
+        let prev = previous.endpoints.load();
+        let mut next: Vec<Arc<Endpoint>> = self.endpoints.load().iter().cloned().collect();
+        for spec in &self.config.endpoints {
+            let Ok((host, _)) = parse_endpoint(spec) else {
+                continue;
+            };
+            if host.parse::<std::net::IpAddr>().is_ok() {
+                continue;
+            }
+            let authority: Arc<str> = spec.as_str().into();
+            for e in prev.iter().filter(|e| e.authority == authority) {
+                if !next.iter().any(|n| n.addr == e.addr) {
+                    next.push(Arc::new(Endpoint::new(e.addr, authority.clone(), host.clone())));
+                }
+            }
+        }
+        self.endpoints.store(Arc::new(next));
+    }
+
     /// Background upkeep while the cluster lives: DNS refresh and idle-connection eviction.
     pub async fn maintain(this: Weak<Cluster>) {
         let (dns_every, idle) = match this.upgrade() {
@@ -818,6 +842,37 @@ mod tests {
         assert!(parse_endpoint("h:0").is_err());
         assert!(parse_endpoint("h:99999").is_err());
         assert!(parse_endpoint(":80").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_changed_cluster_keeps_the_last_addresses_of_names_that_fail_to_resolve() {
+        // `.invalid` never resolves (RFC 6761): the DNS failure during a reload.
+        let toml = |timeout: &str| {
+            format!(
+                "[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\n[[routes]]\ncluster = \"c\"\n\
+                 [clusters.c]\nendpoints = [\"api.weir-test.invalid:8080\", \"127.0.0.1:9\"]\nrequest_timeout = \"{timeout}\"\n"
+            )
+        };
+        let metrics = Arc::new(Metrics::new());
+        let old_config = Config::from_toml(&toml("5s"), "weir.toml", std::path::Path::new(".")).unwrap();
+        let old = Cluster::new("c", &old_config.clusters["c"], &old_config, metrics.clone()).unwrap();
+        // What the name resolved to while it still did.
+        let resolved: SocketAddr = "127.0.0.7:8080".parse().unwrap();
+        let mut eps: Vec<Arc<Endpoint>> = old.endpoints().iter().cloned().collect();
+        eps.push(Arc::new(Endpoint::new(
+            resolved,
+            "api.weir-test.invalid:8080".into(),
+            "api.weir-test.invalid".into(),
+        )));
+        old.endpoints.store(Arc::new(eps));
+
+        let config = Config::from_toml(&toml("9s"), "weir.toml", std::path::Path::new(".")).unwrap();
+        let new = Cluster::new("c", &config.clusters["c"], &config, metrics).unwrap();
+        new.inherit_addresses(&old);
+        new.refresh_dns().await;
+        let mut addrs: Vec<SocketAddr> = new.endpoints().iter().map(|e| e.addr).collect();
+        addrs.sort();
+        assert_eq!(addrs, ["127.0.0.1:9".parse().unwrap(), resolved]);
     }
 
     #[test]

@@ -538,6 +538,9 @@ async fn build(
                     Cluster::new(name, c, config, metrics.clone())
                         .with_context(|| format!("{}: clusters.{name}", config.source_name))?,
                 );
+                if let Some(previous) = applied.clusters.get(name) {
+                    cluster.inherit_addresses(&previous.cluster);
+                }
                 cluster.refresh_dns().await;
                 tokio::spawn(Cluster::maintain(Arc::downgrade(&cluster)));
                 cluster
