@@ -1255,6 +1255,11 @@ fn client_host(req: &Request<Incoming>) -> Result<Option<HeaderValue>, ProxyErro
                 }
             }
         }
+        // No userinfo (RFC 9113 §8.3.1, RFC 9110 §4.2.4): `user@a` is not host `a` to every
+        // upstream, and routing would see neither.
+        if auth.as_str().contains('@') {
+            return Err(ProxyError::BadRequest("userinfo in the authority"));
+        }
         // RFC 9112 §3.2.2: an absolute-form target wins over Host.
         let v =
             HeaderValue::from_str(auth.as_str()).map_err(|_| ProxyError::BadRequest("invalid authority"))?;
@@ -1264,10 +1269,11 @@ fn client_host(req: &Request<Incoming>) -> Result<Option<HeaderValue>, ProxyErro
         None if req.version() == Version::HTTP_11 => Err(ProxyError::BadRequest("missing host header")),
         None => Ok(None),
         Some(h) => {
+            // A valid authority without userinfo (RFC 9112 §3.2: Host is host and port).
             let valid = h
                 .to_str()
                 .ok()
-                .is_some_and(|s| http::uri::Authority::try_from(s).is_ok());
+                .is_some_and(|s| !s.contains('@') && http::uri::Authority::try_from(s).is_ok());
             if !valid {
                 return Err(ProxyError::BadRequest("invalid host header"));
             }
