@@ -92,23 +92,15 @@ struct Applied {
     shared: HashMap<String, Arc<FilterShared>>,
     clusters: HashMap<String, BuiltCluster>,
     registry: Option<Arc<Registry>>,
-}
-
-/// The filters and clusters in service, and each filter's view of the clusters, as a failed
-/// reload must leave them.
-struct Served {
-    filters: HashMap<String, Loaded>,
-    clusters: HashMap<String, BuiltCluster>,
+    /// Each filter's view of the clusters as the build made it, put in place only when its
+    /// generation goes into service: until then the running filters call the clusters in
+    /// service (a build takes seconds when it compiles Wasm or pulls from a registry).
     views: Vec<(Arc<FilterShared>, Arc<crate::cluster::Clusters>)>,
 }
 
-impl Served {
-    fn restore(self, applied: &mut Applied) {
-        applied.filters = self.filters;
-        // Not the clusters the failed build made: an unchanged cluster of the next reload
-        // is then the one in service, with its pools and latency estimates.
-        applied.clusters = self.clusters;
-        for (shared, view) in self.views {
+impl Applied {
+    fn repoint_filters(&mut self) {
+        for (shared, view) in self.views.drain(..) {
             shared.clusters.store(view);
         }
     }
@@ -158,6 +150,7 @@ impl Control {
         let mut applied = Applied::default();
         let files = files_fingerprint(&config);
         let (gateway, errors) = build(&config, &metrics, &native, &mut applied, 1, false).await?;
+        applied.repoint_filters();
         applied.fingerprint = fingerprint(&files, &config, applied.registry.as_deref());
         applied.generation = 1;
         let status = ReloadStatus {
@@ -296,28 +289,18 @@ impl Control {
             return Ok(Outcome::Unchanged);
         }
         let generation = applied.generation + 1;
-        // What is in service, put back if the reload fails: the build repoints the filters'
-        // view of the clusters (their calls and routing go by it) before it is known whether
-        // the new generation will serve.
-        let served = Served {
-            filters: applied.filters.clone(),
-            clusters: applied.clusters.clone(),
-            views: applied
-                .shared
-                .values()
-                .map(|s| (s.clone(), s.clusters.load_full()))
-                .collect(),
-        };
-        // Work on a copy: a failure half-way leaves the running state untouched.
+        // Work on a copy: a failure half-way, or the reload dropped before it ends, leaves
+        // the state in service untouched.
         let mut next = Applied {
             fingerprint: String::new(),
             generation: applied.generation,
-            filters: std::mem::take(&mut applied.filters),
+            filters: applied.filters.clone(),
             shared: applied.shared.clone(),
-            clusters: std::mem::take(&mut applied.clusters),
+            clusters: applied.clusters.clone(),
             registry: applied.registry.clone(),
+            views: Vec::new(),
         };
-        let built = build(
+        let (gateway, errors) = build(
             &config,
             &self.shared.metrics,
             &self.native,
@@ -325,22 +308,10 @@ impl Control {
             generation,
             true,
         )
-        .await;
-        let (gateway, errors) = match built {
-            Ok(g) => g,
-            Err(e) => {
-                served.restore(applied);
-                return Err(e);
-            }
-        };
-        let prepared = match listeners.prepare(&config).await {
-            Ok(p) => p,
-            Err(e) => {
-                served.restore(applied);
-                return Err(e);
-            }
-        };
+        .await?;
+        let prepared = listeners.prepare(&config).await?;
         self.shared.gateway.store(Arc::new(gateway));
+        next.repoint_filters();
         listeners.commit(prepared);
         self.inputs
             .store(Arc::new(InputNames::of(self.path.as_deref(), &config)));
@@ -584,7 +555,7 @@ async fn build(
                 Arc::new(shared)
             })
             .clone();
-        shared.clusters.store(clusters_arc.clone());
+        applied.views.push((shared.clone(), clusters_arc.clone()));
         let source = config
             .filter_source(e)
             .map_err(|err| anyhow::anyhow!("{}: {at}.file: {err}", config.source_name))?;
