@@ -508,7 +508,7 @@ async fn forward(
 
     // Only the protocols the route allows; another goes on as a plain request.
     let upgrade = if parts.version == Version::HTTP_11 {
-        upgrade_protocol(&parts.headers).filter(|p| route.allows_upgrade(p))
+        upgrade_protocol(&parts.headers).and_then(|p| route.allowed_upgrades(&p))
     } else {
         None
     };
@@ -617,7 +617,7 @@ async fn forward(
                 ctx.upstream = Some(ep.addr);
                 let (mut rparts, rbody) = resp.into_parts();
                 if rparts.status == StatusCode::SWITCHING_PROTOCOLS {
-                    let (Some(proto), Some(down), UpstreamBody::Incoming(rbody)) =
+                    let (Some(offered), Some(down), UpstreamBody::Incoming(rbody)) =
                         (upgrade, on_upgrade, rbody)
                     else {
                         return Err(ProxyError::Upstream {
@@ -625,12 +625,26 @@ async fn forward(
                             reason: "unrequested 101 response".into(),
                         });
                     };
+                    // The upstream's choice, which must be one of those the proxy offered it
+                    // (the route's): switching to another would open a tunnel the route
+                    // does not allow.
+                    let Some(chosen) = rparts
+                        .headers
+                        .get(header::UPGRADE)
+                        .filter(|c| crate::route::upgrade_among(c, &offered))
+                        .cloned()
+                    else {
+                        return Err(ProxyError::Upstream {
+                            addr: ep.addr,
+                            reason: "101 to a protocol that was not offered".into(),
+                        });
+                    };
                     let up = hyper::upgrade::on(Response::from_parts(rparts.clone(), rbody));
                     strip_hop_by_hop(&mut rparts.headers, false);
                     rparts
                         .headers
                         .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-                    rparts.headers.insert(header::UPGRADE, proto);
+                    rparts.headers.insert(header::UPGRADE, chosen);
                     tokio::spawn(tunnel(down, up, ep.addr, conn.slot.clone()));
                     return Ok(Response::from_parts(rparts, body::empty()));
                 }
@@ -864,12 +878,13 @@ async fn send(
         }
         parts.version = Version::HTTP_11;
         // hyper's HTTP/1.1 client sends a GET, HEAD or CONNECT of unknown length with no
-        // body at all; a body there (a search API's GET, an HTTP/2 GET with DATA and no
+        // body at all; a GET's body (a search API's, an HTTP/2 GET with DATA and no
         // content-length, a body a streaming filter rewrote) goes chunked, as Envoy sends it.
+        // Not a HEAD's: RFC 9110 §9.3.2 warns a body there reads as a smuggling attempt.
         if let Some(b) = body.as_ref() {
             if !http_body::Body::is_end_stream(b)
                 && http_body::Body::size_hint(b).exact().is_none()
-                && matches!(parts.method, Method::GET | Method::HEAD)
+                && parts.method == Method::GET
                 && !parts.headers.contains_key(header::CONTENT_LENGTH)
             {
                 parts

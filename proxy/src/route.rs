@@ -45,18 +45,26 @@ pub struct Route {
 }
 
 impl Route {
-    /// Whether the route tunnels an upgrade to `proto` (the `Upgrade` header's first
-    /// protocol, its version aside: `websocket`, `h2c`, `TLS/1.2`).
-    pub fn allows_upgrade(&self, proto: &http::HeaderValue) -> bool {
-        let first = proto.as_bytes().split(|&b| b == b',').next().unwrap_or_default();
-        let name = first
-            .split(|&b| b == b'/')
-            .next()
-            .unwrap_or_default()
-            .trim_ascii();
-        self.upgrades
-            .iter()
-            .any(|u| u.as_bytes().eq_ignore_ascii_case(name))
+    /// Of the protocols an `Upgrade` header offers (`websocket`, `h2c`, `TLS/1.2`, in the
+    /// client's order), those this route tunnels, matched by name (the version aside); `None`
+    /// when none is. The offer goes upstream with only these: an allowed protocol first must
+    /// not carry a disallowed one through.
+    pub fn allowed_upgrades(&self, offered: &http::HeaderValue) -> Option<http::HeaderValue> {
+        let offered_str = offered.to_str().ok()?;
+        let tokens = offered_str.split(',').map(str::trim).filter(|t| !t.is_empty());
+        let kept: Vec<&str> = tokens.clone().filter(|t| self.allows(t)).collect();
+        if kept.is_empty() {
+            None
+        } else if kept.len() == tokens.count() {
+            Some(offered.clone())
+        } else {
+            http::HeaderValue::from_str(&kept.join(", ")).ok()
+        }
+    }
+
+    fn allows(&self, token: &str) -> bool {
+        let name = protocol_name(token);
+        self.upgrades.iter().any(|u| u.eq_ignore_ascii_case(name))
     }
 
     fn matches(&self, host: &str, path: &str) -> bool {
@@ -132,9 +140,32 @@ fn compile(i: usize, r: &RouteConfig, listener: &str, metrics: &Metrics, chain: 
             .and_then(|h| http::HeaderValue::from_str(h).ok()),
         auto_host_rewrite: r.auto_host_rewrite,
         allow_connect: r.allow_connect,
-        upgrades: r.upgrades.iter().map(|u| u.to_ascii_lowercase()).collect(),
+        upgrades: r
+            .upgrades
+            .iter()
+            .map(|u| protocol_name(u).to_ascii_lowercase())
+            .collect(),
         chain,
     }
+}
+
+/// A protocol's name without its version: `TLS/1.2` → `TLS`.
+fn protocol_name(token: &str) -> &str {
+    token.split('/').next().unwrap_or_default().trim()
+}
+
+/// Whether every protocol of an upstream's 101 `Upgrade` is one of those `offered`.
+pub fn upgrade_among(chosen: &http::HeaderValue, offered: &http::HeaderValue) -> bool {
+    let (Ok(chosen), Ok(offered)) = (chosen.to_str(), offered.to_str()) else {
+        return false;
+    };
+    let offered: Vec<&str> = offered.split(',').map(protocol_name).collect();
+    let mut chosen = chosen
+        .split(',')
+        .map(protocol_name)
+        .filter(|c| !c.is_empty())
+        .peekable();
+    chosen.peek().is_some() && chosen.all(|c| offered.iter().any(|o| o.eq_ignore_ascii_case(c)))
 }
 
 #[cfg(test)]

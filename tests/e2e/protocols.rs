@@ -455,9 +455,9 @@ async fn x_forwarded_for_appends_to_every_line_the_client_sent() {
 async fn only_the_upgrades_a_route_allows_are_tunnelled() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use weir_tests::client::raw_exchange;
-    // An upstream that switches to any protocol asked for. An `h2c` upgrade through the
-    // proxy would give the client a raw HTTP/2 tunnel to it, past every filter (h2c
-    // smuggling): only `websocket` is tunnelled unless the route lists more.
+    // An upstream that switches to h2c whenever an upgrade is asked for, whichever. An `h2c`
+    // upgrade through the proxy would give the client a raw HTTP/2 tunnel to it, past every
+    // filter (h2c smuggling): only `websocket` is tunnelled unless the route lists more.
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let up = l.local_addr().unwrap();
     tokio::spawn(async move {
@@ -472,7 +472,7 @@ async fn only_the_upgrades_a_route_allows_are_tunnelled() {
                     }
                 }
                 let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-                let answer: &[u8] = if head.contains("\r\nupgrade: h2c") {
+                let answer: &[u8] = if head.contains("\r\nupgrade: ") {
                     b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n"
                 } else {
                     b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain"
@@ -498,19 +498,24 @@ endpoints = ["{up}"]
 "#
     );
     let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
-    let ask = |path: &str| {
+    let ask = |path: &str, upgrade: &str| {
         format!(
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n\
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: {upgrade}\r\n\
              HTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
         )
     };
     let wait = Duration::from_millis(500);
-    let (out, _) = raw_exchange(proxy.addr("web"), ask("/").as_bytes(), wait).await;
+    let (out, _) = raw_exchange(proxy.addr("web"), ask("/", "h2c").as_bytes(), wait).await;
     assert!(
         out.starts_with("HTTP/1.1 200"),
         "a plain request, not a tunnel: {out}"
     );
     assert!(out.ends_with("plain"), "{out}");
-    let (out, _) = raw_exchange(proxy.addr("web"), ask("/open").as_bytes(), wait).await;
+    // An allowed protocol first does not carry another through: the upstream is offered
+    // websocket alone, and its switch to h2c is refused.
+    let (out, _) = raw_exchange(proxy.addr("web"), ask("/", "websocket, h2c").as_bytes(), wait).await;
+    assert!(out.starts_with("HTTP/1.1 502"), "{out}");
+    let (out, _) = raw_exchange(proxy.addr("web"), ask("/open", "h2c").as_bytes(), wait).await;
     assert!(out.starts_with("HTTP/1.1 101"), "the route allows h2c: {out}");
+    assert!(out.to_ascii_lowercase().contains("\r\nupgrade: h2c\r\n"), "{out}");
 }
