@@ -231,18 +231,8 @@ pub(crate) async fn closes_on_second_request(
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    async fn read_head(s: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-            match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => return None,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-        Some(buf)
-    }
+    use tokio::io::AsyncWriteExt;
+    use weir_tests::client::read_head_chunks as read_head;
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let conns = std::sync::Arc::new(AtomicUsize::new(0));

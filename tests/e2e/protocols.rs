@@ -453,7 +453,7 @@ async fn x_forwarded_for_appends_to_every_line_the_client_sent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_upgrades_a_route_allows_are_tunnelled() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     use weir_tests::client::raw_exchange;
     // An upstream that switches to h2c whenever an upgrade is asked for, whichever. An `h2c`
     // upgrade through the proxy would give the client a raw HTTP/2 tunnel to it, past every
@@ -463,14 +463,9 @@ async fn only_the_upgrades_a_route_allows_are_tunnelled() {
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
+                let Some(head) = weir_tests::client::read_head_chunks(&mut s).await else {
+                    return;
+                };
                 let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
                 let answer: &[u8] = if head.contains("\r\nupgrade: ") {
                     b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n"

@@ -129,6 +129,20 @@ impl Client {
     }
 }
 
+/// Reads from `s` until the end of a message head (`\r\n\r\n`), in chunks: what was read
+/// (it may run past the head), or `None` if the peer closed first. For raw test servers.
+pub async fn read_head_chunks(s: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    Some(buf)
+}
+
 /// Writes raw bytes on a fresh connection and reads the answer until the server closes
 /// (or `wait` passes). Returns what was read and whether the server closed the connection.
 pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8], wait: Duration) -> (String, bool) {
