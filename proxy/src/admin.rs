@@ -1,5 +1,7 @@
 //! The admin listener: `/live`, `/ready`, `/metrics` (Prometheus text), `/config` (the
-//! effective config, secrets redacted), `/filters` (loaded filters and reload status). Loopback by default; HTTP/1.1 only.
+//! effective config, secrets redacted), `/filters` (loaded filters and reload status),
+//! `/clusters` (each endpoint's health, ejections, load and idle connections, as Envoy's
+//! `/clusters`). Loopback by default; HTTP/1.1 only.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -78,30 +80,29 @@ fn route(req: Request<Incoming>, state: &AdminState) -> Response<Body> {
             );
             r
         }
-        "/config" => {
-            let json = serde_json::to_string_pretty(&state.control.config.load().redacted_json())
-                .unwrap_or_default();
-            let mut r = Response::new(body::full(json + "\n"));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static("application/json"),
-            );
-            r
-        }
-        "/filters" => {
-            let json = serde_json::to_string_pretty(&state.control.status()).unwrap_or_default();
-            let mut r = Response::new(body::full(json + "\n"));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static("application/json"),
-            );
-            r
+        "/config" => json(&state.control.config.load().redacted_json()),
+        "/filters" => json(&state.control.status()),
+        "/clusters" => {
+            let gateway = state.control.shared.gateway.load();
+            let mut clusters: Vec<_> = gateway.clusters.values().map(|c| c.status()).collect();
+            clusters.sort_by(|a, b| a.name.cmp(&b.name));
+            json(&serde_json::json!({ "clusters": clusters }))
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /live /ready /metrics /config /filters\n",
+            "not found: try /live /ready /metrics /config /filters /clusters\n",
         ),
     }
+}
+
+fn json(value: &impl serde::Serialize) -> Response<Body> {
+    let json = serde_json::to_string_pretty(value).unwrap_or_default();
+    let mut r = Response::new(body::full(json + "\n"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
 }
 
 fn text(status: StatusCode, s: &'static str) -> Response<Body> {

@@ -90,6 +90,14 @@ impl Load {
         PendingGuard(self.clone())
     }
 
+    /// The latency estimate at `now` (decayed over the time since the last observation),
+    /// without folding anything in: what the admin API shows.
+    pub fn estimate(&self, now: Instant) -> Duration {
+        let e = self.ewma.lock().expect("ewma lock");
+        let elapsed = now.saturating_duration_since(e.updated).as_nanos() as f64;
+        Duration::from_nanos((e.rtt_ns * (-elapsed / self.decay_ns).exp()) as u64)
+    }
+
     /// Requests in flight now.
     pub fn pending(&self) -> usize {
         self.pending.load(Ordering::Relaxed)

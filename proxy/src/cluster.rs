@@ -403,6 +403,68 @@ fn later(at: Instant, d: Duration) -> Instant {
         .unwrap_or_else(|| at + Duration::from_secs(86_400 * 365))
 }
 
+/// What the admin API's `/clusters` shows of a cluster, as Envoy's `/clusters`.
+#[derive(Debug, serde::Serialize)]
+pub struct ClusterStatus {
+    /// The cluster's name.
+    pub name: String,
+    /// Protocol to its endpoints.
+    pub protocol: UpstreamProtocol,
+    /// Load-balancing algorithm.
+    pub balance: crate::config::BalanceAlgorithm,
+    /// Every endpoint, in balancing order.
+    pub endpoints: Vec<EndpointStatus>,
+}
+
+/// One endpoint in [`ClusterStatus`].
+#[derive(Debug, serde::Serialize)]
+pub struct EndpointStatus {
+    /// The resolved address.
+    pub address: String,
+    /// The endpoint as configured (`host:port`).
+    pub name: String,
+    /// Whether the balancer may pick it now.
+    pub available: bool,
+    /// Connect failures in a row.
+    pub connect_failures: u32,
+    /// What is left of the ejection after a failed connect, in milliseconds (0: none).
+    pub connect_ejection_ms: u64,
+    /// What is left of a filter's ejection (`eject-upstream`), in milliseconds (0: none).
+    pub outlier_ejection_ms: u64,
+    /// Requests in flight to it.
+    pub in_flight: usize,
+    /// The peak-EWMA latency estimate, in milliseconds.
+    pub latency_estimate_ms: f64,
+    /// HTTP/1.1 connections idle in its pool.
+    pub idle_connections: usize,
+}
+
+impl Endpoint {
+    fn status(&self, now: Instant) -> EndpointStatus {
+        let left =
+            |until: Option<Instant>| until.map_or(0, |u| u.saturating_duration_since(now).as_millis() as u64);
+        let (connect_failures, connect_ejection_ms, outlier_ejection_ms) = {
+            let h = self.health.lock().expect("health lock");
+            (
+                h.consecutive_failures,
+                left(h.ejected_until),
+                left(h.outlier_until),
+            )
+        };
+        EndpointStatus {
+            address: self.addr.to_string(),
+            name: self.authority.to_string(),
+            available: self.is_available(now),
+            connect_failures,
+            connect_ejection_ms,
+            outlier_ejection_ms,
+            in_flight: self.load.pending(),
+            latency_estimate_ms: self.load.estimate(now).as_secs_f64() * 1000.0,
+            idle_connections: self.idle.lock().expect("idle lock").len(),
+        }
+    }
+}
+
 /// What [`Cluster::eject_unless_last`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ejection {
@@ -570,6 +632,17 @@ impl Cluster {
         }
         ep.eject_for(d);
         Ejection::Ejected
+    }
+
+    /// The cluster and each endpoint's state now, for the admin API.
+    pub fn status(&self) -> ClusterStatus {
+        let now = Instant::now();
+        ClusterStatus {
+            name: self.name.to_string(),
+            protocol: self.config.protocol,
+            balance: self.config.balance,
+            endpoints: self.endpoints().iter().map(|e| e.status(now)).collect(),
+        }
     }
 
     /// The current endpoints.
