@@ -99,3 +99,35 @@ balance = "peak-ewma"
         "the fast endpoints share the load: {ewma:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waiting_on_a_connect_counts_as_its_endpoints_load() {
+    // A listener whose accept queue is full: the kernel drops further SYNs, so a connect
+    // to it hangs, as to a blackholed endpoint. Requests waiting on it must weigh on its
+    // peak-EWMA cost, or the balancer keeps choosing it until the connect timeout.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    sock.listen(0).unwrap();
+    let hung: std::net::SocketAddr = sock.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..16 {
+        match tokio::time::timeout(Duration::from_millis(200), tokio::net::TcpStream::connect(hung)).await {
+            Ok(Ok(s)) => fillers.push(s),
+            _ => break,
+        }
+    }
+    let toml = format!(
+        "{ADMIN}\n[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\n[[routes]]\ncluster = \"c\"\n\
+         [clusters.c]\nendpoints = [\"{hung}\"]\nconnect_timeout = \"5s\"\n"
+    );
+    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+    let addr = proxy.addr("web");
+    let waiting = tokio::spawn(async move { Client::h1(addr).await.get("/", "x").await.status() });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, body) = proxy.admin_get("/clusters").await;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["clusters"][0]["endpoints"][0]["in_flight"], 1, "{body}");
+    waiting.abort();
+    drop(sock);
+}
