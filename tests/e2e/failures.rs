@@ -230,46 +230,36 @@ pub(crate) async fn closes_on_second_request(
     std::net::SocketAddr,
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::AsyncWriteExt;
     use weir_tests::client::read_head_chunks as read_head;
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let conns = std::sync::Arc::new(AtomicUsize::new(0));
-    let counted = conns.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            counted.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                // The first request's head (requests with a body get no answer).
-                let Some(head) = read_head(&mut s).await else {
-                    return;
-                };
-                let mut answer = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: keep-alive\r\n\r\n",
-                    head.len()
-                )
-                .into_bytes();
-                // No body after the head of a HEAD response.
-                if !head.starts_with(b"HEAD ") {
-                    answer.extend_from_slice(&head);
-                }
-                let _ = s.write_all(&answer).await;
-                match ending {
-                    Ending::Close => {
-                        let _ = s.readable().await;
-                    }
-                    Ending::PartialResponse => {
-                        if read_head(&mut s).await.is_some() {
-                            let _ = s.write_all(b"HTTP/1.1 20").await;
-                        }
-                    }
-                }
-                drop(s);
-            });
+    weir_tests::upstream::raw_server(move |mut s| async move {
+        // The first request's head (requests with a body get no answer).
+        let Some(head) = read_head(&mut s).await else {
+            return;
+        };
+        let mut answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: keep-alive\r\n\r\n",
+            head.len()
+        )
+        .into_bytes();
+        // No body after the head of a HEAD response.
+        if !head.starts_with(b"HEAD ") {
+            answer.extend_from_slice(&head);
         }
-    });
-    (addr, conns)
+        let _ = s.write_all(&answer).await;
+        match ending {
+            Ending::Close => {
+                let _ = s.readable().await;
+            }
+            Ending::PartialResponse => {
+                if read_head(&mut s).await.is_some() {
+                    let _ = s.write_all(b"HTTP/1.1 20").await;
+                }
+            }
+        }
+        drop(s);
+    })
+    .await
 }
 
 /// Long enough for a pooled connection to count as rested (`limits::RESEND_AFTER_IDLE`, 100 ms).
@@ -369,38 +359,28 @@ async fn h2_one_request_per_connection() -> (
     std::net::SocketAddr,
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let conns = std::sync::Arc::new(AtomicUsize::new(0));
-    let counted = conns.clone();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            counted.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-                let done_tx = std::sync::Mutex::new(Some(done_tx));
-                let svc = hyper::service::service_fn(move |_req: http::Request<hyper::body::Incoming>| {
-                    if let Some(t) = done_tx.lock().unwrap().take() {
-                        let _ = t.send(());
-                    }
-                    async { Ok::<_, std::convert::Infallible>(http::Response::new(weir_tests::full("ok"))) }
-                });
-                let conn = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc);
-                tokio::pin!(conn);
-                tokio::select! {
-                    _ = conn.as_mut() => return,
-                    _ = done_rx => {}
-                }
-                // Answer the request, then go away once idle.
-                let _ = tokio::time::timeout(Duration::from_millis(100), conn.as_mut()).await;
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
-            });
+    weir_tests::upstream::raw_server(|s| async move {
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let done_tx = std::sync::Mutex::new(Some(done_tx));
+        let svc = hyper::service::service_fn(move |_req: http::Request<hyper::body::Incoming>| {
+            if let Some(t) = done_tx.lock().unwrap().take() {
+                let _ = t.send(());
+            }
+            async { Ok::<_, std::convert::Infallible>(http::Response::new(weir_tests::full("ok"))) }
+        });
+        let conn = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .serve_connection(hyper_util::rt::TokioIo::new(s), svc);
+        tokio::pin!(conn);
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = done_rx => {}
         }
-    });
-    (addr, conns)
+        // Answer the request, then go away once idle.
+        let _ = tokio::time::timeout(Duration::from_millis(100), conn.as_mut()).await;
+        conn.as_mut().graceful_shutdown();
+        let _ = conn.await;
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,21 +20,13 @@ async fn read_head(s: &mut tokio::net::TcpStream) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// A raw TCP server on `127.0.0.1:0` that hands each accepted socket to `serve`: for peers
-/// that misbehave in ways a real HTTP server will not.
+/// A raw TCP server on `127.0.0.1:0` that hands each accepted socket to `serve`.
 async fn raw_server<F, Fut>(serve: F) -> std::net::SocketAddr
 where
     F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            tokio::spawn(serve(s));
-        }
-    });
-    addr
+    weir_tests::upstream::raw_server(serve).await.0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
