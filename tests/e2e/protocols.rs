@@ -458,25 +458,20 @@ async fn only_the_upgrades_a_route_allows_are_tunnelled() {
     // An upstream that switches to h2c whenever an upgrade is asked for, whichever. An `h2c`
     // upgrade through the proxy would give the client a raw HTTP/2 tunnel to it, past every
     // filter (h2c smuggling): only `websocket` is tunnelled unless the route lists more.
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let up = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let Some(head) = weir_tests::client::read_head_chunks(&mut s).await else {
-                    return;
-                };
-                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-                let answer: &[u8] = if head.contains("\r\nupgrade: ") {
-                    b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n"
-                } else {
-                    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain"
-                };
-                let _ = s.write_all(answer).await;
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            });
-        }
-    });
+    let (up, _) = weir_tests::upstream::raw_server(|mut s| async move {
+        let Some(head) = weir_tests::client::read_head_chunks(&mut s).await else {
+            return;
+        };
+        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        let answer: &[u8] = if head.contains("\r\nupgrade: ") {
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain"
+        };
+        let _ = s.write_all(answer).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    })
+    .await;
     let toml = format!(
         r#"{ADMIN}
 [[listeners]]
