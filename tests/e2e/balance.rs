@@ -117,11 +117,7 @@ async fn a_request_waiting_on_a_connect_counts_as_its_endpoints_load() {
             _ => break,
         }
     }
-    let toml = format!(
-        "{ADMIN}\n[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\n[[routes]]\ncluster = \"c\"\n\
-         [clusters.c]\nendpoints = [\"{hung}\"]\nconnect_timeout = \"5s\"\n"
-    );
-    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+    let proxy = weir_tests::proxy::start_one_route(hung, "", r#"connect_timeout = "5s""#).await;
     let addr = proxy.addr("web");
     let waiting = tokio::spawn(async move { Client::h1(addr).await.get("/", "x").await.status() });
     tokio::time::sleep(Duration::from_millis(500)).await;
