@@ -3,11 +3,10 @@
 //! endpoint: idle HTTP/1.1 connections kept alive and evicted when idle too long, or one
 //! multiplexed HTTP/2 connection.
 //!
-//! The pool hands a connection back only when hyper says it is ready for the next request,
-//! i.e. after the previous exchange fully finished in both directions: a connection whose
-//! upstream still expects body bytes never serves another request.
+//! The pool takes a connection back only after its exchange fully finished in both directions
+//! (see [`crate::h1`]): a connection whose upstream still expects body bytes never serves
+//! another request.
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -16,7 +15,6 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
@@ -28,6 +26,8 @@ use crate::body::Body;
 use crate::config::{ClusterConfig, Config, UpstreamProtocol};
 use crate::limits;
 use crate::metrics::Metrics;
+
+pub use crate::h1::{H1Conn, PooledBody, SendFailed};
 
 /// Splits `host:port` (IPv6 in brackets) into its parts.
 pub fn parse_endpoint(s: &str) -> Result<(String, u16), String> {
@@ -74,30 +74,6 @@ struct IdleConn {
     since: Instant,
 }
 
-/// An HTTP/1.1 upstream connection without a task of its own: the request that uses it drives
-/// it, while waiting for the response head ([`H1Conn::send`]) and while the response body
-/// streams ([`PooledBody`]). An exchange then costs no cross-task wake-ups, which on a busy
-/// proxy is a large share of the per-request work.
-pub struct H1Conn {
-    sender: http1::SendRequest<Body>,
-    conn: Pin<Box<http1::Connection<TokioIo<Stream>, Body>>>,
-    ended: bool,
-    /// Taken from the idle pool after resting there [`limits::RESEND_AFTER_IDLE`] or
-    /// longer: the upstream may have closed it as idle just as the request goes.
-    rested: bool,
-}
-
-/// Why an exchange on a pooled HTTP/1.1 connection failed before its response head.
-#[derive(Debug)]
-pub struct SendFailed {
-    /// What happened, for the log and the error response.
-    pub reason: String,
-    /// The connection closed, or was reset, before a byte of response: on a connection that
-    /// sat in the pool, most likely the upstream closing it as idle while the request was on
-    /// its way, not a failure of the request (see [`H1Conn::rested`]).
-    pub closed: bool,
-}
-
 /// Whether a request may go a second time, its body aside: its method is idempotent (RFC
 /// 9110, section 9.2.2) or it carries an `Idempotency-Key` (as Go's HTTP client honours it).
 pub fn may_resend(method: &http::Method, headers: &http::HeaderMap) -> bool {
@@ -108,105 +84,6 @@ pub fn may_resend(method: &http::Method, headers: &http::HeaderMap) -> bool {
     ) || headers.contains_key("idempotency-key")
 }
 
-/// Whether hyper's error says the connection went away under the exchange (closed, reset,
-/// the request never written), rather than the upstream answering something invalid.
-fn closed_before_response(e: &hyper::Error) -> bool {
-    use std::io::ErrorKind;
-    if e.is_canceled() || e.is_incomplete_message() || e.is_closed() {
-        return true;
-    }
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            return matches!(
-                io.kind(),
-                ErrorKind::ConnectionReset
-                    | ErrorKind::BrokenPipe
-                    | ErrorKind::ConnectionAborted
-                    | ErrorKind::UnexpectedEof
-            );
-        }
-        src = s.source();
-    }
-    false
-}
-
-impl H1Conn {
-    /// Drives the connection; `Ready` once it ended (closed by the peer or failed).
-    fn poll_conn(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.ended {
-            return Poll::Ready(());
-        }
-        match self.conn.as_mut().poll(cx) {
-            Poll::Ready(r) => {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "upstream connection ended");
-                }
-                self.ended = true;
-                Poll::Ready(())
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    /// Whether the connection can take a request now. Polls it once without a waker so a
-    /// close the upstream sent while it sat idle is noticed here, not by a failed request.
-    fn reusable(&mut self) -> bool {
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        let _ = self.poll_conn(&mut cx);
-        !self.ended && self.sender.is_ready()
-    }
-
-    /// Whether the connection sat idle in the pool long enough before this exchange that the
-    /// upstream may close it under the request (see [`limits::RESEND_AFTER_IDLE`]).
-    pub fn rested(&self) -> bool {
-        self.rested
-    }
-
-    /// Sends a request and drives the connection until the response head arrives.
-    pub async fn send(
-        mut self,
-        req: http::Request<Body>,
-    ) -> Result<(http::Response<Incoming>, H1Conn), SendFailed> {
-        let mut fut = std::pin::pin!(self.sender.send_request(req));
-        // `Err(None)`: the connection ended and the request with it.
-        let r = std::future::poll_fn(|cx| {
-            if let Poll::Ready(r) = fut.as_mut().poll(cx) {
-                return Poll::Ready(r.map_err(Some));
-            }
-            match self.poll_conn(cx) {
-                Poll::Pending => Poll::Pending,
-                // The connection ended: the response future resolves with the reason now.
-                Poll::Ready(()) => match fut.as_mut().poll(cx) {
-                    Poll::Ready(r) => Poll::Ready(r.map_err(Some)),
-                    Poll::Pending => Poll::Ready(Err(None)),
-                },
-            }
-        })
-        .await;
-        match r {
-            Ok(resp) => Ok((resp, self)),
-            Err(e) => {
-                let reason = e
-                    .as_ref()
-                    .map_or_else(|| "connection closed before the response".to_string(), describe);
-                let gone = e.as_ref().is_none_or(closed_before_response);
-                Err(SendFailed {
-                    reason,
-                    closed: gone && self.read_nothing(),
-                })
-            }
-        }
-    }
-
-    /// Whether the connection holds no byte of a response: hyper keeps a head it could not
-    /// complete in its read buffer. Looked at only after a failure (it takes the connection
-    /// apart), so the request path pays nothing for it.
-    fn read_nothing(self) -> bool {
-        Pin::into_inner(self.conn).into_parts().read_buf.is_empty()
-    }
-}
-
 /// A hyper error with its cause, for logs.
 pub fn describe(e: &hyper::Error) -> String {
     match std::error::Error::source(e) {
@@ -215,118 +92,14 @@ pub fn describe(e: &hyper::Error) -> String {
     }
 }
 
-/// An upstream response body that drives its HTTP/1.1 connection while it streams and puts the
-/// connection back in the pool when the exchange is complete. Dropped early, it closes the
-/// connection: a half-read response never serves another request.
-pub struct PooledBody {
-    inner: Incoming,
-    conn: Option<H1Conn>,
-    ep: Arc<Endpoint>,
-    max_idle: usize,
-}
-
-impl PooledBody {
-    /// Wraps a response body read from `conn`.
-    pub fn new(inner: Incoming, conn: H1Conn, ep: Arc<Endpoint>, max_idle: usize) -> PooledBody {
-        PooledBody {
-            inner,
-            conn: Some(conn),
-            ep,
-            max_idle,
-        }
-    }
-
-    fn finish(&mut self) {
-        let Some(mut conn) = self.conn.take() else { return };
-        if conn.reusable() {
-            checkin(&self.ep, conn, self.max_idle);
-        } else if !conn.ended {
-            // The request body is still being sent (the upstream answered early): finish that
-            // off the request path, then pool the connection.
-            let (ep, max) = (self.ep.clone(), self.max_idle);
-            tokio::spawn(async move {
-                let ready = std::future::poll_fn(|cx| {
-                    if conn.sender.is_ready() {
-                        return Poll::Ready(true);
-                    }
-                    match conn.poll_conn(cx) {
-                        Poll::Ready(()) => Poll::Ready(false),
-                        Poll::Pending => {
-                            if conn.sender.is_ready() {
-                                Poll::Ready(true)
-                            } else {
-                                Poll::Pending
-                            }
-                        }
-                    }
-                })
-                .await;
-                if ready {
-                    checkin(&ep, conn, max);
-                }
-            });
-        }
-    }
-}
-
-impl Drop for PooledBody {
-    fn drop(&mut self) {
-        // A response without a body (to HEAD, a 204 or 304, `Content-Length: 0`) is complete
-        // before anyone reads it, and hyper's server never polls it: the exchange is over, so
-        // the connection goes back to the pool instead of closing. Any other body dropped
-        // unfinished closes its connection with it.
-        if self.conn.is_some() && http_body::Body::is_end_stream(&self.inner) {
-            if let Some(mut conn) = self.conn.take() {
-                if conn.reusable() {
-                    checkin(&self.ep, conn, self.max_idle);
-                }
-            }
-        }
-    }
-}
-
-fn checkin(ep: &Endpoint, conn: H1Conn, max: usize) {
+/// Puts a connection whose exchange is complete in `ep`'s idle pool (at most `max` there).
+pub(crate) fn checkin(ep: &Endpoint, conn: H1Conn, max: usize) {
     let mut idle = ep.idle.lock().expect("idle lock");
     if idle.len() < max {
         idle.push(IdleConn {
             conn,
             since: Instant::now(),
         });
-    }
-}
-
-impl http_body::Body for PooledBody {
-    type Data = bytes::Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let mut polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if polled.is_pending() {
-            // Let the connection read what the body is waiting for, then look again.
-            if let Some(c) = this.conn.as_mut() {
-                let _ = c.poll_conn(cx);
-            }
-            polled = Pin::new(&mut this.inner).poll_frame(cx);
-        }
-        match &polled {
-            Poll::Ready(None) => this.finish(),
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.finish(),
-            Poll::Ready(Some(Err(_))) => this.conn = None,
-            _ => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
     }
 }
 
@@ -753,7 +526,6 @@ impl Cluster {
     fn evict_idle(&self) {
         let max_idle = self.config.idle_timeout;
         for ep in self.endpoints.load().iter() {
-            // Dropping a sender lets its connection task finish and close the socket.
             ep.idle
                 .lock()
                 .expect("idle lock")
@@ -816,15 +588,15 @@ impl Cluster {
                 }
             }
         }
-        let (sender, conn) = self.handshake_h1(ep).await?;
         if !force_http1 {
-            return Ok(Conn::Http1(H1Conn {
-                sender,
-                conn: Box::pin(conn),
-                ended: false,
-                rested: false,
-            }));
+            return self.connect_h1(ep).await.map(Conn::Http1);
         }
+        let io = self.connect(ep, true).await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| self.connect_failed(ep, format!("http/1 handshake: {e}")))?;
+        ep.record_success();
         let addr = ep.addr;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
@@ -837,27 +609,15 @@ impl Cluster {
     /// A new HTTP/1.1 connection to `ep` for a request whose pooled connection closed under
     /// it before any response (see [`SendFailed::closed`]); counted in the metrics.
     pub async fn reconnect(&self, ep: &Endpoint) -> Result<H1Conn, ConnectError> {
-        let (sender, conn) = self.handshake_h1(ep).await?;
+        let c = self.connect_h1(ep).await?;
         self.metrics.upstream_resend(&self.name);
-        Ok(H1Conn {
-            sender,
-            conn: Box::pin(conn),
-            ended: false,
-            rested: false,
-        })
+        Ok(c)
     }
 
-    async fn handshake_h1(
-        &self,
-        ep: &Endpoint,
-    ) -> Result<(http1::SendRequest<Body>, http1::Connection<TokioIo<Stream>, Body>), ConnectError> {
+    async fn connect_h1(&self, ep: &Endpoint) -> Result<H1Conn, ConnectError> {
         let io = self.connect(ep, true).await?;
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(io))
-            .await
-            .map_err(|e| self.connect_failed(ep, format!("http/1 handshake: {e}")))?;
         ep.record_success();
-        Ok((sender, conn))
+        Ok(H1Conn::new(io))
     }
 
     /// Opens a raw stream (TCP, then TLS if configured) to an endpoint, within the connect

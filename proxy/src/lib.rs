@@ -9,7 +9,8 @@
 //! - [`reload`]: hot reload of config, filters and certificates.
 //! - [`tls`]: rustls configs, SNI, mTLS identities; [`framing`]: HTTP/1 smuggling guard.
 //! - [`proxy`]: the request path; [`route`]: the route table; [`path`]: canonical paths.
-//! - [`cluster`]: endpoints, DNS, ejection, connection pools; [`balance`]: RR and peak-EWMA.
+//! - [`cluster`]: endpoints, DNS, ejection, connection pools; [`balance`]: RR and peak-EWMA;
+//!   [`h1`]: HTTP/1.1 to upstreams.
 //! - [`filter`]: the filter chain seam; [`error`]: error causes and their statuses.
 //! - [`admin`]: `/ready`, `/live`, `/metrics`, `/config`, `/filters`; [`metrics`]: series.
 //! - [`body`]: body type and wrappers; [`log`]: tracing setup; [`alloc`]: the allocator.
@@ -25,6 +26,7 @@ pub mod config;
 pub mod error;
 pub mod filter;
 pub mod framing;
+pub mod h1;
 pub mod limits;
 pub mod listener;
 pub mod log;

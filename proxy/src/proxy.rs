@@ -649,6 +649,9 @@ async fn forward(
                     return Ok(Response::from_parts(rparts, body::empty()));
                 }
                 strip_hop_by_hop(&mut rparts.headers, false);
+                // A proxy sends its own HTTP version (RFC 9110 §6.2): an HTTP/1.0 upstream's
+                // answer went out as "HTTP/1.0" and closed the client's connection.
+                rparts.version = Version::HTTP_11;
                 (rparts, rbody.boxed(limits.stream_idle_timeout))
             }
             // Response filters see the proxy's own answer to an upstream failure (502, 503,
@@ -929,21 +932,12 @@ async fn send(
             },
         };
         let result = match conn {
-            Conn::Http1(c) => match (Timed {
-                fut: c.send(req),
+            Conn::Http1(c) => (Timed {
+                fut: c.send(req, &ep, cluster.config.max_idle_per_endpoint),
                 deadline,
             })
             .await
-            {
-                Ok(Ok((resp, c))) => {
-                    let max = cluster.config.max_idle_per_endpoint;
-                    Ok(Ok(resp.map(|b| {
-                        UpstreamBody::Pooled(PooledBody::new(b, c, ep.clone(), max))
-                    })))
-                }
-                Ok(Err(e)) => Ok(Err(e)),
-                Err(t) => Err(t),
-            },
+            .map(|r| r.map(|resp| resp.map(UpstreamBody::Pooled))),
             // Two hyper types, one outcome: a response whose body has its own connection task.
             Conn::Http1Upgradable(mut s) => incoming(
                 Timed {

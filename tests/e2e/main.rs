@@ -17,4 +17,5 @@ mod registry;
 mod reload;
 mod resilience;
 mod tls;
+mod upstream_http1;
 mod wasm;

@@ -23,7 +23,7 @@ use super::bindings::weir::filter::{
 };
 use super::state::SharedState;
 use super::{Heads, Phase, RequestContext};
-use crate::cluster::{Cluster, Conn, PooledBody};
+use crate::cluster::{Cluster, Conn};
 use crate::limits;
 
 /// Largest outbound response body a filter may receive.
@@ -1119,22 +1119,21 @@ async fn outbound_call(
             // go twice; the body is all here.
             let again = (c.rested() && crate::cluster::may_resend(&head.method, &head.headers))
                 .then(|| crate::filter::copy_head(&head));
-            let (resp, c) = match c.send(http::Request::from_parts(head, body)).await {
+            let max = cluster.config.max_idle_per_endpoint;
+            let resp = match c.send(http::Request::from_parts(head, body), &ep, max).await {
                 Ok(r) => r,
                 Err(f) => match again.filter(|_| f.closed) {
                     Some(head) => cluster
                         .reconnect(&ep)
                         .await
                         .map_err(|e| format!("connect to {}: {e}", ep.addr))?
-                        .send(http::Request::from_parts(head, crate::body::full(data)))
+                        .send(http::Request::from_parts(head, crate::body::full(data)), &ep, max)
                         .await
                         .map_err(|f| f.reason)?,
                     None => return Err(f.reason),
                 },
             };
-            let max = cluster.config.max_idle_per_endpoint;
             let (parts, body) = resp.into_parts();
-            let body = PooledBody::new(body, c, ep.clone(), max);
             (
                 parts,
                 http_body_util::Limited::new(body, MAX_OUTBOUND_BODY)

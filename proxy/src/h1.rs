@@ -1,0 +1,951 @@
+//! HTTP/1.1 toward upstreams: the client side of the pooled connections, written for the proxy
+//! instead of going through hyper's client.
+//!
+//! A pooled connection has no task of its own: the request that uses it writes its head and
+//! body and reads the response head ([`H1Conn::send`]), and the response body reads the rest
+//! while it streams ([`PooledBody`]), still sending what is left of a request body (a full
+//! duplex exchange, as an echo or a gRPC-style stream over HTTP/1.1 needs). Where hyper's
+//! client costs some 12 000 instructions per exchange (a dispatcher, a request channel,
+//! generic encoders), this one writes the head in one buffer and one `write`, parses the
+//! response with `httparse` and hands out header values and body data as slices of the bytes
+//! read, without copying them.
+//!
+//! Framing follows RFC 9112, section 6: a response to HEAD, a 1xx, 204 or 304 has no body; a
+//! `Transfer-Encoding` must be `chunked` alone (anything else is refused, as nginx does: the
+//! field is hop-by-hop, so the client would get a body in a coding nobody labelled), and wins
+//! over `Content-Length`; a
+//! `Content-Length` must be one number (repeated values must agree); without either, the body
+//! ends when the upstream closes. Interim responses (100, 103) are read past. A connection goes
+//! back to the pool only when both messages ended exactly, the upstream did not ask to close it
+//! and nothing more arrived after the response.
+
+use std::future::poll_fn;
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll, Waker};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Body as _, Frame, SizeHint};
+use tokio::io::AsyncWrite;
+
+use crate::body::{Body, BoxError};
+use crate::cluster::{checkin, Endpoint, Stream};
+
+/// The largest response head (status line and header fields) read from an upstream, as
+/// Envoy's default `max_response_headers_kb` (60 KiB).
+pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// The most header fields in a response head (hyper's and Envoy's default: 100).
+pub const MAX_RESPONSE_HEADERS: usize = 100;
+/// A chunk-size line longer than this (its extensions) is refused.
+const MAX_CHUNK_LINE: usize = 4096;
+/// Body data up to this size is copied next to its framing (one write); larger data is
+/// written from its own buffer.
+const COPY_DATA: usize = 16 * 1024;
+/// The first read's room; doubled after a read that filled it, up to [`MAX_READ`].
+const FIRST_READ: usize = 8 * 1024;
+const MAX_READ: usize = 256 * 1024;
+
+/// An HTTP/1.1 connection to an upstream, idle in its endpoint's pool or carrying one
+/// exchange.
+pub struct H1Conn {
+    io: Stream,
+    /// Bytes read and not consumed yet.
+    rbuf: BytesMut,
+    read_size: usize,
+    out: Outbox,
+    /// The request body still to send, and how it is framed.
+    sending: Option<Sending>,
+    /// The connection carries no further exchange: the upstream asked to close it, a
+    /// message's framing forbids reuse, or it failed.
+    done: bool,
+    /// Taken from the idle pool after resting there [`crate::limits::RESEND_AFTER_IDLE`]
+    /// or longer: the upstream may have closed it as idle just as the request goes.
+    pub(crate) rested: bool,
+}
+
+/// What is to be written, in order: `buf` from `pos`, then `data`, then a CRLF if `crlf`.
+#[derive(Default)]
+struct Outbox {
+    buf: BytesMut,
+    pos: usize,
+    data: Bytes,
+    crlf: bool,
+}
+
+impl Outbox {
+    fn is_empty(&self) -> bool {
+        self.pos == self.buf.len() && self.data.is_empty() && !self.crlf
+    }
+
+    /// Queues body data, with a CRLF after it (a chunk's end) if `crlf`.
+    fn data(&mut self, data: Bytes, crlf: bool) {
+        if data.len() <= COPY_DATA {
+            self.buf.extend_from_slice(&data);
+            if crlf {
+                self.buf.extend_from_slice(b"\r\n");
+            }
+        } else {
+            self.data = data;
+            self.crlf = crlf;
+        }
+    }
+}
+
+struct Sending {
+    body: Body,
+    framing: Framing,
+}
+
+#[derive(Clone, Copy)]
+enum Framing {
+    /// `Content-Length`: this many bytes still to send.
+    Length(u64),
+    Chunked,
+}
+
+/// Why an exchange on a pooled HTTP/1.1 connection failed before its response head.
+#[derive(Debug)]
+pub struct SendFailed {
+    /// What happened, for the log and the error response.
+    pub reason: String,
+    /// The connection closed, or was reset, before a byte of response: on a connection that
+    /// sat in the pool, most likely the upstream closing it as idle while the request was on
+    /// its way, not a failure of the request (see [`H1Conn::rested`]).
+    pub closed: bool,
+}
+
+/// A failure while sending: of the request body (the client's side) or of the connection.
+enum SendError {
+    Body(BoxError),
+    Io(io::Error),
+}
+
+/// Whether an I/O error says the peer went away (closed, reset), rather than anything else.
+fn gone(e: &io::Error) -> bool {
+    use io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionReset | BrokenPipe | ConnectionAborted | UnexpectedEof
+    )
+}
+
+/// A response head read, with how its body is framed.
+struct Head {
+    parts: http::response::Parts,
+    decoder: Decoder,
+}
+
+enum Decoder {
+    /// `Content-Length`: this many bytes still to read.
+    Length(u64),
+    Chunked(Chunk),
+    /// Until the upstream closes the connection.
+    Eof,
+    /// The body has ended (or there is none).
+    Done,
+}
+
+#[derive(Clone, Copy)]
+enum Chunk {
+    Size,
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    Trailers,
+}
+
+impl H1Conn {
+    /// A connection over a freshly established stream.
+    pub fn new(io: Stream) -> H1Conn {
+        H1Conn {
+            io,
+            rbuf: BytesMut::new(),
+            read_size: FIRST_READ,
+            out: Outbox::default(),
+            sending: None,
+            done: false,
+            rested: false,
+        }
+    }
+
+    /// Whether the connection sat idle in the pool long enough before this exchange that the
+    /// upstream may close it under the request (see [`crate::limits::RESEND_AFTER_IDLE`]).
+    pub fn rested(&self) -> bool {
+        self.rested
+    }
+
+    /// Whether the connection can take a request now: it carries no unfinished exchange and
+    /// nothing arrived on it since (a close, or bytes no request asked for). Looks without a
+    /// system call when the socket has no news: tokio remembers that the last read drained it.
+    pub(crate) fn reusable(&mut self) -> bool {
+        if self.done || !self.out.is_empty() || self.sending.is_some() || !self.rbuf.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.poll_fill(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(_) => {
+                self.done = true;
+                false
+            }
+        }
+    }
+
+    /// Reads what the socket has into the read buffer: `Ok(0)` at the end of the stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.rbuf.capacity() - self.rbuf.len() < self.read_size / 2 {
+            self.rbuf.reserve(self.read_size);
+        }
+        let room = self.rbuf.capacity() - self.rbuf.len();
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            &mut self.rbuf
+        ))?;
+        if n == room && self.read_size < MAX_READ {
+            self.read_size *= 2;
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    /// Writes everything queued.
+    fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            while self.out.pos < self.out.buf.len() {
+                let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.out.buf[self.out.pos..]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.out.pos += n;
+            }
+            self.out.buf.clear();
+            self.out.pos = 0;
+            while !self.out.data.is_empty() {
+                let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.out.data))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.out.data.advance(n);
+            }
+            if !std::mem::take(&mut self.out.crlf) {
+                return Poll::Ready(Ok(()));
+            }
+            self.out.buf.extend_from_slice(b"\r\n");
+        }
+    }
+
+    /// Sends the request head (queued by [`H1Conn::start`]) and as much of its body as there
+    /// is: `Ready(Ok)` once all of it is written and flushed.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), SendError>> {
+        loop {
+            // Gather what the body has ready, so a head and a small body go in one write.
+            let mut waiting = false;
+            while let Some(s) = self.sending.as_mut() {
+                if self.out.buf.len() >= COPY_DATA || !self.out.data.is_empty() {
+                    break;
+                }
+                match Pin::new(&mut s.body).poll_frame(cx) {
+                    Poll::Pending => {
+                        waiting = true;
+                        break;
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        self.sending = None;
+                        self.done = true;
+                        return Poll::Ready(Err(SendError::Body(e)));
+                    }
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Err(e) = self.encode(frame) {
+                            self.sending = None;
+                            self.done = true;
+                            return Poll::Ready(Err(SendError::Body(e.into())));
+                        }
+                    }
+                    Poll::Ready(None) => {
+                        let framing = s.framing;
+                        self.sending = None;
+                        match framing {
+                            Framing::Length(0) => {}
+                            Framing::Length(n) => {
+                                self.done = true;
+                                return Poll::Ready(Err(SendError::Body(
+                                    format!("request body ended {n} bytes short of its content-length")
+                                        .into(),
+                                )));
+                            }
+                            Framing::Chunked => self.out.buf.extend_from_slice(b"0\r\n\r\n"),
+                        }
+                    }
+                }
+            }
+            if let Err(e) = ready!(self.poll_write_out(cx)) {
+                return self.write_failed(e);
+            }
+            if self.sending.is_none() || waiting {
+                if let Err(e) = ready!(Pin::new(&mut self.io).poll_flush(cx)) {
+                    return self.write_failed(e);
+                }
+                if self.sending.is_none() {
+                    return Poll::Ready(Ok(()));
+                }
+                return Poll::Pending;
+            }
+        }
+    }
+
+    fn write_failed(&mut self, e: io::Error) -> Poll<Result<(), SendError>> {
+        self.sending = None;
+        self.out = Outbox::default();
+        self.done = true;
+        Poll::Ready(Err(SendError::Io(e)))
+    }
+
+    /// Queues one frame of the request body in its framing.
+    fn encode(&mut self, frame: Frame<Bytes>) -> Result<(), String> {
+        let Some(s) = self.sending.as_mut() else {
+            return Ok(());
+        };
+        match frame.into_data() {
+            Ok(data) => match &mut s.framing {
+                Framing::Length(left) => {
+                    let n = data.len() as u64;
+                    if n > *left {
+                        return Err("request body longer than its content-length".into());
+                    }
+                    *left -= n;
+                    let end = *left == 0;
+                    self.out.data(data, false);
+                    if end {
+                        // The declared length is sent: the body is not read further.
+                        self.sending = None;
+                    }
+                }
+                Framing::Chunked => {
+                    if !data.is_empty() {
+                        use std::fmt::Write;
+                        let _ = write!(self.out.buf, "{:x}\r\n", data.len());
+                        self.out.data(data, true);
+                    }
+                }
+            },
+            Err(frame) => {
+                let Ok(trailers) = frame.into_trailers() else {
+                    return Ok(());
+                };
+                match s.framing {
+                    Framing::Length(0) => {}
+                    Framing::Length(n) => {
+                        return Err(format!(
+                            "request body ended {n} bytes short of its content-length"
+                        ));
+                    }
+                    // Every trailer field goes (hyper's client sent only those the request
+                    // declared in `Trailer`, which HTTP/2 clients such as gRPC's do not).
+                    Framing::Chunked => {
+                        let buf = &mut self.out.buf;
+                        buf.extend_from_slice(b"0\r\n");
+                        for (name, value) in &trailers {
+                            if !allowed_in_trailers(name) {
+                                continue;
+                            }
+                            buf.extend_from_slice(name.as_str().as_bytes());
+                            buf.extend_from_slice(b": ");
+                            buf.extend_from_slice(value.as_bytes());
+                            buf.extend_from_slice(b"\r\n");
+                        }
+                        buf.extend_from_slice(b"\r\n");
+                    }
+                }
+                self.sending = None;
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues the request head and decides how its body is framed: the request's own
+    /// `Content-Length` if it has one; none for a body already at its end (`content-length: 0`
+    /// for the methods that expect a body, as servers may answer 411 otherwise); its exact
+    /// size if known; chunked otherwise (a HEAD's body of unknown length is not sent: RFC
+    /// 9110 §9.3.2). A `Transfer-Encoding` set before (the proxy's for a GET body) only asks
+    /// for chunked.
+    fn start(&mut self, parts: &http::request::Parts, body: Body) -> Result<(), String> {
+        let buf = &mut self.out.buf;
+        buf.reserve(512);
+        buf.extend_from_slice(parts.method.as_str().as_bytes());
+        buf.extend_from_slice(b" ");
+        buf.extend_from_slice(parts.uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes());
+        buf.extend_from_slice(b" HTTP/1.1\r\n");
+        let mut length = None;
+        for (name, value) in &parts.headers {
+            if name == header::TRANSFER_ENCODING {
+                continue;
+            }
+            if name == header::CONTENT_LENGTH {
+                let n = parse_length(value.as_bytes())
+                    .filter(|n| length.is_none_or(|l| l == *n))
+                    .ok_or("invalid content-length in the request")?;
+                if length.is_some() {
+                    continue;
+                }
+                length = Some(n);
+            }
+            buf.extend_from_slice(name.as_str().as_bytes());
+            buf.extend_from_slice(b": ");
+            buf.extend_from_slice(value.as_bytes());
+            buf.extend_from_slice(b"\r\n");
+        }
+        let framing = match length {
+            Some(0) => None,
+            Some(n) => Some(Framing::Length(n)),
+            None if body.is_end_stream() => {
+                if matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
+                    buf.extend_from_slice(b"content-length: 0\r\n");
+                }
+                None
+            }
+            None => match body.size_hint().exact() {
+                Some(n) => {
+                    use std::fmt::Write;
+                    let _ = write!(buf, "content-length: {n}\r\n");
+                    (n > 0).then_some(Framing::Length(n))
+                }
+                None if parts.method == Method::HEAD => None,
+                None => {
+                    buf.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                    Some(Framing::Chunked)
+                }
+            },
+        };
+        buf.extend_from_slice(b"\r\n");
+        self.sending = framing.map(|framing| Sending { body, framing });
+        Ok(())
+    }
+
+    /// Sends a request and reads until the response head, sending its body meanwhile. The
+    /// response's body reads the rest and puts the connection back in `ep`'s pool (at most
+    /// `max_idle` there) when the exchange is complete.
+    pub async fn send(
+        mut self,
+        req: Request<Body>,
+        ep: &Arc<Endpoint>,
+        max_idle: usize,
+    ) -> Result<Response<PooledBody>, SendFailed> {
+        let (parts, body) = req.into_parts();
+        self.start(&parts, body).map_err(|reason| SendFailed {
+            reason,
+            closed: false,
+        })?;
+        let head_request = parts.method == Method::HEAD;
+        drop(parts);
+        let head = poll_fn(|cx| self.poll_head(cx, head_request)).await?;
+        let body = PooledBody {
+            conn: Some(self),
+            decoder: head.decoder,
+            ep: ep.clone(),
+            max_idle,
+        };
+        Ok(Response::from_parts(head.parts, body))
+    }
+
+    fn poll_head(&mut self, cx: &mut Context<'_>, head_request: bool) -> Poll<Result<Head, SendFailed>> {
+        let mut write_error = None;
+        loop {
+            if self.sending.is_some() || !self.out.is_empty() {
+                match self.poll_send(cx) {
+                    Poll::Ready(Err(SendError::Body(e))) => {
+                        return Poll::Ready(Err(SendFailed {
+                            reason: format!("request body: {e}"),
+                            closed: false,
+                        }))
+                    }
+                    // The upstream stopped reading: it may still have answered (a 413 before
+                    // closing); read on.
+                    Poll::Ready(Err(SendError::Io(e))) => write_error = Some(e),
+                    _ => {}
+                }
+            }
+            match self.parse_head(head_request) {
+                Ok(Some(head)) => return Poll::Ready(Ok(head)),
+                Ok(None) => {}
+                Err(reason) => {
+                    self.done = true;
+                    return Poll::Ready(Err(SendFailed {
+                        reason,
+                        closed: false,
+                    }));
+                }
+            }
+            let failed = match ready!(self.poll_fill(cx)) {
+                Ok(0) => {
+                    let what = if self.rbuf.is_empty() {
+                        "connection closed before the response"
+                    } else {
+                        "connection closed in the middle of the response head"
+                    };
+                    match &write_error {
+                        Some(w) => format!("{what} (sending: {w})"),
+                        None => what.to_string(),
+                    }
+                }
+                Ok(_) => continue,
+                Err(e) => {
+                    if !gone(&e) {
+                        self.done = true;
+                        return Poll::Ready(Err(SendFailed {
+                            reason: e.to_string(),
+                            closed: false,
+                        }));
+                    }
+                    e.to_string()
+                }
+            };
+            self.done = true;
+            return Poll::Ready(Err(SendFailed {
+                closed: self.rbuf.is_empty(),
+                reason: failed,
+            }));
+        }
+    }
+
+    /// The response head at the start of the read buffer, if all of it arrived; interim
+    /// responses (1xx but 101) are skipped.
+    fn parse_head(&mut self, head_request: bool) -> Result<Option<Head>, String> {
+        loop {
+            if self.rbuf.is_empty() {
+                return Ok(None);
+            }
+            let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_RESPONSE_HEADERS];
+            let mut resp = httparse::Response::new(&mut []);
+            let n = match httparse::ParserConfig::default()
+                .parse_response_with_uninit_headers(&mut resp, &self.rbuf, &mut slots)
+            {
+                Ok(httparse::Status::Complete(n)) if n <= MAX_RESPONSE_HEAD => n,
+                Ok(httparse::Status::Partial) if self.rbuf.len() <= MAX_RESPONSE_HEAD => return Ok(None),
+                Ok(_) => {
+                    return Err(format!(
+                        "response head larger than {} KiB",
+                        MAX_RESPONSE_HEAD / 1024
+                    ))
+                }
+                Err(httparse::Error::TooManyHeaders) => {
+                    return Err(format!("more than {MAX_RESPONSE_HEADERS} response header fields"))
+                }
+                Err(e) => return Err(format!("invalid response head: {e}")),
+            };
+            let code = resp.code.unwrap_or_default();
+            if (100..200).contains(&code) && code != 101 {
+                self.rbuf.advance(n);
+                continue;
+            }
+            let status = StatusCode::from_u16(code).map_err(|_| format!("invalid status {code}"))?;
+            let http10 = resp.version == Some(0);
+            let canonical = status.canonical_reason() == resp.reason;
+            let reason = (!canonical).then_some(resp.reason).flatten().map(|r| r.len());
+            // Where each field lies in the head, to hand out its value without a copy once
+            // the head is split off the buffer.
+            let base = self.rbuf.as_ptr() as usize;
+            let mut fields: smallvec::SmallVec<[(usize, usize, usize, usize); 24]> =
+                smallvec::SmallVec::new();
+            let mut f = Framed::default();
+            for h in resp.headers.iter() {
+                let (name, value) = (h.name.as_bytes(), h.value);
+                f.note(name, value)?;
+                fields.push((
+                    name.as_ptr() as usize - base,
+                    name.len(),
+                    value.as_ptr() as usize - base,
+                    value.len(),
+                ));
+            }
+            let reason_at = resp.reason.map(|r| r.as_ptr() as usize - base);
+            let head = self.rbuf.split_to(n).freeze();
+            let mut headers = HeaderMap::with_capacity(fields.len());
+            for (ns, nl, vs, vl) in fields {
+                let name = HeaderName::from_bytes(&head[ns..ns + nl])
+                    .map_err(|_| "invalid response header name".to_string())?;
+                let value = HeaderValue::from_maybe_shared(head.slice(vs..vs + vl))
+                    .map_err(|_| "invalid response header value".to_string())?;
+                headers.append(name, value);
+            }
+            let mut keep_alive = if http10 {
+                f.keep_alive && !f.close
+            } else {
+                !f.close
+            };
+            let decoder = if head_request || code == 204 || code == 304 || code == 101 {
+                if code == 101 {
+                    keep_alive = false;
+                }
+                Decoder::Done
+            } else if f.transfer_encoding {
+                if !f.chunked {
+                    return Err("empty response transfer-encoding".into());
+                }
+                if http10 {
+                    return Err("transfer-encoding in an HTTP/1.0 response".into());
+                }
+                if f.length.is_some() {
+                    // RFC 9112 §6.3: chunked wins, and the connection is not reused.
+                    headers.remove(header::CONTENT_LENGTH);
+                    keep_alive = false;
+                }
+                Decoder::Chunked(Chunk::Size)
+            } else {
+                match f.length {
+                    Some(0) => Decoder::Done,
+                    Some(n) => Decoder::Length(n),
+                    None => {
+                        keep_alive = false;
+                        Decoder::Eof
+                    }
+                }
+            };
+            self.done |= !keep_alive;
+            let mut r = Response::new(());
+            *r.status_mut() = status;
+            *r.version_mut() = if http10 {
+                Version::HTTP_10
+            } else {
+                Version::HTTP_11
+            };
+            *r.headers_mut() = headers;
+            if let (Some(at), Some(len)) = (reason_at, reason) {
+                if let Ok(p) = hyper::ext::ReasonPhrase::try_from(head.slice(at..at + len)) {
+                    r.extensions_mut().insert(p);
+                }
+            }
+            return Ok(Some(Head {
+                parts: r.into_parts().0,
+                decoder,
+            }));
+        }
+    }
+}
+
+/// What a response head says of its framing and of its connection.
+#[derive(Default)]
+struct Framed {
+    length: Option<u64>,
+    transfer_encoding: bool,
+    /// The transfer coding is `chunked` (no other is accepted).
+    chunked: bool,
+    close: bool,
+    keep_alive: bool,
+}
+
+impl Framed {
+    fn note(&mut self, name: &[u8], value: &[u8]) -> Result<(), String> {
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let n = parse_length(value).ok_or("invalid response content-length")?;
+            if self.length.is_some_and(|l| l != n) {
+                return Err("conflicting response content-length values".into());
+            }
+            self.length = Some(n);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            self.transfer_encoding = true;
+            for coding in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                if coding.is_empty() {
+                    continue;
+                }
+                // Only chunked, once: the proxy removes the field (hop-by-hop), so another
+                // coding would reach the client unlabelled.
+                if self.chunked || !coding.eq_ignore_ascii_case(b"chunked") {
+                    return Err(format!(
+                        "unsupported response transfer-encoding {:?}",
+                        String::from_utf8_lossy(value)
+                    ));
+                }
+                self.chunked = true;
+            }
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for t in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                self.close |= t.eq_ignore_ascii_case(b"close");
+                self.keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A `Content-Length` value: digits, or a list of equal numbers (RFC 9110 §8.6).
+fn parse_length(v: &[u8]) -> Option<u64> {
+    let mut found: Option<u64> = None;
+    for part in v.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+        if found.is_some_and(|f| f != n) {
+            return None;
+        }
+        found = Some(n);
+    }
+    found
+}
+
+/// Fields a trailer section must not carry (RFC 9110 §6.5.1): framing, routing, connection.
+fn allowed_in_trailers(name: &HeaderName) -> bool {
+    !matches!(
+        name.as_str(),
+        "content-length"
+            | "transfer-encoding"
+            | "host"
+            | "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "upgrade"
+    )
+}
+
+/// An upstream response body that reads its HTTP/1.1 connection while it streams (and sends
+/// what is left of the request body), and puts the connection back in the pool when the
+/// exchange is complete. Dropped early, it closes the connection: a half-read response never
+/// serves another request.
+pub struct PooledBody {
+    conn: Option<H1Conn>,
+    decoder: Decoder,
+    ep: Arc<Endpoint>,
+    max_idle: usize,
+}
+
+impl PooledBody {
+    /// Both messages are over (as far as the response goes): the connection goes back to the
+    /// pool if it can carry another exchange.
+    fn finish(&mut self) {
+        let Some(mut conn) = self.conn.take() else { return };
+        // Bytes after the end of the response were never asked for: not reusable.
+        if conn.done || !conn.rbuf.is_empty() {
+            return;
+        }
+        if conn.sending.is_none() && conn.out.is_empty() {
+            checkin(&self.ep, conn, self.max_idle);
+            return;
+        }
+        // The upstream answered before the request body was all sent: finish sending it off
+        // the request path, then pool the connection.
+        let (ep, max) = (self.ep.clone(), self.max_idle);
+        tokio::spawn(async move {
+            if poll_fn(|cx| conn.poll_send(cx)).await.is_ok() && !conn.done {
+                checkin(&ep, conn, max);
+            }
+        });
+    }
+
+    fn fail(&mut self, e: impl Into<BoxError>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.conn = None;
+        self.decoder = Decoder::Done;
+        Poll::Ready(Some(Err(e.into())))
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // A response without a body (to HEAD, a 204 or 304, `Content-Length: 0`) is complete
+        // before anyone reads it, and hyper's server never polls it: the exchange is over, so
+        // the connection goes back to the pool instead of closing.
+        if matches!(self.decoder, Decoder::Done) {
+            self.finish();
+        }
+    }
+}
+
+impl http_body::Body for PooledBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            if conn.sending.is_some() || !conn.out.is_empty() {
+                match conn.poll_send(cx) {
+                    Poll::Ready(Err(SendError::Body(e))) => {
+                        return this.fail(format!("request body: {e}"));
+                    }
+                    // The upstream stopped reading the request: its response may still be
+                    // complete; the connection is not reused.
+                    Poll::Ready(Err(SendError::Io(_))) | Poll::Ready(Ok(())) | Poll::Pending => {}
+                }
+            }
+            let rbuf = &mut conn.rbuf;
+            // `Some(frame)` to hand out, `None` to read more first.
+            let frame = match &mut this.decoder {
+                Decoder::Done => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Decoder::Length(left) => {
+                    if rbuf.is_empty() {
+                        None
+                    } else {
+                        let n = (*left).min(rbuf.len() as u64);
+                        *left -= n;
+                        let data = rbuf.split_to(n as usize).freeze();
+                        if *left == 0 {
+                            this.decoder = Decoder::Done;
+                        }
+                        Some(Frame::data(data))
+                    }
+                }
+                Decoder::Eof => (!rbuf.is_empty()).then(|| Frame::data(rbuf.split().freeze())),
+                Decoder::Chunked(state) => match *state {
+                    Chunk::Size => match httparse::parse_chunk_size(rbuf) {
+                        Ok(httparse::Status::Complete((used, size))) if rbuf[0].is_ascii_hexdigit() => {
+                            rbuf.advance(used);
+                            *state = if size == 0 {
+                                Chunk::Trailers
+                            } else {
+                                Chunk::Data(size)
+                            };
+                            continue;
+                        }
+                        Ok(httparse::Status::Partial) if rbuf.len() <= MAX_CHUNK_LINE => None,
+                        _ => return this.fail("invalid chunk size in the response body"),
+                    },
+                    Chunk::Data(left) => {
+                        if rbuf.is_empty() {
+                            None
+                        } else {
+                            let n = left.min(rbuf.len() as u64);
+                            let data = rbuf.split_to(n as usize).freeze();
+                            *state = if left == n {
+                                Chunk::DataEnd
+                            } else {
+                                Chunk::Data(left - n)
+                            };
+                            Some(Frame::data(data))
+                        }
+                    }
+                    Chunk::DataEnd => {
+                        if rbuf.len() < 2 {
+                            None
+                        } else if &rbuf[..2] == b"\r\n" {
+                            rbuf.advance(2);
+                            *state = Chunk::Size;
+                            continue;
+                        } else {
+                            return this.fail("response chunk not followed by CRLF");
+                        }
+                    }
+                    Chunk::Trailers => match trailers(rbuf) {
+                        Ok(Some(t)) => {
+                            this.decoder = Decoder::Done;
+                            match t {
+                                Some(map) => Some(Frame::trailers(map)),
+                                None => continue,
+                            }
+                        }
+                        Ok(None) => None,
+                        Err(e) => return this.fail(e),
+                    },
+                },
+            };
+            if let Some(frame) = frame {
+                if matches!(this.decoder, Decoder::Done) {
+                    this.finish();
+                }
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match ready!(conn.poll_fill(cx)) {
+                Ok(0) if matches!(this.decoder, Decoder::Eof) => {
+                    conn.done = true;
+                    this.decoder = Decoder::Done;
+                }
+                Ok(0) => {
+                    return this.fail("upstream closed the connection before the end of the response body")
+                }
+                Ok(_) => {}
+                Err(e) => return this.fail(e),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.decoder, Decoder::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.decoder {
+            Decoder::Length(n) => SizeHint::with_exact(n),
+            Decoder::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// The trailer section at the start of `buf` (after the last chunk), consumed: `Ok(None)`
+/// while incomplete, `Ok(Some(None))` when empty.
+#[allow(clippy::option_option)]
+fn trailers(buf: &mut BytesMut) -> Result<Option<Option<HeaderMap>>, String> {
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    if &buf[..2] == b"\r\n" {
+        buf.advance(2);
+        return Ok(Some(None));
+    }
+    let mut slots = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+    match httparse::parse_headers(buf, &mut slots) {
+        Ok(httparse::Status::Complete((n, fields))) => {
+            let mut map = HeaderMap::with_capacity(fields.len());
+            for h in fields {
+                let (Ok(name), Ok(value)) = (
+                    HeaderName::from_bytes(h.name.as_bytes()),
+                    HeaderValue::from_bytes(h.value),
+                ) else {
+                    return Err("invalid response trailer field".into());
+                };
+                if allowed_in_trailers(&name) {
+                    map.append(name, value);
+                }
+            }
+            buf.advance(n);
+            Ok(Some((!map.is_empty()).then_some(map)))
+        }
+        Ok(httparse::Status::Partial) if buf.len() <= MAX_RESPONSE_HEAD => Ok(None),
+        Ok(httparse::Status::Partial) => Err("response trailers too large".into()),
+        Err(e) => Err(format!("invalid response trailers: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_length_values() {
+        assert_eq!(parse_length(b"42"), Some(42));
+        assert_eq!(parse_length(b"42, 42"), Some(42));
+        assert_eq!(parse_length(b"42, 43"), None);
+        assert_eq!(parse_length(b"-1"), None);
+        assert_eq!(parse_length(b"+1"), None);
+        assert_eq!(parse_length(b""), None);
+        assert_eq!(parse_length(b"99999999999999999999"), None);
+    }
+
+    #[test]
+    fn transfer_codings() {
+        let mut f = Framed::default();
+        f.note(b"Transfer-Encoding", b" Chunked ").unwrap();
+        assert!(f.transfer_encoding && f.chunked);
+        assert!(f.note(b"transfer-encoding", b"chunked").is_err(), "chunked twice");
+        assert!(Framed::default()
+            .note(b"transfer-encoding", b"gzip, chunked")
+            .is_err());
+        assert!(Framed::default().note(b"transfer-encoding", b"gzip").is_err());
+    }
+}
