@@ -369,9 +369,10 @@ impl H1Conn {
     /// Queues the request head and decides how its body is framed: the request's own
     /// `Content-Length` if it has one; none for a body already at its end (`content-length: 0`
     /// for the methods that expect a body, as servers may answer 411 otherwise); its exact
-    /// size if known; chunked otherwise (a HEAD's body of unknown length is not sent: RFC
-    /// 9110 §9.3.2). A `Transfer-Encoding` set before (the proxy's for a GET body) only asks
-    /// for chunked.
+    /// size if known; chunked otherwise, a GET's too (a search API's body, an HTTP/2 GET with
+    /// DATA and no length), as Envoy sends it; not a HEAD's (RFC 9110 §9.3.2 warns a body there
+    /// reads as a smuggling attempt). A `Transfer-Encoding` in the head (a filter's) is not
+    /// sent: the framing is decided here.
     fn start(&mut self, parts: &http::request::Parts, body: Body) -> Result<(), String> {
         let buf = &mut self.out.buf;
         buf.reserve(512);

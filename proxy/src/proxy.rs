@@ -884,21 +884,6 @@ async fn send(
             join_cookies(&mut parts.headers);
         }
         parts.version = Version::HTTP_11;
-        // hyper's HTTP/1.1 client sends a GET, HEAD or CONNECT of unknown length with no
-        // body at all; a GET's body (a search API's, an HTTP/2 GET with DATA and no
-        // content-length, a body a streaming filter rewrote) goes chunked, as Envoy sends it.
-        // Not a HEAD's: RFC 9110 §9.3.2 warns a body there reads as a smuggling attempt.
-        if let Some(b) = body.as_ref() {
-            if !http_body::Body::is_end_stream(b)
-                && http_body::Body::size_hint(b).exact().is_none()
-                && parts.method == Method::GET
-                && !parts.headers.contains_key(header::CONTENT_LENGTH)
-            {
-                parts
-                    .headers
-                    .insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
-            }
-        }
         if let Some(h) = host {
             parts.headers.insert(header::HOST, h);
         }
