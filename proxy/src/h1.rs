@@ -59,6 +59,8 @@ pub struct H1Conn {
     out: Outbox,
     /// The request body still to send, and how it is framed.
     sending: Option<Sending>,
+    /// Bytes were written since the last flush: a TLS stream may hold them in its buffer.
+    unflushed: bool,
     /// The connection carries no further exchange: the upstream asked to close it, a
     /// message's framing forbids reuse, or it failed.
     done: bool,
@@ -167,6 +169,7 @@ impl H1Conn {
             read_size: FIRST_READ,
             out: Outbox::default(),
             sending: None,
+            unflushed: false,
             done: false,
             rested: false,
         }
@@ -182,7 +185,7 @@ impl H1Conn {
     /// nothing arrived on it since (a close, or bytes no request asked for). Looks without a
     /// system call when the socket has no news: tokio remembers that the last read drained it.
     pub(crate) fn reusable(&mut self) -> bool {
-        if self.done || !self.out.is_empty() || self.sending.is_some() || !self.rbuf.is_empty() {
+        if self.done || self.sending() || !self.rbuf.is_empty() {
             return false;
         }
         let mut cx = Context::from_waker(Waker::noop());
@@ -193,6 +196,11 @@ impl H1Conn {
                 false
             }
         }
+    }
+
+    /// Whether any of the request is still to be written or flushed.
+    fn sending(&self) -> bool {
+        self.sending.is_some() || !self.out.is_empty() || self.unflushed
     }
 
     /// Reads what the socket has into the read buffer: `Ok(0)` at the end of the stream.
@@ -220,6 +228,7 @@ impl H1Conn {
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
+                self.unflushed = true;
                 self.out.pos += n;
             }
             self.out.buf.clear();
@@ -229,6 +238,7 @@ impl H1Conn {
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
+                self.unflushed = true;
                 self.out.data.advance(n);
             }
             if !std::mem::take(&mut self.out.crlf) {
@@ -286,8 +296,11 @@ impl H1Conn {
                 return self.write_failed(e);
             }
             if self.sending.is_none() || waiting {
-                if let Err(e) = ready!(Pin::new(&mut self.io).poll_flush(cx)) {
-                    return self.write_failed(e);
+                if self.unflushed {
+                    if let Err(e) = ready!(Pin::new(&mut self.io).poll_flush(cx)) {
+                        return self.write_failed(e);
+                    }
+                    self.unflushed = false;
                 }
                 if self.sending.is_none() {
                     return Poll::Ready(Ok(()));
@@ -300,6 +313,7 @@ impl H1Conn {
     fn write_failed(&mut self, e: io::Error) -> Poll<Result<(), SendError>> {
         self.sending = None;
         self.out = Outbox::default();
+        self.unflushed = false;
         self.done = true;
         Poll::Ready(Err(SendError::Io(e)))
     }
@@ -455,7 +469,7 @@ impl H1Conn {
     fn poll_head(&mut self, cx: &mut Context<'_>, head_request: bool) -> Poll<Result<Head, SendFailed>> {
         let mut write_error = None;
         loop {
-            if self.sending.is_some() || !self.out.is_empty() {
+            if self.sending() {
                 match self.poll_send(cx) {
                     Poll::Ready(Err(SendError::Body(e))) => {
                         return Poll::Ready(Err(SendFailed {
@@ -720,22 +734,14 @@ impl PooledBody {
     /// pool if it can carry another exchange.
     fn finish(&mut self) {
         let Some(mut conn) = self.conn.take() else { return };
-        // Bytes after the end of the response were never asked for: not reusable.
-        if conn.done || !conn.rbuf.is_empty() {
+        // Bytes after the end of the response were never asked for; a request body the
+        // upstream answered before it was all sent would cost a task to finish off, for a
+        // client that may never end it (Envoy resets such a stream too): either way the
+        // connection closes.
+        if conn.done || !conn.rbuf.is_empty() || conn.sending() {
             return;
         }
-        if conn.sending.is_none() && conn.out.is_empty() {
-            checkin(&self.ep, conn, self.max_idle);
-            return;
-        }
-        // The upstream answered before the request body was all sent: finish sending it off
-        // the request path, then pool the connection.
-        let (ep, max) = (self.ep.clone(), self.max_idle);
-        tokio::spawn(async move {
-            if poll_fn(|cx| conn.poll_send(cx)).await.is_ok() && !conn.done {
-                checkin(&ep, conn, max);
-            }
-        });
+        checkin(&self.ep, conn, self.max_idle);
     }
 
     fn fail(&mut self, e: impl Into<BoxError>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
@@ -769,7 +775,7 @@ impl http_body::Body for PooledBody {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
             };
-            if conn.sending.is_some() || !conn.out.is_empty() {
+            if conn.sending() {
                 match conn.poll_send(cx) {
                     Poll::Ready(Err(SendError::Body(e))) => {
                         return this.fail(format!("request body: {e}"));

@@ -1,6 +1,12 @@
 //! TLS: SNI picks the certificate, mTLS rejects clients without a valid certificate and
 //! exposes the identity of those with one, upstream TLS verifies and fails closed.
 
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::BodyExt;
+use hyper::body::Frame;
 use weir_tests::client::{tls_connect, Client};
 use weir_tests::collect;
 use weir_tests::pki::{client_config, peer_cn, Pki};
@@ -310,4 +316,143 @@ async fn a_websocket_reaches_an_http2_tls_cluster_over_http1() {
         .unwrap();
     let echo = ws.next().await.unwrap().unwrap();
     assert_eq!(echo.into_text().unwrap().as_str(), "ping");
+}
+
+/// A TLS HTTP/1.1 upstream that reads request bodies slowly (64 KiB every 2 ms, past the 4 MiB
+/// a socket's send buffer grows to), so the proxy's socket toward it stays full, and answers with the number of body bytes it read.
+async fn slow_reading_upstream(leaf: &weir_tests::pki::Leaf) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let acceptor =
+        tokio_rustls::TlsAcceptor::from(weir_tests::pki::server_config(leaf, &[b"http/1.1"], None));
+    // A set receive buffer is not grown by the kernel as reads go on.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(16).unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let mut s = acceptor.accept(tcp).await.unwrap();
+                let mut seen = Vec::new();
+                let mut buf = vec![0u8; 64 * 1024];
+                let head_end = loop {
+                    let n = s.read(&mut buf).await.unwrap();
+                    assert!(n > 0, "closed before the request head");
+                    seen.extend_from_slice(&buf[..n]);
+                    if let Some(i) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                };
+                let head = String::from_utf8_lossy(&seen[..head_end]).to_ascii_lowercase();
+                let length = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map(|v| v.trim().parse::<usize>().unwrap());
+                let mut body = seen.split_off(head_end);
+                loop {
+                    let complete = match length {
+                        Some(n) => body.len() >= n,
+                        None => body.ends_with(b"\r\n0\r\n\r\n"),
+                    };
+                    if complete {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    let n = match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    body.extend_from_slice(&buf[..n]);
+                }
+                let mut data = body.len();
+                if length.is_none() {
+                    // Count the data of the chunks, not their framing.
+                    let (mut rest, mut sum) = (&body[..], 0);
+                    loop {
+                        let line = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+                        let size = std::str::from_utf8(&rest[..line]).unwrap();
+                        let size = usize::from_str_radix(size.split(';').next().unwrap(), 16).unwrap();
+                        if size == 0 {
+                            break;
+                        }
+                        sum += size;
+                        rest = &rest[line + 2 + size + 2..];
+                    }
+                    data = sum;
+                }
+                let count = data.to_string();
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{count}",
+                    count.len()
+                );
+                s.write_all(resp.as_bytes()).await.unwrap();
+                s.flush().await.unwrap();
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_to_a_slow_tls_upstream_arrive_whole() {
+    // TLS takes bytes into its own buffer when the socket is full; only a flush sends them
+    // on. With an upstream that reads slowly, the end of a request body lands in that buffer,
+    // and must still leave: the upstream gets all of it and answers, not a stall to a timeout.
+    let pki = Pki::new("upload");
+    let up = slow_reading_upstream(&pki.issue("up", "up", &["upstream.test"], None)).await;
+    let toml = format!(
+        r#"{ADMIN}
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+[[routes]]
+cluster = "c"
+[clusters.c]
+endpoints = ["{up}"]
+tls = {{ ca = "{ca}", server_name = "upstream.test" }}
+"#,
+        ca = pki.ca.display()
+    );
+    let proxy = TestProxy::start(&toml, pki.dir()).await;
+    const PIECE: usize = 64 * 1024;
+    const PIECES: usize = 128;
+    for sized in [true, false] {
+        for round in 0..3 {
+            let mut c = Client::h1(proxy.addr("web")).await;
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<
+                Result<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>,
+            >(4);
+            let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+            let mut req = Request::post("/upload").header("host", "x");
+            if sized {
+                req = req.header("content-length", PIECE * PIECES);
+            }
+            let req = req
+                .body(BodyExt::boxed(http_body_util::StreamBody::new(stream)))
+                .unwrap();
+            tokio::spawn(async move {
+                for i in 0..PIECES {
+                    let piece = Frame::data(Bytes::from(vec![i as u8; PIECE]));
+                    if tx.send(Ok(piece)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let answer = tokio::time::timeout(Duration::from_secs(20), async {
+                let resp = c.send(req).await.expect("response");
+                assert_eq!(
+                    resp.status(),
+                    200,
+                    "sized {sized}, round {round}: the body's end never left"
+                );
+                resp.into_body().collect().await.expect("body").to_bytes()
+            })
+            .await
+            .unwrap_or_else(|_| panic!("sized {sized}, round {round}: the upload stalled"));
+            let read: usize = std::str::from_utf8(&answer).unwrap().parse().unwrap();
+            assert_eq!(read, PIECE * PIECES, "sized {sized}, round {round}");
+        }
+    }
 }
