@@ -19,7 +19,7 @@
 //! back to the pool only when both messages ended exactly, the upstream did not ask to close it
 //! and nothing more arrived after the response.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -42,12 +42,16 @@ pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 pub const MAX_RESPONSE_HEADERS: usize = 100;
 /// A chunk-size line longer than this (its extensions) is refused.
 const MAX_CHUNK_LINE: usize = 4096;
+/// The most bytes of chunk extensions in one response body (hyper's limit).
+const MAX_CHUNK_EXT: usize = 16 * 1024;
 /// Body data up to this size is copied next to its framing (one write); larger data is
 /// written from its own buffer.
 const COPY_DATA: usize = 16 * 1024;
 /// The first read's room; doubled after a read that filled it, up to [`MAX_READ`].
 const FIRST_READ: usize = 8 * 1024;
 const MAX_READ: usize = 256 * 1024;
+/// An idle connection's read buffer keeps at most this much room.
+const IDLE_READ_ROOM: usize = 64 * 1024;
 
 /// An HTTP/1.1 connection to an upstream, idle in its endpoint's pool or carrying one
 /// exchange.
@@ -61,6 +65,8 @@ pub struct H1Conn {
     sending: Option<Sending>,
     /// Bytes were written since the last flush: a TLS stream may hold them in its buffer.
     unflushed: bool,
+    /// This exchange got an interim response (100, 103): the upstream took the request.
+    interim: bool,
     /// The connection carries no further exchange: the upstream asked to close it, a
     /// message's framing forbids reuse, or it failed.
     done: bool,
@@ -170,6 +176,7 @@ impl H1Conn {
             out: Outbox::default(),
             sending: None,
             unflushed: false,
+            interim: false,
             done: false,
             rested: false,
         }
@@ -188,8 +195,16 @@ impl H1Conn {
         if self.done || self.sending() || !self.rbuf.is_empty() {
             return false;
         }
-        let mut cx = Context::from_waker(Waker::noop());
-        match self.poll_fill(&mut cx) {
+        // tokio charges a read to the task's cooperative budget first: with the budget spent
+        // it answers Pending without looking at the socket, so look unconstrained. A small
+        // room: anything that arrives now ends the connection anyway.
+        let looked = {
+            let mut look = std::pin::pin!(tokio::task::coop::unconstrained(poll_fn(
+                |cx| self.poll_fill(cx, 64)
+            )));
+            look.as_mut().poll(&mut Context::from_waker(Waker::noop()))
+        };
+        match looked {
             Poll::Pending => true,
             Poll::Ready(_) => {
                 self.done = true;
@@ -204,9 +219,9 @@ impl H1Conn {
     }
 
     /// Reads what the socket has into the read buffer: `Ok(0)` at the end of the stream.
-    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.rbuf.capacity() - self.rbuf.len() < self.read_size / 2 {
-            self.rbuf.reserve(self.read_size);
+    fn poll_fill(&mut self, cx: &mut Context<'_>, read_size: usize) -> Poll<io::Result<usize>> {
+        if self.rbuf.capacity() - self.rbuf.len() < read_size / 2 {
+            self.rbuf.reserve(read_size);
         }
         let room = self.rbuf.capacity() - self.rbuf.len();
         let n = ready!(tokio_util::io::poll_read_buf(
@@ -214,7 +229,7 @@ impl H1Conn {
             cx,
             &mut self.rbuf
         ))?;
-        if n == room && self.read_size < MAX_READ {
+        if n == room && n >= self.read_size && self.read_size < MAX_READ {
             self.read_size *= 2;
         }
         Poll::Ready(Ok(n))
@@ -388,6 +403,7 @@ impl H1Conn {
     /// reads as a smuggling attempt). A `Transfer-Encoding` in the head (a filter's) is not
     /// sent: the framing is decided here.
     fn start(&mut self, parts: &http::request::Parts, body: Body) -> Result<(), String> {
+        self.interim = false;
         let buf = &mut self.out.buf;
         buf.reserve(512);
         buf.extend_from_slice(parts.method.as_str().as_bytes());
@@ -462,6 +478,7 @@ impl H1Conn {
             decoder: head.decoder,
             ep: ep.clone(),
             max_idle,
+            chunk_ext: 0,
         };
         Ok(Response::from_parts(head.parts, body))
     }
@@ -494,7 +511,7 @@ impl H1Conn {
                     }));
                 }
             }
-            let failed = match ready!(self.poll_fill(cx)) {
+            let failed = match ready!(self.poll_fill(cx, self.read_size)) {
                 Ok(0) => {
                     let what = if self.rbuf.is_empty() {
                         "connection closed before the response"
@@ -520,7 +537,7 @@ impl H1Conn {
             };
             self.done = true;
             return Poll::Ready(Err(SendFailed {
-                closed: self.rbuf.is_empty(),
+                closed: self.rbuf.is_empty() && !self.interim,
                 reason: failed,
             }));
         }
@@ -553,6 +570,7 @@ impl H1Conn {
             };
             let code = resp.code.unwrap_or_default();
             if (100..200).contains(&code) && code != 101 {
+                self.interim = true;
                 self.rbuf.advance(n);
                 continue;
             }
@@ -568,7 +586,7 @@ impl H1Conn {
             let mut f = Framed::default();
             for h in resp.headers.iter() {
                 let (name, value) = (h.name.as_bytes(), h.value);
-                f.note(name, value)?;
+                f.note(name, value);
                 fields.push((
                     name.as_ptr() as usize - base,
                     name.len(),
@@ -592,10 +610,15 @@ impl H1Conn {
                 !f.close
             };
             let decoder = if head_request || code == 204 || code == 304 || code == 101 {
-                if code == 101 {
+                // No body, whatever the framing fields say (a HEAD's answer may name the
+                // `gzip, chunked` its GET would use); fields that could not frame one still
+                // leave the connection in doubt.
+                if code == 101 || f.error.is_some() {
                     keep_alive = false;
                 }
                 Decoder::Done
+            } else if let Some(e) = f.error {
+                return Err(e);
             } else if f.transfer_encoding {
                 if !f.chunked {
                     return Err("empty response transfer-encoding".into());
@@ -650,10 +673,18 @@ struct Framed {
     chunked: bool,
     close: bool,
     keep_alive: bool,
+    /// The first field that cannot frame a body.
+    error: Option<String>,
 }
 
 impl Framed {
-    fn note(&mut self, name: &[u8], value: &[u8]) -> Result<(), String> {
+    fn note(&mut self, name: &[u8], value: &[u8]) {
+        if let Err(e) = self.framing(name, value) {
+            self.error.get_or_insert(e);
+        }
+    }
+
+    fn framing(&mut self, name: &[u8], value: &[u8]) -> Result<(), String> {
         if name.eq_ignore_ascii_case(b"content-length") {
             let n = parse_length(value).ok_or("invalid response content-length")?;
             if self.length.is_some_and(|l| l != n) {
@@ -727,6 +758,8 @@ pub struct PooledBody {
     decoder: Decoder,
     ep: Arc<Endpoint>,
     max_idle: usize,
+    /// Bytes of chunk extensions read so far.
+    chunk_ext: usize,
 }
 
 impl PooledBody {
@@ -740,6 +773,11 @@ impl PooledBody {
         // connection closes.
         if conn.done || !conn.rbuf.is_empty() || conn.sending() {
             return;
+        }
+        // An idle connection does not keep the room a large response grew its reads to.
+        if conn.rbuf.capacity() > IDLE_READ_ROOM {
+            conn.rbuf = BytesMut::new();
+            conn.read_size = FIRST_READ;
         }
         checkin(&self.ep, conn, self.max_idle);
     }
@@ -809,6 +847,18 @@ impl http_body::Body for PooledBody {
                 Decoder::Chunked(state) => match *state {
                     Chunk::Size => match httparse::parse_chunk_size(rbuf) {
                         Ok(httparse::Status::Complete((used, size))) if rbuf[0].is_ascii_hexdigit() => {
+                            // httparse takes any byte in an extension, a bare LF too, where
+                            // a strict peer sees the line end: refuse controls (as hyper
+                            // does), and bound the extensions of a whole body.
+                            let line = &rbuf[..used - 2];
+                            let ext = line.iter().position(|b| *b == b';').map_or(0, |i| line.len() - i);
+                            this.chunk_ext += ext;
+                            if used > MAX_CHUNK_LINE
+                                || this.chunk_ext > MAX_CHUNK_EXT
+                                || line.iter().any(|b| b.is_ascii_control() && *b != b'\t')
+                            {
+                                return this.fail("invalid chunk size line in the response body");
+                            }
                             rbuf.advance(used);
                             *state = if size == 0 {
                                 Chunk::Trailers
@@ -867,7 +917,7 @@ impl http_body::Body for PooledBody {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
             };
-            match ready!(conn.poll_fill(cx)) {
+            match ready!(conn.poll_fill(cx, conn.read_size)) {
                 Ok(0) if matches!(this.decoder, Decoder::Eof) => {
                     conn.done = true;
                     this.decoder = Decoder::Done;
@@ -907,6 +957,9 @@ fn trailers(buf: &mut BytesMut) -> Result<Option<Option<HeaderMap>>, String> {
     }
     let mut slots = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
     match httparse::parse_headers(buf, &mut slots) {
+        Ok(httparse::Status::Complete((n, _))) if n > MAX_RESPONSE_HEAD => {
+            Err("response trailers too large".into())
+        }
         Ok(httparse::Status::Complete((n, fields))) => {
             let mut map = HeaderMap::with_capacity(fields.len());
             for h in fields {

@@ -52,6 +52,23 @@ fn script(path: &str) -> (Vec<u8>, bool) {
             false,
         ),
         "/short" => (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello", true),
+        // A lenient parser reads `3;` to the CRLF and the body as `abc`; the size line ends
+        // at the bare LF for a strict one.
+        "/ext-bare-lf" => (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;\nxyz\r\nabc\r\n0\r\n\r\n",
+            false,
+        ),
+        "/long-ext" => {
+            let mut r = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+            r.extend_from_slice(format!("5;x={}\r\nhello\r\n0\r\n\r\n", "a".repeat(5000)).as_bytes());
+            return (r, false);
+        }
+        // Framing fields on responses that have no body: they frame nothing.
+        "/head-gzip" => (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", false),
+        "/304-lengths" => (
+            b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            false,
+        ),
         "/big-head" => {
             let mut r = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n".to_vec();
             r.extend_from_slice(format!("x-big: {}\r\n\r\nok", "a".repeat(70 * 1024)).as_bytes());
@@ -130,7 +147,7 @@ async fn responses_are_read_by_their_framing_and_misframed_ones_get_502() {
     }
     // A body that breaks after its head: the client sees the exchange fail (the head may or
     // may not have left), never a response that ends early as if complete.
-    for path in ["/bad-chunk", "/short"] {
+    for path in ["/bad-chunk", "/short", "/ext-bare-lf", "/long-ext"] {
         let mut c = Client::h1(addr).await;
         let req = Request::get(path)
             .header("host", "x")
@@ -224,4 +241,22 @@ async fn trailers_an_http2_client_did_not_declare_reach_an_http1_upstream() {
         seen.ends_with("\r\n7\r\npayload\r\n0\r\nx-checksum: c0ffee\r\n\r\n"),
         "{seen}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn framing_fields_of_bodiless_responses_frame_nothing() {
+    let (up, _) = scripted().await;
+    let proxy = start_one_route(up, "", "").await;
+    let addr = proxy.addr("web");
+    // A HEAD's answer may name the transfer coding its GET would use (RFC 9112 §6.1).
+    let req = Request::head("/head-gzip")
+        .header("host", "x")
+        .body(weir_tests::empty())
+        .unwrap();
+    let resp = Client::h1(addr).await.send(req).await.expect("HEAD");
+    assert_eq!(resp.status(), 200);
+    let (status, _, got) = get(&mut Client::h1(addr).await, "/304-lengths").await;
+    assert_eq!((status, got.as_deref()), (304, Ok(&b""[..])));
+    let (status, _, got) = get(&mut Client::h1(addr).await, "/length").await;
+    assert_eq!((status, got.as_deref()), (200, Ok(&b"hello"[..])));
 }
