@@ -1000,12 +1000,15 @@ mod tests {
     #[test]
     fn transfer_codings() {
         let mut f = Framed::default();
-        f.note(b"Transfer-Encoding", b" Chunked ").unwrap();
+        f.framing(b"Transfer-Encoding", b" Chunked ").unwrap();
         assert!(f.transfer_encoding && f.chunked);
-        assert!(f.note(b"transfer-encoding", b"chunked").is_err(), "chunked twice");
+        assert!(
+            f.framing(b"transfer-encoding", b"chunked").is_err(),
+            "chunked twice"
+        );
         assert!(Framed::default()
-            .note(b"transfer-encoding", b"gzip, chunked")
+            .framing(b"transfer-encoding", b"gzip, chunked")
             .is_err());
-        assert!(Framed::default().note(b"transfer-encoding", b"gzip").is_err());
+        assert!(Framed::default().framing(b"transfer-encoding", b"gzip").is_err());
     }
 }
