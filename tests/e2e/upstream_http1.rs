@@ -65,6 +65,7 @@ fn script(path: &str) -> (Vec<u8>, bool) {
         }
         // Framing fields on responses that have no body: they frame nothing.
         "/head-gzip" => (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", false),
+        "/interim-then-close" => (b"HTTP/1.1 100 Continue\r\n\r\n", true),
         "/304-lengths" => (
             b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
             false,
@@ -259,4 +260,24 @@ async fn framing_fields_of_bodiless_responses_frame_nothing() {
     assert_eq!((status, got.as_deref()), (304, Ok(&b""[..])));
     let (status, _, got) = get(&mut Client::h1(addr).await, "/length").await;
     assert_eq!((status, got.as_deref()), (200, Ok(&b"hello"[..])));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_upstream_acknowledged_is_not_sent_again() {
+    // A pooled connection that rested is resent on when it turns out closed before any
+    // answer; a 100 Continue is an answer: the upstream took the request.
+    let (up, conns) = scripted().await;
+    let proxy = start_one_route(up, "", "").await;
+    let mut c = Client::h1(proxy.addr("web")).await;
+    let (status, _, _) = get(&mut c, "/length").await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(weir::limits::RESEND_AFTER_IDLE * 3).await;
+    let (status, headers, _) = get(&mut c, "/interim-then-close").await;
+    assert_eq!(status, 502);
+    assert_eq!(headers["x-weir-error"], "upstream-failed");
+    assert_eq!(
+        conns.load(Ordering::SeqCst),
+        1,
+        "the request went out again on a new connection"
+    );
 }
