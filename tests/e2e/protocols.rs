@@ -6,21 +6,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::Request;
-use http_body_util::{BodyExt, StreamBody};
+use http_body_util::BodyExt;
 use hyper::body::Frame;
 use weir_tests::client::Client;
 use weir_tests::pki::{client_config, Pki};
 use weir_tests::proxy::{TestProxy, ADMIN};
 use weir_tests::upstream::{Running, Upstream};
-use weir_tests::{collect, Body};
-
-type Tx = tokio::sync::mpsc::Sender<Result<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>>;
-
-fn channel_body() -> (Tx, Body) {
-    let (tx, mut rx) = tokio::sync::mpsc::channel(2);
-    let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
-    (tx, BodyExt::boxed(StreamBody::new(stream)))
-}
+use weir_tests::{channel_body, collect};
 
 struct Setup {
     proxy: TestProxy,

@@ -421,17 +421,12 @@ tls = {{ ca = "{ca}", server_name = "upstream.test" }}
     for sized in [true, false] {
         for round in 0..3 {
             let mut c = Client::h1(proxy.addr("web")).await;
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<
-                Result<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>,
-            >(4);
-            let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+            let (tx, body) = weir_tests::channel_body();
             let mut req = Request::post("/upload").header("host", "x");
             if sized {
                 req = req.header("content-length", PIECE * PIECES);
             }
-            let req = req
-                .body(BodyExt::boxed(http_body_util::StreamBody::new(stream)))
-                .unwrap();
+            let req = req.body(body).unwrap();
             tokio::spawn(async move {
                 for i in 0..PIECES {
                     let piece = Frame::data(Bytes::from(vec![i as u8; PIECE]));

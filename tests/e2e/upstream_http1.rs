@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::Request;
-use http_body_util::{BodyExt, StreamBody};
+use http_body_util::BodyExt;
 use hyper::body::Frame;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weir_tests::client::{raw_exchange, read_head_chunks, Client};
@@ -217,14 +217,11 @@ async fn trailers_an_http2_client_did_not_declare_reach_an_http1_upstream() {
     .await;
     let proxy = start_one_route(up, "", "").await;
     let mut c = Client::h2c(proxy.addr("web")).await;
-    let (tx, rx) =
-        tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>>(2);
-    let mut rx = rx;
-    let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    let (tx, body) = weir_tests::channel_body();
     let req = Request::post("/rpc")
         .header("host", "x")
         .header("te", "trailers")
-        .body(BodyExt::boxed(StreamBody::new(stream)))
+        .body(body)
         .unwrap();
     tokio::spawn(async move {
         tx.send(Ok(Frame::data(Bytes::from_static(b"payload"))))

@@ -31,6 +31,18 @@ pub fn empty() -> Body {
     Empty::new().map_err(|n| match n {}).boxed()
 }
 
+/// The sending side of a [`channel_body`].
+pub type BodyTx =
+    tokio::sync::mpsc::Sender<Result<hyper::body::Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>>;
+
+/// A body streamed frame by frame through a channel (data, then trailers if the test wants
+/// them): what a client or upstream sends in pieces, with no length known ahead.
+pub fn channel_body() -> (BodyTx, Body) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+    let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    (tx, http_body_util::StreamBody::new(stream).boxed())
+}
+
 /// Reads a whole body.
 pub async fn collect<B>(b: B) -> anyhow::Result<Bytes>
 where
