@@ -402,20 +402,11 @@ async fn uploads_to_a_slow_tls_upstream_arrive_whole() {
     // and must still leave: the upstream gets all of it and answers, not a stall to a timeout.
     let pki = Pki::new("upload");
     let up = slow_reading_upstream(&pki.issue("up", "up", &["upstream.test"], None)).await;
-    let toml = format!(
-        r#"{ADMIN}
-[[listeners]]
-name = "web"
-address = "127.0.0.1:0"
-[[routes]]
-cluster = "c"
-[clusters.c]
-endpoints = ["{up}"]
-tls = {{ ca = "{ca}", server_name = "upstream.test" }}
-"#,
-        ca = pki.ca.display()
+    let tls = format!(
+        r#"tls = {{ ca = "{}", server_name = "upstream.test" }}"#,
+        pki.ca.display()
     );
-    let proxy = TestProxy::start(&toml, pki.dir()).await;
+    let proxy = start_one_route(up, "", &tls).await;
     const PIECE: usize = 64 * 1024;
     const PIECES: usize = 128;
     for sized in [true, false] {
