@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::BodyExt;
 use hyper::body::Frame;
-use weir_tests::client::{tls_connect, Client};
+use weir_tests::client::{read_head_chunks, tls_connect, Client};
 use weir_tests::collect;
 use weir_tests::pki::{client_config, peer_cn, Pki};
 use weir_tests::proxy::{start_one_route, TestProxy, ADMIN};
@@ -335,16 +335,9 @@ async fn slow_reading_upstream(leaf: &weir_tests::pki::Leaf) -> std::net::Socket
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 let mut s = acceptor.accept(tcp).await.unwrap();
-                let mut seen = Vec::new();
+                let mut seen = read_head_chunks(&mut s).await.expect("a request head");
+                let head_end = seen.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
                 let mut buf = vec![0u8; 64 * 1024];
-                let head_end = loop {
-                    let n = s.read(&mut buf).await.unwrap();
-                    assert!(n > 0, "closed before the request head");
-                    seen.extend_from_slice(&buf[..n]);
-                    if let Some(i) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                        break i + 4;
-                    }
-                };
                 let head = String::from_utf8_lossy(&seen[..head_end]).to_ascii_lowercase();
                 let length = head
                     .lines()

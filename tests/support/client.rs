@@ -131,7 +131,7 @@ impl Client {
 
 /// Reads from `s` until the end of a message head (`\r\n\r\n`), in chunks: what was read
 /// (it may run past the head), or `None` if the peer closed first. For raw test servers.
-pub async fn read_head_chunks(s: &mut TcpStream) -> Option<Vec<u8>> {
+pub async fn read_head_chunks(s: &mut (impl AsyncRead + Unpin)) -> Option<Vec<u8>> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {

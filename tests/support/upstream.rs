@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -241,8 +240,7 @@ async fn respond(
         let h2 = req.version() == http::Version::HTTP_2;
         let declared = req.headers().get(http::header::TRAILER).cloned();
         // Stream frames back as they come; on HTTP/2 end with trailers like a gRPC server.
-        let (tx, rx) =
-            tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>>(4);
+        let (tx, echo) = crate::channel_body();
         let mut body = req.into_body();
         tokio::spawn(async move {
             let mut trailers = HeaderMap::new();
@@ -273,8 +271,7 @@ async fn respond(
                 let _ = tx.send(Ok(Frame::trailers(trailers))).await;
             }
         });
-        let stream = tokio_stream_from(rx);
-        let mut resp = Response::new(BodyExt::boxed(http_body_util::StreamBody::new(stream)));
+        let mut resp = Response::new(echo);
         if let Some(t) = declared {
             resp.headers_mut().insert(http::header::TRAILER, t);
         }
@@ -334,12 +331,6 @@ async fn respond(
         *resp.status_mut() = s;
     }
     Ok(resp)
-}
-
-fn tokio_stream_from<T: Send + 'static>(
-    mut rx: tokio::sync::mpsc::Receiver<T>,
-) -> impl futures_util::Stream<Item = T> + Send + Sync + 'static {
-    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 /// A raw TCP server on `127.0.0.1:0` that hands each accepted socket to `serve`, for peers
