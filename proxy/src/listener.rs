@@ -16,14 +16,18 @@ use futures_util::task::AtomicWaker;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use std::pin::Pin;
+use std::task::ready;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{ListenerConfig, ListenerLimits};
 use crate::framing::{Guarded, IoWatch, Tracker};
-use crate::proxy::{handle, ConnInfo, Shared};
+use crate::h1::server::{self, RequestBody, Rewind, ServerConn};
+use crate::proxy::{handle, ClientBody, ConnInfo, Shared};
 use crate::tls::TlsInfo;
 
 /// A bound listener, ready to serve.
@@ -42,8 +46,7 @@ pub struct ListenerRt {
     name: Arc<str>,
     tls: Option<TlsAcceptor>,
     limits: ListenerLimits,
-    /// Connection builders: auto-detecting (plain), HTTP/1.1-only and HTTP/2-only (by ALPN).
-    auto: auto::Builder<TokioExecutor>,
+    /// hyper's connection builders: HTTP/1.1 (upgrades, CONNECT) and HTTP/2.
     h1: auto::Builder<TokioExecutor>,
     h2: auto::Builder<TokioExecutor>,
 }
@@ -108,7 +111,6 @@ impl ListenerRt {
         ListenerRt {
             name: cfg.name.as_str().into(),
             tls: tls.map(TlsAcceptor::from),
-            auto: builder(&cfg.limits),
             h1: builder(&cfg.limits).http1_only(),
             h2: builder(&cfg.limits).http2_only(),
             limits: cfg.limits.clone(),
@@ -253,10 +255,19 @@ async fn connection(
             let io_watch = IoWatch::new(conn.opened);
             let io = Guarded::new(
                 tcp,
-                Tracker::new(max_head, conn.ambiguous_framing_at.clone(), true),
+                Tracker::new(max_head, conn.ambiguous_framing_at.clone(), false),
                 io_watch.clone(),
             );
-            serve_http(io, &l.auto, conn, shared, drain, &l.limits, io_watch).await;
+            serve_http(
+                io,
+                l,
+                Start::H1 { detect_h2: true },
+                conn,
+                shared,
+                drain,
+                io_watch,
+            )
+            .await;
         }
         Some(acceptor) => {
             let stream = match tokio::time::timeout(l.limits.tls_handshake_timeout, acceptor.accept(tcp))
@@ -278,35 +289,132 @@ async fn connection(
             let io_watch = IoWatch::new(conn.opened);
             let io = Guarded::new(
                 stream,
-                Tracker::new(max_head, conn.ambiguous_framing_at.clone(), !h2),
+                Tracker::new(max_head, conn.ambiguous_framing_at.clone(), false),
                 io_watch.clone(),
             );
-            let builder = if h2 { &l.h2 } else { &l.h1 };
-            serve_http(io, builder, conn, shared, drain, &l.limits, io_watch).await;
+            let start = if h2 {
+                Start::H2
+            } else {
+                Start::H1 { detect_h2: false }
+            };
+            serve_http(io, l, start, conn, shared, drain, io_watch).await;
         }
     }
 }
 
-async fn serve_http<I>(
+/// How a connection starts: Weir's HTTP/1.1 server (a plain listener's may find the HTTP/2
+/// preface instead), or hyper's HTTP/2 (ALPN chose it).
+#[derive(Clone, Copy)]
+enum Start {
+    H1 { detect_h2: bool },
+    H2,
+}
+
+/// A connection served by hyper: the connection future, and how to ask it to shut down.
+type HyperServing<'a> = (Pin<Box<dyn Future<Output = ()> + Send + 'a>>, Arc<Notify>);
+
+/// What serves a connection now. Weir's HTTP/1.1 server hands the connection to hyper's
+/// server for HTTP/2 and for requests that leave HTTP/1.1 (upgrades, CONNECT).
+// Made once per connection and never moved: boxing the larger variant would only cost.
+#[allow(clippy::large_enum_variant)]
+enum Serving<'a, I, S, F> {
+    Own(ServerConn<I, S, F>),
+    Hyper(HyperServing<'a>),
+}
+
+/// Serves `io` with hyper's server (HTTP/2, or HTTP/1.1 for an upgrade or CONNECT).
+fn hyper_serving<'a, I>(
+    builder: &'a auto::Builder<TokioExecutor>,
     io: I,
-    builder: &auto::Builder<TokioExecutor>,
+    conn: Arc<ConnInfo>,
+    shared: Arc<Shared>,
+) -> HyperServing<'a>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let stop = Arc::new(Notify::new());
+    let asked = stop.clone();
+    let fut = async move {
+        let info = conn.clone();
+        let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            handle(req.map(ClientBody::Hyper), info.clone(), shared.clone())
+        });
+        let c = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+        tokio::pin!(c);
+        let mut shutting = false;
+        loop {
+            tokio::select! {
+                r = c.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(listener = %conn.listener, client.addr = %conn.client, error = %e, "connection ended with error");
+                    }
+                    return;
+                }
+                // A permit stored before the first poll counts too.
+                _ = asked.notified(), if !shutting => {
+                    shutting = true;
+                    c.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    };
+    (Box::pin(fut), stop)
+}
+
+async fn serve_http<'a, I>(
+    io: I,
+    l: &'a ListenerRt,
+    start: Start,
     conn: Arc<ConnInfo>,
     shared: Arc<Shared>,
     mut drain: watch::Receiver<bool>,
-    limits: &ListenerLimits,
     io_watch: Arc<IoWatch>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let limits = &l.limits;
     let (idle_timeout, stream_idle, head_timeout) = (
         limits.idle_timeout,
         limits.stream_idle_timeout,
         limits.header_read_timeout,
     );
-    let info = conn.clone();
-    let svc = service_fn(move |req| handle(req, info.clone(), shared.clone()));
-    let c = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    tokio::pin!(c);
+    let (info, sh) = (conn.clone(), shared.clone());
+    let svc =
+        move |req: http::Request<RequestBody>| handle(req.map(ClientBody::H1), info.clone(), sh.clone());
+    let mut c = match start {
+        Start::H1 { detect_h2 } => {
+            let h1_limits = server::Limits {
+                max_head: limits.max_header_bytes,
+                max_headers: limits.max_headers,
+                head_timeout,
+            };
+            Serving::Own(ServerConn::new(io, conn.clone(), svc, h1_limits, detect_h2))
+        }
+        Start::H2 => Serving::Hyper(hyper_serving(
+            &l.h2,
+            Rewind::new(io, bytes::Bytes::new()),
+            conn.clone(),
+            shared.clone(),
+        )),
+    };
+    let poll_conn = |c: &mut Serving<'a, I, _, _>, cx: &mut Context<'_>| -> Poll<()> {
+        loop {
+            match c {
+                Serving::Own(own) => match ready!(own.poll(cx)) {
+                    server::Ended::Closed => return Poll::Ready(()),
+                    server::Ended::Handoff { io, h2 } => {
+                        let builder = if h2 { &l.h2 } else { &l.h1 };
+                        *c = Serving::Hyper(hyper_serving(builder, io, conn.clone(), shared.clone()));
+                    }
+                },
+                Serving::Hyper((fut, _)) => return fut.as_mut().poll(cx),
+            }
+        }
+    };
+    let graceful_shutdown = |c: &mut Serving<'a, I, _, _>| match c {
+        Serving::Own(own) => own.graceful_shutdown(),
+        Serving::Hyper((_, stop)) => stop.notify_one(),
+    };
     let mut closing = *drain.borrow();
     // A drain that came before the client's first byte waits for it: a plain listener's
     // HTTP/1-or-2 detection, asked to shut down before it read anything, closes with no
@@ -337,16 +445,13 @@ async fn serve_http<I>(
     let side_waker = Waker::from(side.clone());
     std::future::poll_fn(|cx| loop {
         side.task.register(cx.waker());
-        if let Poll::Ready(r) = c.as_mut().poll(cx) {
-            if let Err(e) = r {
-                tracing::debug!(listener = %conn.listener, client.addr = %conn.client, error = %e, "connection ended with error");
-            }
+        if poll_conn(&mut c, cx).is_ready() {
             return Poll::Ready(());
         }
         if drain_unheard && io_watch.heard() {
             // The first bytes are in: shut down after what they asked for.
             drain_unheard = false;
-            c.as_mut().graceful_shutdown();
+            graceful_shutdown(&mut c);
             continue;
         }
         if !side.due.swap(false, Ordering::AcqRel) {
@@ -356,7 +461,7 @@ async fn serve_http<I>(
         if !closing && drained.as_mut().poll(&mut scx).is_ready() {
             closing = true;
             if io_watch.heard() {
-                c.as_mut().graceful_shutdown();
+                graceful_shutdown(&mut c);
             } else {
                 drain_unheard = true;
                 let grace = tokio::time::Instant::now() + DRAIN_UNHEARD_GRACE;
@@ -390,7 +495,7 @@ async fn serve_http<I>(
                 closing = true;
                 idle_closing = true;
                 force_close.as_mut().reset(tokio::time::Instant::now() + crate::limits::IDLE_CLOSE_GRACE);
-                c.as_mut().graceful_shutdown();
+                graceful_shutdown(&mut c);
             }
         }
         if idle_closing && force_close.as_mut().poll(&mut scx).is_ready() {

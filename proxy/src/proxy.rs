@@ -224,7 +224,7 @@ impl ConnInfo {
 
 /// hyper's entry point: never fails; every error becomes a response.
 pub async fn handle(
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     conn: Arc<ConnInfo>,
     shared: Arc<Shared>,
 ) -> Result<Response<Body>, Infallible> {
@@ -307,6 +307,44 @@ pub async fn handle(
         return Ok(resp.map(|b| Observed::new(b, done).handing_over(h).boxed()));
     }
     Ok(resp.map(|b| Observed::new(b, done).boxed()))
+}
+
+/// A request body from a client: read by Weir's own HTTP/1.1 server, or by hyper's (HTTP/2,
+/// and HTTP/1.1 requests that leave HTTP: upgrades, CONNECT).
+pub enum ClientBody {
+    /// From [`crate::h1::server`].
+    H1(crate::h1::server::RequestBody),
+    /// From hyper's server.
+    Hyper(Incoming),
+}
+
+impl http_body::Body for ClientBody {
+    type Data = Bytes;
+    type Error = body::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, body::BoxError>>> {
+        match self.get_mut() {
+            ClientBody::H1(b) => Pin::new(b).poll_frame(cx),
+            ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::H1(b) => b.is_end_stream(),
+            ClientBody::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            ClientBody::H1(b) => b.size_hint(),
+            ClientBody::Hyper(b) => b.size_hint(),
+        }
+    }
 }
 
 /// What the request path learned that the completion record needs.
@@ -433,7 +471,7 @@ fn show(v: &HeaderValue) -> &str {
 
 #[allow(clippy::too_many_arguments)]
 async fn forward(
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     index: u64,
     conn: &ConnInfo,
     gw: &Gateway,
@@ -1219,7 +1257,7 @@ async fn connect_tunnel(
 }
 
 /// Framing problems hyper accepts but an edge proxy must refuse (request smuggling).
-fn check_framing(req: &Request<Incoming>, index: u64, conn: &ConnInfo) -> Result<(), ProxyError> {
+fn check_framing(req: &Request<ClientBody>, index: u64, conn: &ConnInfo) -> Result<(), ProxyError> {
     if req.version() > Version::HTTP_11 {
         return Ok(());
     }
@@ -1240,7 +1278,7 @@ fn check_framing(req: &Request<Incoming>, index: u64, conn: &ConnInfo) -> Result
 
 /// The host the client addressed: the absolute-form/`:authority` authority, else `Host`.
 /// The value is checked to be a valid authority, so it is visible ASCII.
-fn client_host(req: &Request<Incoming>) -> Result<Option<HeaderValue>, ProxyError> {
+fn client_host(req: &Request<ClientBody>) -> Result<Option<HeaderValue>, ProxyError> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let host = hosts.next();
     if hosts.next().is_some() {

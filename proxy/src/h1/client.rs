@@ -35,18 +35,11 @@ use tokio::io::AsyncWrite;
 use crate::body::{Body, BoxError};
 use crate::cluster::{checkin, Endpoint, Stream};
 
-/// The largest response head (status line and header fields) read from an upstream, as
-/// Envoy's default `max_response_headers_kb` (60 KiB).
-pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
-/// The most header fields in a response head (hyper's and Envoy's default: 100).
-pub const MAX_RESPONSE_HEADERS: usize = 100;
-/// A chunk-size line longer than this (its extensions) is refused.
-const MAX_CHUNK_LINE: usize = 4096;
-/// The most bytes of chunk extensions in one response body (hyper's limit).
-const MAX_CHUNK_EXT: usize = 16 * 1024;
-/// Body data up to this size is copied next to its framing (one write); larger data is
-/// written from its own buffer.
-const COPY_DATA: usize = 16 * 1024;
+use super::{
+    allowed_in_trailers, parse_length, Chunk, Decoder, Framed, Outbox, Step, COPY_DATA, MAX_RESPONSE_HEAD,
+    MAX_RESPONSE_HEADERS,
+};
+
 /// The first read's room; doubled after a read that filled it, up to [`MAX_READ`].
 const FIRST_READ: usize = 8 * 1024;
 const MAX_READ: usize = 256 * 1024;
@@ -73,34 +66,6 @@ pub struct H1Conn {
     /// Taken from the idle pool after resting there [`crate::limits::RESEND_AFTER_IDLE`]
     /// or longer: the upstream may have closed it as idle just as the request goes.
     pub(crate) rested: bool,
-}
-
-/// What is to be written, in order: `buf` from `pos`, then `data`, then a CRLF if `crlf`.
-#[derive(Default)]
-struct Outbox {
-    buf: BytesMut,
-    pos: usize,
-    data: Bytes,
-    crlf: bool,
-}
-
-impl Outbox {
-    fn is_empty(&self) -> bool {
-        self.pos == self.buf.len() && self.data.is_empty() && !self.crlf
-    }
-
-    /// Queues body data, with a CRLF after it (a chunk's end) if `crlf`.
-    fn data(&mut self, data: Bytes, crlf: bool) {
-        if data.len() <= COPY_DATA {
-            self.buf.extend_from_slice(&data);
-            if crlf {
-                self.buf.extend_from_slice(b"\r\n");
-            }
-        } else {
-            self.data = data;
-            self.crlf = crlf;
-        }
-    }
 }
 
 struct Sending {
@@ -145,25 +110,6 @@ fn gone(e: &io::Error) -> bool {
 struct Head {
     parts: http::response::Parts,
     decoder: Decoder,
-}
-
-enum Decoder {
-    /// `Content-Length`: this many bytes still to read.
-    Length(u64),
-    Chunked(Chunk),
-    /// Until the upstream closes the connection.
-    Eof,
-    /// The body has ended (or there is none).
-    Done,
-}
-
-#[derive(Clone, Copy)]
-enum Chunk {
-    Size,
-    Data(u64),
-    /// The CRLF after a chunk's data.
-    DataEnd,
-    Trailers,
 }
 
 impl H1Conn {
@@ -237,30 +183,7 @@ impl H1Conn {
 
     /// Writes everything queued.
     fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        loop {
-            while self.out.pos < self.out.buf.len() {
-                let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.out.buf[self.out.pos..]))?;
-                if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
-                self.unflushed = true;
-                self.out.pos += n;
-            }
-            self.out.buf.clear();
-            self.out.pos = 0;
-            while !self.out.data.is_empty() {
-                let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.out.data))?;
-                if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
-                self.unflushed = true;
-                self.out.data.advance(n);
-            }
-            if !std::mem::take(&mut self.out.crlf) {
-                return Poll::Ready(Ok(()));
-            }
-            self.out.buf.extend_from_slice(b"\r\n");
-        }
+        self.out.poll_write_to(&mut self.io, cx, &mut self.unflushed)
     }
 
     /// Sends the request head (queued by [`H1Conn::start`]) and as much of its body as there
@@ -664,91 +587,6 @@ impl H1Conn {
     }
 }
 
-/// What a response head says of its framing and of its connection.
-#[derive(Default)]
-struct Framed {
-    length: Option<u64>,
-    transfer_encoding: bool,
-    /// The transfer coding is `chunked` (no other is accepted).
-    chunked: bool,
-    close: bool,
-    keep_alive: bool,
-    /// The first field that cannot frame a body.
-    error: Option<String>,
-}
-
-impl Framed {
-    fn note(&mut self, name: &[u8], value: &[u8]) {
-        if let Err(e) = self.framing(name, value) {
-            self.error.get_or_insert(e);
-        }
-    }
-
-    fn framing(&mut self, name: &[u8], value: &[u8]) -> Result<(), String> {
-        if name.eq_ignore_ascii_case(b"content-length") {
-            let n = parse_length(value).ok_or("invalid response content-length")?;
-            if self.length.is_some_and(|l| l != n) {
-                return Err("conflicting response content-length values".into());
-            }
-            self.length = Some(n);
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            self.transfer_encoding = true;
-            for coding in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
-                if coding.is_empty() {
-                    continue;
-                }
-                // Only chunked, once: the proxy removes the field (hop-by-hop), so another
-                // coding would reach the client unlabelled.
-                if self.chunked || !coding.eq_ignore_ascii_case(b"chunked") {
-                    return Err(format!(
-                        "unsupported response transfer-encoding {:?}",
-                        String::from_utf8_lossy(value)
-                    ));
-                }
-                self.chunked = true;
-            }
-        } else if name.eq_ignore_ascii_case(b"connection") {
-            for t in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
-                self.close |= t.eq_ignore_ascii_case(b"close");
-                self.keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
-            }
-        }
-        Ok(())
-    }
-}
-
-/// A `Content-Length` value: digits, or a list of equal numbers (RFC 9110 §8.6).
-fn parse_length(v: &[u8]) -> Option<u64> {
-    let mut found: Option<u64> = None;
-    for part in v.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
-        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
-            return None;
-        }
-        let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
-        if found.is_some_and(|f| f != n) {
-            return None;
-        }
-        found = Some(n);
-    }
-    found
-}
-
-/// Fields a trailer section must not carry (RFC 9110 §6.5.1): framing, routing, connection.
-fn allowed_in_trailers(name: &HeaderName) -> bool {
-    !matches!(
-        name.as_str(),
-        "content-length"
-            | "transfer-encoding"
-            | "host"
-            | "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "upgrade"
-    )
-}
-
 /// An upstream response body that reads its HTTP/1.1 connection while it streams (and sends
 /// what is left of the request body), and puts the connection back in the pool when the
 /// exchange is complete. Dropped early, it closes the connection: a half-read response never
@@ -823,96 +661,19 @@ impl http_body::Body for PooledBody {
                     Poll::Ready(Err(SendError::Io(_))) | Poll::Ready(Ok(())) | Poll::Pending => {}
                 }
             }
-            let rbuf = &mut conn.rbuf;
-            // `Some(frame)` to hand out, `None` to read more first.
-            let frame = match &mut this.decoder {
-                Decoder::Done => {
+            match this.decoder.step(&mut conn.rbuf, &mut this.chunk_ext) {
+                Ok(Step::Frame(frame)) => {
+                    if matches!(this.decoder, Decoder::Done) {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                Ok(Step::End) => {
                     this.finish();
                     return Poll::Ready(None);
                 }
-                Decoder::Length(left) => {
-                    if rbuf.is_empty() {
-                        None
-                    } else {
-                        let n = (*left).min(rbuf.len() as u64);
-                        *left -= n;
-                        let data = rbuf.split_to(n as usize).freeze();
-                        if *left == 0 {
-                            this.decoder = Decoder::Done;
-                        }
-                        Some(Frame::data(data))
-                    }
-                }
-                Decoder::Eof => (!rbuf.is_empty()).then(|| Frame::data(rbuf.split().freeze())),
-                Decoder::Chunked(state) => match *state {
-                    Chunk::Size => match httparse::parse_chunk_size(rbuf) {
-                        Ok(httparse::Status::Complete((used, size))) if rbuf[0].is_ascii_hexdigit() => {
-                            // httparse takes any byte in an extension, a bare LF too, where
-                            // a strict peer sees the line end: refuse controls (as hyper
-                            // does), and bound the extensions of a whole body.
-                            let line = &rbuf[..used - 2];
-                            let ext = line.iter().position(|b| *b == b';').map_or(0, |i| line.len() - i);
-                            this.chunk_ext += ext;
-                            if used > MAX_CHUNK_LINE
-                                || this.chunk_ext > MAX_CHUNK_EXT
-                                || line.iter().any(|b| b.is_ascii_control() && *b != b'\t')
-                            {
-                                return this.fail("invalid chunk size line in the response body");
-                            }
-                            rbuf.advance(used);
-                            *state = if size == 0 {
-                                Chunk::Trailers
-                            } else {
-                                Chunk::Data(size)
-                            };
-                            continue;
-                        }
-                        Ok(httparse::Status::Partial) if rbuf.len() <= MAX_CHUNK_LINE => None,
-                        _ => return this.fail("invalid chunk size in the response body"),
-                    },
-                    Chunk::Data(left) => {
-                        if rbuf.is_empty() {
-                            None
-                        } else {
-                            let n = left.min(rbuf.len() as u64);
-                            let data = rbuf.split_to(n as usize).freeze();
-                            *state = if left == n {
-                                Chunk::DataEnd
-                            } else {
-                                Chunk::Data(left - n)
-                            };
-                            Some(Frame::data(data))
-                        }
-                    }
-                    Chunk::DataEnd => {
-                        if rbuf.len() < 2 {
-                            None
-                        } else if &rbuf[..2] == b"\r\n" {
-                            rbuf.advance(2);
-                            *state = Chunk::Size;
-                            continue;
-                        } else {
-                            return this.fail("response chunk not followed by CRLF");
-                        }
-                    }
-                    Chunk::Trailers => match trailers(rbuf) {
-                        Ok(Some(t)) => {
-                            this.decoder = Decoder::Done;
-                            match t {
-                                Some(map) => Some(Frame::trailers(map)),
-                                None => continue,
-                            }
-                        }
-                        Ok(None) => None,
-                        Err(e) => return this.fail(e),
-                    },
-                },
-            };
-            if let Some(frame) = frame {
-                if matches!(this.decoder, Decoder::Done) {
-                    this.finish();
-                }
-                return Poll::Ready(Some(Ok(frame)));
+                Ok(Step::More) => {}
+                Err(e) => return this.fail(format!("response body: {e}")),
             }
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
@@ -941,74 +702,5 @@ impl http_body::Body for PooledBody {
             Decoder::Done => SizeHint::with_exact(0),
             _ => SizeHint::default(),
         }
-    }
-}
-
-/// The trailer section at the start of `buf` (after the last chunk), consumed: `Ok(None)`
-/// while incomplete, `Ok(Some(None))` when empty.
-#[allow(clippy::option_option)]
-fn trailers(buf: &mut BytesMut) -> Result<Option<Option<HeaderMap>>, String> {
-    if buf.len() < 2 {
-        return Ok(None);
-    }
-    if &buf[..2] == b"\r\n" {
-        buf.advance(2);
-        return Ok(Some(None));
-    }
-    let mut slots = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-    match httparse::parse_headers(buf, &mut slots) {
-        Ok(httparse::Status::Complete((n, _))) if n > MAX_RESPONSE_HEAD => {
-            Err("response trailers too large".into())
-        }
-        Ok(httparse::Status::Complete((n, fields))) => {
-            let mut map = HeaderMap::with_capacity(fields.len());
-            for h in fields {
-                let (Ok(name), Ok(value)) = (
-                    HeaderName::from_bytes(h.name.as_bytes()),
-                    HeaderValue::from_bytes(h.value),
-                ) else {
-                    return Err("invalid response trailer field".into());
-                };
-                if allowed_in_trailers(&name) {
-                    map.append(name, value);
-                }
-            }
-            buf.advance(n);
-            Ok(Some((!map.is_empty()).then_some(map)))
-        }
-        Ok(httparse::Status::Partial) if buf.len() <= MAX_RESPONSE_HEAD => Ok(None),
-        Ok(httparse::Status::Partial) => Err("response trailers too large".into()),
-        Err(e) => Err(format!("invalid response trailers: {e}")),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn content_length_values() {
-        assert_eq!(parse_length(b"42"), Some(42));
-        assert_eq!(parse_length(b"42, 42"), Some(42));
-        assert_eq!(parse_length(b"42, 43"), None);
-        assert_eq!(parse_length(b"-1"), None);
-        assert_eq!(parse_length(b"+1"), None);
-        assert_eq!(parse_length(b""), None);
-        assert_eq!(parse_length(b"99999999999999999999"), None);
-    }
-
-    #[test]
-    fn transfer_codings() {
-        let mut f = Framed::default();
-        f.framing(b"Transfer-Encoding", b" Chunked ").unwrap();
-        assert!(f.transfer_encoding && f.chunked);
-        assert!(
-            f.framing(b"transfer-encoding", b"chunked").is_err(),
-            "chunked twice"
-        );
-        assert!(Framed::default()
-            .framing(b"transfer-encoding", b"gzip, chunked")
-            .is_err());
-        assert!(Framed::default().framing(b"transfer-encoding", b"gzip").is_err());
     }
 }

@@ -1,0 +1,376 @@
+//! HTTP/1.1 as the proxy speaks it on both sides: [`client`] toward upstreams, [`server`]
+//! toward clients. Both read a head with `httparse` into slices of one buffer, write a head
+//! in one buffer and one `write`, and share the message-body codec here (RFC 9112, sections 6
+//! and 7): `Content-Length` and `chunked` framing, trailers, and the queue of bytes to write.
+
+pub mod client;
+pub mod server;
+
+pub use client::{H1Conn, PooledBody, SendFailed};
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http_body::Frame;
+use tokio::io::AsyncWrite;
+
+/// The largest response head (status line and header fields) read from an upstream, as
+/// Envoy's default `max_response_headers_kb` (60 KiB); also the largest trailer section.
+pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// The most header fields in a response head (hyper's and Envoy's default: 100).
+pub const MAX_RESPONSE_HEADERS: usize = 100;
+/// A chunk-size line longer than this (its extensions) is refused.
+pub(crate) const MAX_CHUNK_LINE: usize = 4096;
+/// The most bytes of chunk extensions in one body (hyper's limit).
+pub(crate) const MAX_CHUNK_EXT: usize = 16 * 1024;
+/// Body data up to this size is copied next to its framing (one write); larger data is
+/// written from its own buffer.
+pub(crate) const COPY_DATA: usize = 16 * 1024;
+
+/// What is to be written, in order: `buf` from `pos`, then `data`, then a CRLF if `crlf`.
+#[derive(Default)]
+pub(crate) struct Outbox {
+    pub(crate) buf: BytesMut,
+    pub(crate) pos: usize,
+    pub(crate) data: Bytes,
+    pub(crate) crlf: bool,
+}
+
+impl Outbox {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.pos == self.buf.len() && self.data.is_empty() && !self.crlf
+    }
+
+    /// Queues body data, with a CRLF after it (a chunk's end) if `crlf`.
+    pub(crate) fn data(&mut self, data: Bytes, crlf: bool) {
+        if data.len() <= COPY_DATA {
+            self.buf.extend_from_slice(&data);
+            if crlf {
+                self.buf.extend_from_slice(b"\r\n");
+            }
+        } else {
+            self.data = data;
+            self.crlf = crlf;
+        }
+    }
+}
+
+impl Outbox {
+    /// Writes everything queued to `io`; `wrote` is set once a byte went (a TLS stream may
+    /// hold it until flushed).
+    pub(crate) fn poll_write_to<W: AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut W,
+        cx: &mut Context<'_>,
+        wrote: &mut bool,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            while self.pos < self.buf.len() {
+                let n = if self.data.is_empty() || !io.is_write_vectored() {
+                    ready!(Pin::new(&mut *io).poll_write(cx, &self.buf[self.pos..]))?
+                } else {
+                    let bufs = [
+                        io::IoSlice::new(&self.buf[self.pos..]),
+                        io::IoSlice::new(&self.data),
+                    ];
+                    ready!(Pin::new(&mut *io).poll_write_vectored(cx, &bufs))?
+                };
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                *wrote = true;
+                let in_buf = n.min(self.buf.len() - self.pos);
+                self.pos += in_buf;
+                self.data.advance(n - in_buf);
+            }
+            self.buf.clear();
+            self.pos = 0;
+            while !self.data.is_empty() {
+                let n = ready!(Pin::new(&mut *io).poll_write(cx, &self.data))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                *wrote = true;
+                self.data.advance(n);
+            }
+            if !std::mem::take(&mut self.crlf) {
+                return Poll::Ready(Ok(()));
+            }
+            self.buf.extend_from_slice(b"\r\n");
+        }
+    }
+}
+
+/// How a message body is read off the connection.
+pub(crate) enum Decoder {
+    /// `Content-Length`: this many bytes still to read.
+    Length(u64),
+    Chunked(Chunk),
+    /// Until the peer closes the connection (responses only).
+    Eof,
+    /// The body has ended (or there is none).
+    Done,
+}
+
+#[derive(Clone, Copy)]
+pub(crate) enum Chunk {
+    Size,
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    Trailers,
+}
+
+/// What the next step of decoding a body gives.
+pub(crate) enum Step {
+    Frame(Frame<Bytes>),
+    /// More bytes must be read first.
+    More,
+    /// The body has ended.
+    End,
+}
+
+impl Decoder {
+    /// Decodes the next frame from the start of `rbuf`, consuming what it uses; `ext` counts
+    /// the body's chunk-extension bytes. Data frames are slices of `rbuf`, never copies.
+    pub(crate) fn step(&mut self, rbuf: &mut BytesMut, ext: &mut usize) -> Result<Step, String> {
+        loop {
+            return Ok(match self {
+                Decoder::Done => Step::End,
+                Decoder::Length(left) => {
+                    if rbuf.is_empty() {
+                        Step::More
+                    } else {
+                        let n = (*left).min(rbuf.len() as u64);
+                        *left -= n;
+                        let data = rbuf.split_to(n as usize).freeze();
+                        if *left == 0 {
+                            *self = Decoder::Done;
+                        }
+                        Step::Frame(Frame::data(data))
+                    }
+                }
+                Decoder::Eof if rbuf.is_empty() => Step::More,
+                Decoder::Eof => Step::Frame(Frame::data(rbuf.split().freeze())),
+                Decoder::Chunked(state) => match *state {
+                    Chunk::Size => match httparse::parse_chunk_size(rbuf) {
+                        Ok(httparse::Status::Complete((used, size))) if rbuf[0].is_ascii_hexdigit() => {
+                            // httparse takes any byte in an extension, a bare LF too, where
+                            // a strict peer sees the line end: refuse controls (as hyper
+                            // does), and bound the extensions of a whole body.
+                            let line = &rbuf[..used - 2];
+                            let e = line.iter().position(|b| *b == b';').map_or(0, |i| line.len() - i);
+                            *ext += e;
+                            if used > MAX_CHUNK_LINE
+                                || *ext > MAX_CHUNK_EXT
+                                || line.iter().any(|b| b.is_ascii_control() && *b != b'\t')
+                            {
+                                return Err("invalid chunk size line".into());
+                            }
+                            rbuf.advance(used);
+                            *state = if size == 0 {
+                                Chunk::Trailers
+                            } else {
+                                Chunk::Data(size)
+                            };
+                            continue;
+                        }
+                        Ok(httparse::Status::Partial) if rbuf.len() <= MAX_CHUNK_LINE => Step::More,
+                        _ => return Err("invalid chunk size".into()),
+                    },
+                    Chunk::Data(left) => {
+                        if rbuf.is_empty() {
+                            Step::More
+                        } else {
+                            let n = left.min(rbuf.len() as u64);
+                            let data = rbuf.split_to(n as usize).freeze();
+                            *state = if left == n {
+                                Chunk::DataEnd
+                            } else {
+                                Chunk::Data(left - n)
+                            };
+                            Step::Frame(Frame::data(data))
+                        }
+                    }
+                    Chunk::DataEnd => {
+                        if rbuf.len() < 2 {
+                            Step::More
+                        } else if &rbuf[..2] == b"\r\n" {
+                            rbuf.advance(2);
+                            *state = Chunk::Size;
+                            continue;
+                        } else {
+                            return Err("chunk data not followed by CRLF".into());
+                        }
+                    }
+                    Chunk::Trailers => match trailers(rbuf) {
+                        Ok(Some(t)) => {
+                            *self = Decoder::Done;
+                            match t {
+                                Some(map) => Step::Frame(Frame::trailers(map)),
+                                None => Step::End,
+                            }
+                        }
+                        Ok(None) => Step::More,
+                        Err(e) => return Err(e),
+                    },
+                },
+            });
+        }
+    }
+}
+
+/// What a message head says of its framing and of its connection.
+#[derive(Default)]
+pub(crate) struct Framed {
+    pub(crate) length: Option<u64>,
+    pub(crate) transfer_encoding: bool,
+    /// The transfer coding is `chunked` (no other is accepted).
+    pub(crate) chunked: bool,
+    pub(crate) close: bool,
+    pub(crate) keep_alive: bool,
+    /// The first field that cannot frame a body.
+    pub(crate) error: Option<String>,
+}
+
+impl Framed {
+    pub(crate) fn note(&mut self, name: &[u8], value: &[u8]) {
+        if let Err(e) = self.framing(name, value) {
+            self.error.get_or_insert(e);
+        }
+    }
+
+    pub(crate) fn framing(&mut self, name: &[u8], value: &[u8]) -> Result<(), String> {
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let n = parse_length(value).ok_or("invalid content-length")?;
+            if self.length.is_some_and(|l| l != n) {
+                return Err("conflicting content-length values".into());
+            }
+            self.length = Some(n);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            self.transfer_encoding = true;
+            for coding in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                if coding.is_empty() {
+                    continue;
+                }
+                // Only chunked, once: the proxy removes the field (hop-by-hop), so another
+                // coding would reach the client unlabelled.
+                if self.chunked || !coding.eq_ignore_ascii_case(b"chunked") {
+                    return Err(format!(
+                        "unsupported transfer-encoding {:?}",
+                        String::from_utf8_lossy(value)
+                    ));
+                }
+                self.chunked = true;
+            }
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for t in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                self.close |= t.eq_ignore_ascii_case(b"close");
+                self.keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A `Content-Length` value: digits, or a list of equal numbers (RFC 9110 §8.6).
+pub(crate) fn parse_length(v: &[u8]) -> Option<u64> {
+    let mut found: Option<u64> = None;
+    for part in v.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+        if found.is_some_and(|f| f != n) {
+            return None;
+        }
+        found = Some(n);
+    }
+    found
+}
+
+/// Fields a trailer section must not carry (RFC 9110 §6.5.1): framing, routing, connection.
+pub(crate) fn allowed_in_trailers(name: &HeaderName) -> bool {
+    !matches!(
+        name.as_str(),
+        "content-length"
+            | "transfer-encoding"
+            | "host"
+            | "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "upgrade"
+    )
+}
+
+/// The trailer section at the start of `buf` (after the last chunk), consumed: `Ok(None)`
+/// while incomplete, `Ok(Some(None))` when empty.
+#[allow(clippy::option_option)]
+pub(crate) fn trailers(buf: &mut BytesMut) -> Result<Option<Option<HeaderMap>>, String> {
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    if &buf[..2] == b"\r\n" {
+        buf.advance(2);
+        return Ok(Some(None));
+    }
+    let mut slots = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+    match httparse::parse_headers(buf, &mut slots) {
+        Ok(httparse::Status::Complete((n, _))) if n > MAX_RESPONSE_HEAD => Err("trailers too large".into()),
+        Ok(httparse::Status::Complete((n, fields))) => {
+            let mut map = HeaderMap::with_capacity(fields.len());
+            for h in fields {
+                let (Ok(name), Ok(value)) = (
+                    HeaderName::from_bytes(h.name.as_bytes()),
+                    HeaderValue::from_bytes(h.value),
+                ) else {
+                    return Err("invalid trailer field".into());
+                };
+                if allowed_in_trailers(&name) {
+                    map.append(name, value);
+                }
+            }
+            buf.advance(n);
+            Ok(Some((!map.is_empty()).then_some(map)))
+        }
+        Ok(httparse::Status::Partial) if buf.len() <= MAX_RESPONSE_HEAD => Ok(None),
+        Ok(httparse::Status::Partial) => Err("trailers too large".into()),
+        Err(e) => Err(format!("invalid trailers: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_length_values() {
+        assert_eq!(parse_length(b"42"), Some(42));
+        assert_eq!(parse_length(b"42, 42"), Some(42));
+        assert_eq!(parse_length(b"42, 43"), None);
+        assert_eq!(parse_length(b"-1"), None);
+        assert_eq!(parse_length(b"+1"), None);
+        assert_eq!(parse_length(b""), None);
+        assert_eq!(parse_length(b"99999999999999999999"), None);
+    }
+
+    #[test]
+    fn transfer_codings() {
+        let mut f = Framed::default();
+        f.framing(b"Transfer-Encoding", b" Chunked ").unwrap();
+        assert!(f.transfer_encoding && f.chunked);
+        assert!(
+            f.framing(b"transfer-encoding", b"chunked").is_err(),
+            "chunked twice"
+        );
+        assert!(Framed::default()
+            .framing(b"transfer-encoding", b"gzip, chunked")
+            .is_err());
+        assert!(Framed::default().framing(b"transfer-encoding", b"gzip").is_err());
+    }
+}
