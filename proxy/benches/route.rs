@@ -1,8 +1,6 @@
 //! Hot paths of the request path, side by side: route lookup, path canonicalisation,
-//! endpoint choice (round robin vs P2C peak-EWMA), hop-by-hop stripping and the HTTP/1
-//! framing guard. `cargo bench -p weir`.
+//! endpoint choice (round robin vs P2C peak-EWMA) and hop-by-hop stripping. `cargo bench -p weir`.
 
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +8,6 @@ use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criteri
 use http::{HeaderMap, HeaderValue};
 use weir::balance::{Balancer, Load};
 use weir::config::{BalanceAlgorithm, Config};
-use weir::framing::Tracker;
 use weir::metrics::Metrics;
 use weir::route::RouteTable;
 
@@ -89,14 +86,5 @@ fn headers(c: &mut Criterion) {
     });
 }
 
-fn framing(c: &mut Criterion) {
-    let head =
-        b"GET /api/v1/users HTTP/1.1\r\nHost: api.example.com\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n";
-    c.bench_function("framing_guard_one_head", |b| {
-        let mut t = Tracker::new(65536, Arc::new(AtomicU64::new(0)), true);
-        b.iter(|| t.feed(black_box(head)))
-    });
-}
-
-criterion_group!(benches, routes, paths, balance, headers, framing);
+criterion_group!(benches, routes, paths, balance, headers);
 criterion_main!(benches);

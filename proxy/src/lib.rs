@@ -5,12 +5,13 @@
 //!
 //! # Layout
 //! - [`config`]: `weir.toml`, typed and validated; [`limits`]: every default limit.
-//! - [`server`]: the process (bind, serve, drain); [`listener`]: accept, TLS, HTTP serving.
+//! - [`server`]: the process (bind, serve, drain); [`listener`]: accept, TLS, HTTP serving;
+//!   [`iowatch`]: what a connection's watchdog sees of its I/O.
 //! - [`reload`]: hot reload of config, filters and certificates.
-//! - [`tls`]: rustls configs, SNI, mTLS identities; [`framing`]: HTTP/1 smuggling guard.
+//! - [`tls`]: rustls configs, SNI, mTLS identities.
 //! - [`proxy`]: the request path; [`route`]: the route table; [`path`]: canonical paths.
 //! - [`cluster`]: endpoints, DNS, ejection, connection pools; [`balance`]: RR and peak-EWMA;
-//!   [`h1`]: HTTP/1.1 to upstreams.
+//!   [`h1`]: HTTP/1.1, toward upstreams and toward clients (hyper serves HTTP/2).
 //! - [`filter`]: the filter chain seam; [`error`]: error causes and their statuses.
 //! - [`admin`]: `/ready`, `/live`, `/metrics`, `/config`, `/filters`; [`metrics`]: series.
 //! - [`body`]: body type and wrappers; [`log`]: tracing setup; [`alloc`]: the allocator.
@@ -25,8 +26,8 @@ pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod filter;
-pub mod framing;
 pub mod h1;
+pub mod iowatch;
 pub mod limits;
 pub mod listener;
 pub mod log;

@@ -1,14 +1,18 @@
 //! Downstream listeners: accept (under a connection cap), TLS handshake (under a timeout),
-//! then HTTP/1.1 or HTTP/2 by hyper with Weir's limits, an idle timeout, and graceful drain.
+//! then HTTP with Weir's limits, an idle timeout, and graceful drain: HTTP/1.1 by Weir's own
+//! server ([`crate::h1::server`]), HTTP/2 by hyper's.
 //!
 //! Plain listeners detect HTTP/2 by its prior-knowledge preface (h2c); TLS listeners follow
-//! ALPN. hyper's HTTP/1 header-read timeout only works with a timer, so every builder gets one.
+//! ALPN. An HTTP/1.1 request that leaves HTTP (an upgrade, CONNECT) is handed with its
+//! connection to hyper's HTTP/1 server, which tunnels it. hyper's HTTP/1 header-read timeout
+//! only works with a timer, so every builder gets one.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{ready, Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -16,8 +20,6 @@ use futures_util::task::AtomicWaker;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use std::pin::Pin;
-use std::task::ready;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -25,8 +27,8 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{ListenerConfig, ListenerLimits};
-use crate::framing::{Guarded, IoWatch, Tracker};
 use crate::h1::server::{self, RequestBody, Rewind, ServerConn};
+use crate::iowatch::{IoWatch, Watched};
 use crate::proxy::{handle, ClientBody, ConnInfo, Shared};
 use crate::tls::TlsInfo;
 
@@ -248,16 +250,11 @@ async fn connection(
     slot: Arc<dyn std::any::Any + Send + Sync>,
 ) {
     let _ = tcp.set_nodelay(true);
-    let max_head = l.limits.max_header_bytes;
     match &l.tls {
         None => {
             let conn = Arc::new(ConnInfo::new(l.name.clone(), peer, None, slot));
             let io_watch = IoWatch::new(conn.opened);
-            let io = Guarded::new(
-                tcp,
-                Tracker::new(max_head, conn.ambiguous_framing_at.clone(), false),
-                io_watch.clone(),
-            );
+            let io = Watched::new(tcp, io_watch.clone());
             serve_http(
                 io,
                 l,
@@ -287,11 +284,7 @@ async fn connection(
             let h2 = info.alpn.as_deref() == Some(b"h2");
             let conn = Arc::new(ConnInfo::new(l.name.clone(), peer, Some(Arc::new(info)), slot));
             let io_watch = IoWatch::new(conn.opened);
-            let io = Guarded::new(
-                stream,
-                Tracker::new(max_head, conn.ambiguous_framing_at.clone(), false),
-                io_watch.clone(),
-            );
+            let io = Watched::new(stream, io_watch.clone());
             let start = if h2 {
                 Start::H2
             } else {

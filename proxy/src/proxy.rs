@@ -153,11 +153,11 @@ pub struct ConnInfo {
     pub last_activity_ms: AtomicU64,
     /// When the connection was accepted.
     pub opened: Instant,
-    /// Requests seen on this connection, in order (h1 framing guard).
+    /// Requests seen on this connection, in order (the HTTP/1.1 handoff to hyper).
     pub requests: AtomicU64,
-    /// Set by the framing guard: the 1-based index of an HTTP/1 request whose head carried
-    /// both `Content-Length` and `Transfer-Encoding` (hyper silently drops the former).
-    pub ambiguous_framing_at: Arc<AtomicU64>,
+    /// The 1-based index of the HTTP/1 request with which Weir's server handed the
+    /// connection to hyper's (an upgrade or CONNECT: what follows may be a tunnel's bytes).
+    pub handed_off_at: AtomicU64,
     /// What the connection holds while open (its place under the connection cap, its count
     /// on the gauge, the drain's wait): tunnels made from it hold it on.
     pub slot: Arc<dyn std::any::Any + Send + Sync>,
@@ -187,7 +187,7 @@ impl ConnInfo {
             last_activity_ms: AtomicU64::new(0),
             opened: Instant::now(),
             requests: AtomicU64::new(0),
-            ambiguous_framing_at: Arc::new(AtomicU64::new(0)),
+            handed_off_at: AtomicU64::new(0),
             clock: Arc::new(AtomicU64::new(0)),
             handovers: Mutex::new(Vec::new()),
         }
@@ -250,7 +250,7 @@ pub async fn handle(
         chain: FilterChain::default(),
     };
 
-    let result = forward(req, index, &conn, &gw, &ls, &mut ctx, &mut x).await;
+    let result = forward(req, &conn, &gw, &ls, &mut ctx, &mut x).await;
     let mut resp = match result {
         Ok(r) => r,
         Err(e) => {
@@ -266,12 +266,10 @@ pub async fn handle(
     resp.headers_mut()
         .entry(X_REQUEST_ID)
         .or_insert_with(|| ctx.request_id.clone());
-    // The framing guard stopped following this HTTP/1 connection at this request (an upgrade
-    // or CONNECT, after which bytes may be a tunnel's). Unless it became a tunnel, the
-    // connection closes after the answer: no head after it would be checked for smuggling.
-    if version <= Version::HTTP_11
-        && conn.ambiguous_framing_at.load(Ordering::Relaxed) == index | crate::framing::UNFOLLOWED
-    {
+    // Weir's HTTP/1.1 server handed this connection to hyper's at this request (an upgrade or
+    // CONNECT, after which bytes may be a tunnel's). Unless it became a tunnel, the
+    // connection closes after the answer: no head after it is read by Weir's stricter parser.
+    if version <= Version::HTTP_11 && conn.handed_off_at.load(Ordering::Relaxed) == index {
         let tunnelled = resp.status() == StatusCode::SWITCHING_PROTOCOLS
             || (method == Method::CONNECT && resp.status().is_success());
         if !tunnelled {
@@ -472,7 +470,6 @@ fn show(v: &HeaderValue) -> &str {
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     req: Request<ClientBody>,
-    index: u64,
     conn: &ConnInfo,
     gw: &Gateway,
     ls: &ListenerState,
@@ -480,7 +477,7 @@ async fn forward(
     x: &mut Exchange,
 ) -> Result<Response<Body>, ProxyError> {
     let limits = &ls.limits;
-    check_framing(&req, index, conn)?;
+    check_framing(&req)?;
     if req.uri().path_and_query().map_or(0, |p| p.as_str().len()) > limits.max_uri_bytes {
         return Err(ProxyError::UriTooLong(limits.max_uri_bytes));
     }
@@ -1256,15 +1253,11 @@ async fn connect_tunnel(
     Ok(Response::new(body::empty()))
 }
 
-/// Framing problems hyper accepts but an edge proxy must refuse (request smuggling).
-fn check_framing(req: &Request<ClientBody>, index: u64, conn: &ConnInfo) -> Result<(), ProxyError> {
+/// Framing an edge proxy must refuse (request smuggling); Weir's HTTP/1.1 server refuses it
+/// before the request path, this is for the requests hyper reads (after a handoff).
+fn check_framing(req: &Request<ClientBody>) -> Result<(), ProxyError> {
     if req.version() > Version::HTTP_11 {
         return Ok(());
-    }
-    if conn.ambiguous_framing_at.load(Ordering::Relaxed) == index {
-        return Err(ProxyError::BadRequest(
-            "both content-length and transfer-encoding",
-        ));
     }
     let mut te = req.headers().get_all(header::TRANSFER_ENCODING).iter();
     if let Some(v) = te.next() {

@@ -94,7 +94,7 @@ async fn malformed_requests_are_refused_and_others_keep_being_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smuggling_after_blank_lines_sent_on_their_own_is_refused() {
     // Blank lines before a request line are allowed (and skipped). Sent in their own packet,
-    // they used to end the framing guard's search for the head's end, which then stopped
+    // they used to end the (since replaced) framing guard's search for the head's end, which stopped
     // looking at that connection: the conflicting head went through.
     let up = Upstream::http1("up").start().await;
     let proxy = start_one_route(up.addr, "", "").await;

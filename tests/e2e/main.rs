@@ -5,6 +5,7 @@ mod auth;
 mod bad_input;
 mod balance;
 mod bodies;
+mod client_http1;
 mod config_errors;
 mod drain;
 mod examples;

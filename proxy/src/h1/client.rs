@@ -630,7 +630,7 @@ impl PooledBody {
 impl Drop for PooledBody {
     fn drop(&mut self) {
         // A response without a body (to HEAD, a 204 or 304, `Content-Length: 0`) is complete
-        // before anyone reads it, and hyper's server never polls it: the exchange is over, so
+        // before anyone reads it, and the client side may never poll it: the exchange is over, so
         // the connection goes back to the pool instead of closing.
         if matches!(self.decoder, Decoder::Done) {
             self.finish();

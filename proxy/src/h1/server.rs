@@ -382,12 +382,10 @@ where
             return Err((BAD, "unsupported-transfer-encoding"));
         }
         if upgrade || method == Method::CONNECT {
-            // The framing guard stops here: unless the request becomes a tunnel, the
-            // connection closes after its answer (see `proxy::handle`).
+            // Nothing reads this connection's heads after this one: unless the request
+            // becomes a tunnel, the connection closes after its answer (see `proxy::handle`).
             let index = self.conn.requests.load(Ordering::Relaxed) + 1;
-            self.conn
-                .ambiguous_framing_at
-                .store(index | crate::framing::UNFOLLOWED, Ordering::Relaxed);
+            self.conn.handed_off_at.store(index, Ordering::Relaxed);
             return Ok(Some(Next::Handoff(false)));
         }
         let head = self.rbuf.split_to(n).freeze();

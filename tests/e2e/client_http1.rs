@@ -1,0 +1,294 @@
+//! Weir's HTTP/1.1 server toward clients, byte by byte: pipelining, `Expect: 100-continue`,
+//! HTTP/1.0 keep-alive, the header read timeout between requests, trailers for clients that
+//! take them.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use weir_tests::proxy::start_one_route;
+use weir_tests::upstream::Upstream;
+
+/// One response read off a raw connection.
+struct Raw {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    trailers: Vec<(String, String)>,
+}
+
+impl Raw {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads one response (after any interim ones if `skip_interim`) from `s`, with `buf` holding
+/// bytes read past the previous one. `None` if the connection closed or 5 s passed first.
+async fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>, skip_interim: bool) -> Option<Raw> {
+    async fn more(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<()> {
+        let mut chunk = [0u8; 16384];
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => {
+                buf.extend_from_slice(&chunk[..n]);
+                Some(())
+            }
+            _ => None,
+        }
+    }
+    loop {
+        let (status, headers, used) = loop {
+            let mut slots = [httparse::EMPTY_HEADER; 64];
+            let mut r = httparse::Response::new(&mut slots);
+            match r.parse(buf).expect("a valid response head") {
+                httparse::Status::Complete(n) => {
+                    let h = r
+                        .headers
+                        .iter()
+                        .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).into_owned()))
+                        .collect::<Vec<_>>();
+                    break (r.code.unwrap(), h, n);
+                }
+                httparse::Status::Partial => more(s, buf).await?,
+            }
+        };
+        buf.drain(..used);
+        let mut raw = Raw {
+            status,
+            headers,
+            body: Vec::new(),
+            trailers: Vec::new(),
+        };
+        if (100..200).contains(&status) {
+            if skip_interim {
+                continue;
+            }
+            return Some(raw);
+        }
+        if let Some(len) = raw.header("content-length") {
+            let len: usize = len.parse().unwrap();
+            while buf.len() < len {
+                more(s, buf).await?;
+            }
+            raw.body = buf.drain(..len).collect();
+        } else if raw.header("transfer-encoding") == Some("chunked") {
+            loop {
+                let size = loop {
+                    match httparse::parse_chunk_size(buf) {
+                        Ok(httparse::Status::Complete((n, size))) => {
+                            buf.drain(..n);
+                            break size as usize;
+                        }
+                        Ok(httparse::Status::Partial) => more(s, buf).await?,
+                        Err(_) => panic!("bad chunk size line: {:?}", String::from_utf8_lossy(buf)),
+                    }
+                };
+                if size == 0 {
+                    break;
+                }
+                while buf.len() < size + 2 {
+                    more(s, buf).await?;
+                }
+                raw.body.extend(buf.drain(..size));
+                buf.drain(..2);
+            }
+            // The trailer section, up to its blank line.
+            loop {
+                if let Some(end) = buf.windows(2).position(|w| w == b"\r\n") {
+                    let line: Vec<u8> = buf.drain(..end + 2).collect();
+                    if end == 0 {
+                        break;
+                    }
+                    let line = String::from_utf8_lossy(&line[..end]).into_owned();
+                    let (n, v) = line.split_once(':').expect("a trailer field");
+                    raw.trailers.push((n.to_string(), v.trim().to_string()));
+                } else {
+                    more(s, buf).await?;
+                }
+            }
+        }
+        return Some(raw);
+    }
+}
+
+/// Whether the proxy closed `s` (end of stream or reset) within `wait`.
+async fn closed_within(s: &mut TcpStream, wait: Duration) -> bool {
+    let mut b = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(wait, s.read(&mut b)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order_on_one_connection() {
+    let up = Upstream::http1("up").start().await;
+    let proxy = start_one_route(up.addr, "", "").await;
+    let mut s = TcpStream::connect(proxy.addr("web")).await.unwrap();
+    // Four requests in one write: two GETs, a POST with a body, a chunked POST, a GET.
+    s.write_all(
+        b"GET /headers?n=1 HTTP/1.1\r\nHost: x\r\n\r\n\
+          POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello\
+          POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n\
+          GET /headers?n=2 HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    let mut bodies = Vec::new();
+    for i in 0..4 {
+        let r = read_response(&mut s, &mut buf, false)
+            .await
+            .unwrap_or_else(|| panic!("response {i} missing"));
+        assert_eq!(r.status, 200, "response {i}");
+        bodies.push(String::from_utf8_lossy(&r.body).into_owned());
+    }
+    assert!(bodies[0].starts_with("GET /headers?n=1 "), "{bodies:?}");
+    assert_eq!(bodies[1], "hello");
+    assert_eq!(bodies[2], "abcde");
+    assert!(bodies[3].starts_with("GET /headers?n=2 "), "{bodies:?}");
+    // Still open for a fifth.
+    s.write_all(b"GET /headers?n=3 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let r = read_response(&mut s, &mut buf, false)
+        .await
+        .expect("the connection stays open");
+    assert_eq!(r.status, 200);
+    assert_eq!(up.hits(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_is_answered_before_the_body_is_sent() {
+    let up = Upstream::http1("up").start().await;
+    let proxy = start_one_route(up.addr, "", "").await;
+    let mut s = TcpStream::connect(proxy.addr("web")).await.unwrap();
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\nExpect: 100-continue\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    // A client waits for the interim answer before it sends the body.
+    let interim = read_response(&mut s, &mut buf, false)
+        .await
+        .expect("an interim response before the body");
+    assert_eq!(interim.status, 100);
+    s.write_all(b"hello world").await.unwrap();
+    let r = read_response(&mut s, &mut buf, false)
+        .await
+        .expect("the response");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, b"hello world");
+    // And the connection serves the next request.
+    s.write_all(b"GET /headers HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(
+        read_response(&mut s, &mut buf, false).await.expect("next").status,
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http10_client_asking_for_keep_alive_keeps_its_connection() {
+    let up = Upstream::http1("up").start().await;
+    let proxy = start_one_route(up.addr, "", "").await;
+    let mut s = TcpStream::connect(proxy.addr("web")).await.unwrap();
+    let mut buf = Vec::new();
+    for i in 0..2 {
+        s.write_all(b"GET /headers HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            .await
+            .unwrap();
+        let r = read_response(&mut s, &mut buf, false)
+            .await
+            .unwrap_or_else(|| panic!("request {i} answered on the same connection"));
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("connection"), Some("keep-alive"), "request {i}");
+        assert!(
+            r.header("content-length").is_some(),
+            "an HTTP/1.0 client cannot read chunked"
+        );
+    }
+    // Without it, the connection closes after the answer.
+    s.write_all(b"GET /headers HTTP/1.0\r\n\r\n").await.unwrap();
+    let r = read_response(&mut s, &mut buf, false).await.expect("answered");
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(closed_within(&mut s, Duration::from_secs(3)).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_started_after_a_served_request_is_cut_by_the_header_timeout() {
+    // The timer runs for every head, not only a connection's first.
+    let up = Upstream::http1("up").start().await;
+    let proxy = start_one_route(up.addr, r#"limits = { header_read_timeout = "300ms" }"#, "").await;
+    let mut s = TcpStream::connect(proxy.addr("web")).await.unwrap();
+    let mut buf = Vec::new();
+    for _ in 0..3 {
+        s.write_all(b"GET /headers HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(
+            read_response(&mut s, &mut buf, false)
+                .await
+                .expect("served")
+                .status,
+            200
+        );
+    }
+    let t = std::time::Instant::now();
+    s.write_all(b"GET /headers HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    assert!(
+        closed_within(&mut s, Duration::from_secs(3)).await,
+        "an unfinished head is cut off"
+    );
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_trailers_reach_a_client_that_takes_them() {
+    // An HTTP/2 upstream: its echo always ends with trailers (the request's, and a gRPC status).
+    let up = Upstream::http2("up").start().await;
+    let proxy = start_one_route(up.addr, "", r#"protocol = "http2""#).await;
+    let mut buf = Vec::new();
+    for (te, want) in [("TE: trailers\r\n", true), ("", false)] {
+        let mut s = TcpStream::connect(proxy.addr("web")).await.unwrap();
+        let req = format!(
+            "POST /echo HTTP/1.1\r\nHost: x\r\n{te}Trailer: x-sum\r\nTransfer-Encoding: chunked\r\n\r\n\
+             4\r\ndata\r\n0\r\nx-sum: 42\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        buf.clear();
+        let r = read_response(&mut s, &mut buf, false).await.expect("answered");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, b"data");
+        let got = r.trailers.iter().any(|(n, v)| n == "x-sum" && v == "42");
+        assert_eq!(got, want, "te {te:?}: {:?}", r.trailers);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_header_fields_get_431() {
+    let up = Upstream::http1("up").start().await;
+    let proxy = start_one_route(up.addr, r#"limits = { max_headers = 10 }"#, "").await;
+    let mut s = TcpStream::connect(proxy.addr("web")).await.unwrap();
+    let fields: String = (0..11).map(|i| format!("x-f{i}: v\r\n")).collect();
+    s.write_all(format!("GET /headers HTTP/1.1\r\nHost: x\r\n{fields}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let r = read_response(&mut s, &mut buf, false).await.expect("answered");
+    assert_eq!(r.status, 431);
+    assert!(closed_within(&mut s, Duration::from_secs(3)).await);
+    assert_eq!(up.hits(), 0);
+}
