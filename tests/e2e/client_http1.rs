@@ -166,8 +166,46 @@ async fn pipelined_requests_are_answered_in_order_on_one_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expect_100_continue_is_answered_before_the_body_is_sent() {
-    let up = Upstream::http1("up").start().await;
-    let proxy = start_one_route(up.addr, "", "").await;
+    // An upstream that answers only once it has the whole body (an echo that answers at once
+    // would start the response first, and a response under way means no 100 is owed).
+    let raw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = raw.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = raw.accept().await {
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut b = [0u8; 4096];
+                loop {
+                    let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match c.read(&mut b).await {
+                            Ok(n) if n > 0 => got.extend_from_slice(&b[..n]),
+                            _ => return,
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&got[..end]).to_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    while got.len() < end + 4 + len {
+                        match c.read(&mut b).await {
+                            Ok(n) if n > 0 => got.extend_from_slice(&b[..n]),
+                            _ => return,
+                        }
+                    }
+                    let body: Vec<u8> = got.drain(..end + 4 + len).skip(end + 4).collect();
+                    let mut resp =
+                        format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes();
+                    resp.extend_from_slice(&body);
+                    if c.write_all(&resp).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let proxy = start_one_route(up_addr, "", "").await;
     let mut s = TcpStream::connect(proxy.addr("web")).await.unwrap();
     s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\nExpect: 100-continue\r\n\r\n")
         .await

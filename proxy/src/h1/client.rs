@@ -519,7 +519,8 @@ impl H1Conn {
             }
             let reason_at = resp.reason.map(|r| r.as_ptr() as usize - base);
             let head = self.rbuf.split_to(n).freeze();
-            let mut headers = HeaderMap::with_capacity(fields.len());
+            // Room for what the proxy adds (`x-request-id`) without growing the map.
+            let mut headers = HeaderMap::with_capacity(fields.len() + 2);
             for (ns, nl, vs, vl) in fields {
                 let name = HeaderName::from_bytes(&head[ns..ns + nl])
                     .map_err(|_| "invalid response header name".to_string())?;
