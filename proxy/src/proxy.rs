@@ -205,7 +205,7 @@ impl ConnInfo {
     }
 
     /// Records activity at `now` (a clock read the caller has: one per request start and end).
-    fn touch(&self, now: Instant) {
+    pub(crate) fn touch(&self, now: Instant) {
         self.last_activity_ms.store(
             now.saturating_duration_since(self.opened).as_millis() as u64,
             Ordering::Relaxed,

@@ -330,3 +330,119 @@ async fn too_many_header_fields_get_431() {
     assert!(closed_within(&mut s, Duration::from_secs(3)).await);
     assert_eq!(up.hits(), 0);
 }
+
+/// CPU time (user + system) a process has used, in clock ticks (1/100 s).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces), from field 3 on.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_waiting_for_its_client_costs_no_cpu() {
+    // The request body is read as the upstream exchange asks for it; while the client sends
+    // nothing, the connection sleeps. (It used to wake itself for ever: a slow upload kept a
+    // core busy.) A `weir` process of its own, so its CPU time is the proxy's alone.
+    use crate::config_errors::{bound_address, weir_bin};
+    let up = Upstream::http1("up").start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("weir.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[runtime]\nworker_threads = 1\n[log]\nformat = \"json\"\n[admin]\nenabled = false\n\
+             [[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\n\
+             [[routes]]\ncluster = \"c\"\n[clusters.c]\nendpoints = [\"{}\"]\n",
+            up.addr
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("weir.log");
+    let mut child = std::process::Command::new(weir_bin())
+        .args(["run", "-c"])
+        .arg(&cfg)
+        .stderr(std::process::Stdio::from(std::fs::File::create(&log).unwrap()))
+        .spawn()
+        .unwrap();
+    let addr = bound_address(&mut child, &log, Some("web")).await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello")
+        .await
+        .unwrap();
+    // The exchange is under way (the echo streams back what came) before the client pauses.
+    let mut first = [0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut first))
+        .await
+        .expect("the response starts")
+        .unwrap();
+    assert!(
+        first[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&first[..n])
+    );
+    let before = cpu_ticks(child.id());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let used = cpu_ticks(child.id()) - before;
+    s.write_all(b"world").await.unwrap();
+    let mut rest = Vec::from(&first[..n]);
+    while !String::from_utf8_lossy(&rest).contains("world") {
+        let mut b = [0u8; 256];
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await {
+            Ok(Ok(m)) if m > 0 => rest.extend_from_slice(&b[..m]),
+            _ => break,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(used <= 20, "{used} ticks of CPU in 1 s of waiting for the client");
+    assert!(
+        String::from_utf8_lossy(&rest).contains("world"),
+        "{:?}",
+        String::from_utf8_lossy(&rest)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_answered_before_it_was_read_keeps_the_connection_only_when_all_of_it_came() {
+    let up = Upstream::http1("up").start().await;
+    let toml = format!(
+        "{}\n[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\n\
+         limits = {{ max_request_body = 1000 }}\n\
+         [[routes]]\nhost = \"known.test\"\ncluster = \"c\"\n[clusters.c]\nendpoints = [\"{}\"]\n",
+        weir_tests::proxy::ADMIN,
+        up.addr
+    );
+    let proxy = weir_tests::proxy::TestProxy::start(&toml, std::path::Path::new(".")).await;
+    let mut buf = Vec::new();
+    // No route: answered without reading the body, which is all here (in one write with its
+    // head, chunked or sized): it is dropped and the connection serves the next request.
+    let mut s = TcpStream::connect(proxy.addr("web")).await.unwrap();
+    s.write_all(
+        b"POST / HTTP/1.1\r\nHost: nowhere.test\r\nContent-Length: 5\r\n\r\nhello\
+          POST / HTTP/1.1\r\nHost: nowhere.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n\
+          GET /headers HTTP/1.1\r\nHost: known.test\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    for want in [404, 404, 200] {
+        let r = read_response(&mut s, &mut buf, false).await.expect("answered");
+        assert_eq!(r.status, want);
+        assert_eq!(r.header("connection"), None, "{want}: kept alive");
+    }
+    // Over the body limit, its body not sent yet: the answer says the connection closes,
+    // and it does (what the client still sends is read and dropped, not refused with a reset).
+    let mut s = TcpStream::connect(proxy.addr("web")).await.unwrap();
+    buf.clear();
+    s.write_all(b"POST / HTTP/1.1\r\nHost: known.test\r\nContent-Length: 5000\r\n\r\nsome of it")
+        .await
+        .unwrap();
+    let r = read_response(&mut s, &mut buf, false).await.expect("answered");
+    assert_eq!(r.status, 413);
+    assert_eq!(r.header("connection"), Some("close"));
+    // The client, not reading the answer's end yet, goes on sending its body.
+    let _ = s.write_all(&[b'x'; 4000]).await;
+    assert!(closed_within(&mut s, Duration::from_secs(5)).await);
+    assert_eq!(up.hits(), 1);
+}

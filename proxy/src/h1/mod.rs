@@ -326,6 +326,16 @@ pub(crate) fn trailers(buf: &mut BytesMut) -> Result<Option<Option<HeaderMap>>, 
     let mut slots = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
     match httparse::parse_headers(buf, &mut slots) {
         Ok(httparse::Status::Complete((n, _))) if n > MAX_RESPONSE_HEAD => Err("trailers too large".into()),
+        // httparse ends lines at a bare LF too, where chunk lines need CRLF: a peer that
+        // reads strictly would see another end of the message (`0\r\n\nGET ...`).
+        Ok(httparse::Status::Complete((n, _)))
+            if buf[..n]
+                .iter()
+                .enumerate()
+                .any(|(i, b)| *b == b'\n' && (i == 0 || buf[i - 1] != b'\r')) =>
+        {
+            Err("trailer section with a bare LF".into())
+        }
         Ok(httparse::Status::Complete((n, fields))) => {
             let mut map = HeaderMap::with_capacity(fields.len());
             for h in fields {
@@ -361,6 +371,25 @@ mod tests {
         assert_eq!(parse_length(b"+1"), None);
         assert_eq!(parse_length(b""), None);
         assert_eq!(parse_length(b"99999999999999999999"), None);
+    }
+
+    #[test]
+    fn trailer_sections_end_at_crlf_only() {
+        let mut ok = BytesMut::from(&b"x-sum: 1\r\n\r\nNEXT"[..]);
+        let t = trailers(&mut ok).unwrap().unwrap().unwrap();
+        assert_eq!(t["x-sum"], "1");
+        assert_eq!(&ok[..], b"NEXT");
+        for bad in [
+            &b"\nGET / HTTP/1.1\r\n\r\n"[..],
+            b"x-sum: 1\n\r\n",
+            b"x-sum: 1\r\n\n",
+        ] {
+            assert!(
+                trailers(&mut BytesMut::from(bad)).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     #[test]

@@ -89,8 +89,29 @@ pub struct ServerConn<I, S, F> {
     detect_h2: bool,
     /// Close once the exchange in flight (if any) is over.
     shutdown: bool,
+    /// Closing: nothing more is read as a request (sticky: a close that waits on the
+    /// socket resumes here, not at the next head).
+    closing: Option<Closing>,
+    /// A write waited for the client during this exchange: the head timer then runs from
+    /// the exchange's end, not from when its last byte was queued.
+    wrote_late: bool,
     x: Option<Exchange>,
 }
+
+/// How far a close has got: queued bytes sent, then our FIN, then what the client still
+/// sends is read and dropped for a while (a lingering close: closing with unread bytes makes
+/// the kernel send a reset, which can destroy the answer before the client reads it).
+struct Closing {
+    shut: bool,
+    linger: Option<Pin<Box<tokio::time::Sleep>>>,
+    drained: usize,
+}
+
+/// How long, and how many bytes, a closing connection reads and drops.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 1024 * 1024;
+/// Between requests, a read buffer keeps at most this much room.
+const IDLE_READ_ROOM: usize = 64 * 1024;
 
 /// One request and its response.
 struct Exchange {
@@ -121,6 +142,9 @@ enum Enc {
     Chunked,
     /// Until the connection closes (an HTTP/1.0 client, length unknown).
     Eof,
+    /// The message has no body (HEAD, 204, 304): what the source still yields is read to
+    /// its end and dropped (an HTTP/2 upstream's END_STREAM may come in a frame of its own).
+    Discard,
     /// Sent: the body has ended, or the message has none.
     Done,
 }
@@ -146,6 +170,8 @@ where
             head_timer: None,
             detect_h2,
             shutdown: false,
+            closing: None,
+            wrote_late: false,
             x: None,
         }
     }
@@ -183,14 +209,21 @@ where
     /// Drives the connection until it ends.
     pub fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Ended<I>> {
         loop {
+            if self.closing.is_some() {
+                return self.poll_close(cx);
+            }
             if self.x.is_none() {
                 match ready!(self.poll_head(cx)) {
                     Next::Exchange => {}
                     Next::Refuse(status, reason) => {
                         self.refuse(status, reason);
-                        return self.poll_close(cx);
+                        self.close();
+                        continue;
                     }
-                    Next::Close => return self.poll_close(cx),
+                    Next::Close => {
+                        self.close();
+                        continue;
+                    }
                     Next::Handoff(h2) => {
                         let io = self.io.take().expect("io");
                         let pre = std::mem::take(&mut self.rbuf).freeze();
@@ -201,39 +234,84 @@ where
                     }
                 }
             }
-            match ready!(self.poll_exchange(cx)) {
-                Ok(true) => {
-                    self.x = None;
-                    self.in_flight.set(None);
-                    if self.shutdown {
-                        return self.poll_close(cx);
+            let r = ready!(self.poll_exchange(cx));
+            // Dropping the exchange ends a request body still being read (its reader learns
+            // the client is gone).
+            self.x = None;
+            self.in_flight.set(None);
+            if std::mem::take(&mut self.wrote_late) {
+                self.conn.touch(std::time::Instant::now());
+            }
+            match r {
+                Ok(true) if !self.shutdown => {
+                    // An idle connection does not keep the room a large body grew its reads to.
+                    if self.rbuf.is_empty() && self.rbuf.capacity() > IDLE_READ_ROOM {
+                        self.rbuf = BytesMut::new();
+                        self.read_size = FIRST_READ;
                     }
                 }
-                Ok(false) => {
-                    self.x = None;
-                    self.in_flight.set(None);
-                    return self.poll_close(cx);
-                }
+                Ok(_) => self.close(),
                 Err(e) => {
                     tracing::debug!(listener = %self.conn.listener, client.addr = %self.conn.client, error = %e, "connection ended with error");
-                    self.x = None;
-                    self.in_flight.set(None);
+                    self.io = None;
                     return Poll::Ready(Ended::Closed);
                 }
             }
         }
     }
 
-    /// Sends what is queued (an answer to a bad request, the end of a response), then ends.
+    fn close(&mut self) {
+        self.closing.get_or_insert(Closing {
+            shut: false,
+            linger: None,
+            drained: 0,
+        });
+    }
+
+    /// Sends what is queued (an answer to a bad request, the end of a response), then our
+    /// FIN, then reads and drops what the client still sends, for a while; then ends.
     fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<Ended<I>> {
-        if self.io.is_some() && !self.out.is_empty() {
+        if self.io.is_none() {
+            return Poll::Ready(Ended::Closed);
+        }
+        if !self.out.is_empty() || self.unflushed {
             if let Err(e) = ready!(self.poll_out(cx)) {
                 tracing::debug!(client.addr = %self.conn.client, error = %e, "write failed while closing");
+                self.io = None;
+                return Poll::Ready(Ended::Closed);
             }
         }
-        if let Some(io) = self.io.as_mut() {
-            // A clean FIN after the last response; errors do not matter any more.
-            let _ = ready!(Pin::new(io).poll_shutdown(cx));
+        let closing = self.closing.as_mut().expect("closing");
+        let io = self.io.as_mut().expect("io");
+        if !closing.shut {
+            if ready!(Pin::new(&mut *io).poll_shutdown(cx)).is_err() {
+                self.io = None;
+                return Poll::Ready(Ended::Closed);
+            }
+            closing.shut = true;
+        }
+        let linger = closing
+            .linger
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(LINGER)));
+        let mut scratch = [0u8; 8192];
+        loop {
+            let mut rb = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut *io).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) if !rb.filled().is_empty() => {
+                    closing.drained += rb.filled().len();
+                    if closing.drained > LINGER_BYTES {
+                        break;
+                    }
+                }
+                // The client closed too (or failed): done.
+                Poll::Ready(_) => break,
+                Poll::Pending => {
+                    if linger.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    break;
+                }
+            }
         }
         self.io = None;
         Poll::Ready(Ended::Closed)
@@ -466,7 +544,17 @@ where
                     if let Poll::Ready(Ok(resp)) = fut.poll(cx) {
                         self.in_flight.set(None);
                         let x = self.x.as_mut().expect("exchange");
-                        start_response(&mut self.out.buf, x, resp, self.shutdown);
+                        // A body nobody will read, not all here yet: the client learns from
+                        // the head that the connection closes after this answer.
+                        let abandoned = !matches!(x.decoder, Decoder::Done)
+                            && x.body
+                                .as_ref()
+                                .is_none_or(|c| c.slot.lock().expect("chan lock").dropped);
+                        if abandoned && discard_buffered(x, &mut self.rbuf) {
+                            x.body = None;
+                        }
+                        let unread = abandoned && !matches!(x.decoder, Decoder::Done);
+                        start_response(&mut self.out.buf, x, resp, self.shutdown || unread);
                         progress = true;
                     }
                 }
@@ -517,7 +605,8 @@ where
                             // The client cannot be told in HTTP/1.1: the response is cut
                             // short (no last chunk) and the connection closed.
                             tracing::debug!(client.addr = %self.conn.client, error = %e, "response body failed; closing the connection");
-                            let _ = ready!(self.poll_out(cx));
+                            x.keep_alive = false;
+                            s.enc = Enc::Done;
                             return Poll::Ready(Ok(false));
                         }
                     }
@@ -527,14 +616,15 @@ where
                 match self.poll_out(cx) {
                     Poll::Ready(Ok(())) => progress = true,
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => {}
+                    Poll::Pending => self.wrote_late = true,
                 }
             }
             let x = self.x.as_mut().expect("exchange");
             if let Some(s) = &x.resp {
                 if s.enc == Enc::Done && self.out.is_empty() && !self.unflushed {
-                    // A request body not read to its end leaves the connection in doubt.
-                    let whole = x.body.is_none() && matches!(x.decoder, Decoder::Done);
+                    // A request body not read to its end leaves the connection in doubt,
+                    // unless the rest of it is already here to be dropped.
+                    let whole = matches!(x.decoder, Decoder::Done) || discard_buffered(x, &mut self.rbuf);
                     return Poll::Ready(Ok(x.keep_alive && whole && !self.shutdown));
                 }
             }
@@ -543,7 +633,7 @@ where
                 if let Some(chan) = &x.body {
                     let mut s = chan.slot.lock().expect("chan lock");
                     // Asked for more after `feed` looked: look again.
-                    if s.want && s.frame.is_none() && !reading && !s.dropped {
+                    if (s.want && s.frame.is_none() && !reading) || s.dropped {
                         continue;
                     }
                     s.server = Some(cx.waker().clone());
@@ -638,6 +728,40 @@ where
     }
 }
 
+/// Drops what of an unread request body is already in `rbuf`: whether that was all of it (the
+/// connection can then read the next request).
+fn discard_buffered(x: &mut Exchange, rbuf: &mut BytesMut) -> bool {
+    loop {
+        match x.decoder.step(rbuf, &mut x.chunk_ext) {
+            Ok(Step::Frame(_)) => {}
+            Ok(Step::End) => {
+                x.decoder = Decoder::Done;
+                return true;
+            }
+            Ok(Step::More) | Err(_) => return false,
+        }
+    }
+}
+
+impl Drop for Exchange {
+    /// A request body still being read when its exchange ends (the client went, the response
+    /// ended first, the connection was dropped) fails for its reader, which may be another
+    /// task (an HTTP/2 upstream's): left pending, it would hold that stream open for ever.
+    fn drop(&mut self) {
+        if let Some(chan) = self.body.take() {
+            let mut s = chan.slot.lock().expect("chan lock");
+            if s.end.is_none() {
+                s.end = Some(Err("the client connection ended before the request body".into()));
+            }
+            let w = s.reader.take();
+            drop(s);
+            if let Some(w) = w {
+                w.wake();
+            }
+        }
+    }
+}
+
 /// Wakes `w` unless it is the task polling now (which goes round again anyway).
 fn wake_other(w: Option<Waker>, cx: &Context<'_>) {
     if let Some(w) = w {
@@ -709,7 +833,11 @@ fn start_response(buf: &mut BytesMut, x: &mut Exchange, resp: Response<Body>, sh
         write_date(buf);
     }
     let enc = if bodiless {
-        Enc::Done
+        if body.is_end_stream() {
+            Enc::Done
+        } else {
+            Enc::Discard
+        }
     } else if let Some(n) = length {
         if n == 0 {
             Enc::Done
@@ -740,14 +868,9 @@ fn start_response(buf: &mut BytesMut, x: &mut Exchange, resp: Response<Body>, sh
     }
     buf.extend_from_slice(b"\r\n");
     x.keep_alive = !close;
-    // A body that has nothing to send still runs to its end (the access log, metrics and
-    // the upstream connection's return to its pool follow it).
+    // A body with nothing to send still runs to its end (the access log, metrics and the
+    // upstream connection's return to its pool follow it).
     x.resp = Some(Sending { body, enc });
-    if enc == Enc::Done {
-        if let Some(s) = x.resp.as_mut() {
-            s.body = crate::body::empty();
-        }
-    }
 }
 
 /// Queues one frame of the response body in its framing.
@@ -773,7 +896,7 @@ fn encode(out: &mut Outbox, s: &mut Sending, frame: Frame<Bytes>, trailers_ok: b
                 }
             }
             Enc::Eof => out.data(data, false),
-            Enc::Done => {}
+            Enc::Discard | Enc::Done => {}
         },
         Err(frame) => {
             let Ok(trailers) = frame.into_trailers() else {
@@ -944,9 +1067,8 @@ impl http_body::Body for RequestBody {
         }
         let server = s.server.take();
         drop(s);
-        if let Some(w) = server {
-            w.wake();
-        }
+        // Not the server's own task: it looks at `want` after polling the request path.
+        wake_other(server, cx);
         Poll::Pending
     }
 
