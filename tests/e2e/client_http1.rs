@@ -446,3 +446,55 @@ async fn a_body_answered_before_it_was_read_keeps_the_connection_only_when_all_o
     assert!(closed_within(&mut s, Duration::from_secs(5)).await);
     assert_eq!(up.hits(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_the_http2_upstream_answered_early_is_ended_upstream_too() {
+    // Over HTTP/2 the request body is read by the upstream connection's own task. An upstream
+    // that answers before the body ends (a 200 for a stream, a 413) ends the exchange on the
+    // client side (the connection closes: the rest of the body is not read); the body's
+    // reader was never told, so the upstream's stream stayed open (holding one of the
+    // connection's streams) for ever.
+    use http_body_util::BodyExt as _;
+    let (tx, mut ended) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let h2 = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = h2.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = h2.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let tx = tx.clone();
+                    async move {
+                        // Answers at once; reads the body to its end (or failure) meanwhile.
+                        tokio::spawn(async move {
+                            let outcome = match req.into_body().collect().await {
+                                Ok(b) => format!("complete, {} bytes", b.to_bytes().len()),
+                                Err(e) => format!("failed: {e}"),
+                            };
+                            let _ = tx.send(outcome);
+                        });
+                        Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from_static(b"ok"),
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    let proxy = start_one_route(up_addr, "", r#"protocol = "http2""#).await;
+    let mut s = TcpStream::connect(proxy.addr("web")).await.unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nfirst bytes")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let r = read_response(&mut s, &mut buf, false).await.expect("answered");
+    assert_eq!((r.status, &r.body[..]), (200, &b"ok"[..]));
+    let outcome = tokio::time::timeout(Duration::from_secs(5), ended.recv())
+        .await
+        .expect("the upstream learns that the upload ended")
+        .unwrap();
+    assert!(outcome.starts_with("failed"), "{outcome}");
+}
