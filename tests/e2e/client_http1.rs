@@ -345,28 +345,14 @@ async fn an_upload_waiting_for_its_client_costs_no_cpu() {
     // The request body is read as the upstream exchange asks for it; while the client sends
     // nothing, the connection sleeps. (It used to wake itself for ever: a slow upload kept a
     // core busy.) A `weir` process of its own, so its CPU time is the proxy's alone.
-    use crate::config_errors::{bound_address, weir_bin};
     let up = Upstream::http1("up").start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("weir.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[runtime]\nworker_threads = 1\n[log]\nformat = \"json\"\n[admin]\nenabled = false\n\
-             [[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\n\
-             [[routes]]\ncluster = \"c\"\n[clusters.c]\nendpoints = [\"{}\"]\n",
-            up.addr
-        ),
-    )
-    .unwrap();
-    let log = dir.path().join("weir.log");
-    let mut child = std::process::Command::new(weir_bin())
-        .args(["run", "-c"])
-        .arg(&cfg)
-        .stderr(std::process::Stdio::from(std::fs::File::create(&log).unwrap()))
-        .spawn()
-        .unwrap();
-    let addr = bound_address(&mut child, &log, Some("web")).await;
+    let mut weir = crate::config_errors::WeirProcess::start(&format!(
+        "[runtime]\nworker_threads = 1\n[log]\nformat = \"json\"\n[admin]\nenabled = false\n\
+         [[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\n\
+         [[routes]]\ncluster = \"c\"\n[clusters.c]\nendpoints = [\"{}\"]\n",
+        up.addr
+    ));
+    let addr = weir.address(Some("web")).await;
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello")
         .await
@@ -382,9 +368,9 @@ async fn an_upload_waiting_for_its_client_costs_no_cpu() {
         "{:?}",
         String::from_utf8_lossy(&first[..n])
     );
-    let before = cpu_ticks(child.id());
+    let before = cpu_ticks(weir.child.id());
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let used = cpu_ticks(child.id()) - before;
+    let used = cpu_ticks(weir.child.id()) - before;
     s.write_all(b"world").await.unwrap();
     let mut rest = Vec::from(&first[..n]);
     while !String::from_utf8_lossy(&rest).contains("world") {
@@ -394,8 +380,7 @@ async fn an_upload_waiting_for_its_client_costs_no_cpu() {
             _ => break,
         }
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(weir);
     assert!(used <= 20, "{used} ticks of CPU in 1 s of waiting for the client");
     assert!(
         String::from_utf8_lossy(&rest).contains("world"),

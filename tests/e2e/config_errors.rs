@@ -20,6 +20,58 @@ pub fn weir_bin() -> PathBuf {
     bin
 }
 
+/// A `weir` process serving `toml`, written to a temporary directory with the process's log
+/// (stderr) beside it. Killed when dropped, if it is still running.
+pub struct WeirProcess {
+    /// The process.
+    pub child: std::process::Child,
+    /// Its log file.
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl WeirProcess {
+    /// Starts `weir run` on `toml`.
+    pub fn start(toml: &str) -> WeirProcess {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("weir.toml");
+        std::fs::write(&cfg, toml).unwrap();
+        let log = dir.path().join("weir.log");
+        let child = Command::new(weir_bin())
+            .args(["run", "-c"])
+            .arg(&cfg)
+            .stderr(std::process::Stdio::from(std::fs::File::create(&log).unwrap()))
+            .spawn()
+            .unwrap();
+        WeirProcess {
+            child,
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// The address it bound for `listener` (the admin listener for `None`).
+    pub async fn address(&mut self, listener: Option<&str>) -> std::net::SocketAddr {
+        bound_address(&mut self.child, &self.log, listener).await
+    }
+
+    /// Sends it SIGTERM.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for WeirProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The address a `weir` process bound, read from its JSON log (`"listening"` for a listener by
 /// name, `"admin listening"` for the admin one): the config asks for port 0, so no port is
 /// picked by the test and released for someone else to take first. Waits up to 20 s, and

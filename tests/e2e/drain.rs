@@ -1,13 +1,12 @@
 //! Drain: on SIGTERM a long request in flight completes, new connections are refused, the
 //! process exits 0. Runs the real `weir` binary.
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use weir_tests::client::Client;
 use weir_tests::upstream::Upstream;
 
-use crate::config_errors::{bound_address, weir_bin};
+use crate::config_errors::WeirProcess;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_requests_and_exits_zero() {
@@ -22,12 +21,8 @@ async fn sigterm_drains_with_one_worker_thread() {
 
 async fn drains_and_exits_zero(workers: usize) {
     let up = Upstream::http1("up").start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("weir.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
+    let mut weir = WeirProcess::start(&format!(
+        r#"
 [runtime]
 worker_threads = {workers}
 drain_timeout = "10s"
@@ -44,19 +39,10 @@ cluster = "c"
 [clusters.c]
 endpoints = ["{}"]
 "#,
-            up.addr,
-        ),
-    )
-    .unwrap();
-    let log = dir.path().join("weir.log");
-    let mut child = Command::new(weir_bin())
-        .args(["run", "-c"])
-        .arg(&cfg)
-        .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
-        .spawn()
-        .unwrap();
-    let listener = bound_address(&mut child, &log, Some("web")).await;
-    let admin_addr = bound_address(&mut child, &log, None).await;
+        up.addr,
+    ));
+    let listener = weir.address(Some("web")).await;
+    let admin_addr = weir.address(None).await;
     let start = Instant::now();
     loop {
         if tokio::net::TcpStream::connect(admin_addr).await.is_ok() {
@@ -88,11 +74,7 @@ endpoints = ["{}"]
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    weir.terminate();
     // The listener closes soon after the signal (the long request still has ~1 s to go).
     let deadline = Instant::now() + Duration::from_millis(900);
     while tokio::net::TcpStream::connect(listener).await.is_ok() {
@@ -113,14 +95,14 @@ endpoints = ["{}"]
 
     let deadline = Instant::now() + Duration::from_secs(10);
     let exit = loop {
-        if let Some(s) = child.try_wait().unwrap() {
+        if let Some(s) = weir.child.try_wait().unwrap() {
             break s;
         }
         assert!(Instant::now() < deadline, "weir did not exit after draining");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(exit.code(), Some(0));
-    let logs = std::fs::read_to_string(&log).unwrap();
+    let logs = std::fs::read_to_string(&weir.log).unwrap();
     let access = logs
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())

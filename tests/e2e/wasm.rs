@@ -271,35 +271,18 @@ where
     F: FnOnce(std::net::SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    use std::process::{Command, Stdio};
     let up = Upstream::http1("up").start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("weir.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[log]\nformat = \"json\"\n[admin]\nenabled = false\n[filter_host]\n{filter_host}\n\
-             [[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\nfilters = {filters}\n\
-             [[routes]]\ncluster = \"c\"\n[clusters.c]\nendpoints = [\"{}\"]\n",
-            up.addr
-        ),
-    )
-    .unwrap();
-    let log = dir.path().join("weir.log");
-    let mut child = Command::new(crate::config_errors::weir_bin())
-        .args(["run", "-c"])
-        .arg(&cfg)
-        .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
-        .spawn()
-        .unwrap();
-    let addr = crate::config_errors::bound_address(&mut child, &log, Some("web")).await;
+    let mut weir = crate::config_errors::WeirProcess::start(&format!(
+        "[log]\nformat = \"json\"\n[admin]\nenabled = false\n[filter_host]\n{filter_host}\n\
+         [[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\nfilters = {filters}\n\
+         [[routes]]\ncluster = \"c\"\n[clusters.c]\nendpoints = [\"{}\"]\n",
+        up.addr
+    ));
+    let addr = weir.address(Some("web")).await;
     drive(addr).await;
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let _ = child.wait();
-    std::fs::read_to_string(&log)
+    weir.terminate();
+    let _ = weir.child.wait();
+    std::fs::read_to_string(&weir.log)
         .unwrap()
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
