@@ -36,15 +36,9 @@ use crate::body::{Body, BoxError};
 use crate::cluster::{checkin, Endpoint, Stream};
 
 use super::{
-    allowed_in_trailers, parse_length, Chunk, Decoder, Framed, Outbox, Step, COPY_DATA, MAX_RESPONSE_HEAD,
-    MAX_RESPONSE_HEADERS,
+    parse_length, write_field, write_last_chunk, Chunk, Decoder, Framed, Outbox, ReadRoom, Step, COPY_DATA,
+    MAX_RESPONSE_HEAD, MAX_RESPONSE_HEADERS,
 };
-
-/// The first read's room; doubled after a read that filled it, up to [`MAX_READ`].
-const FIRST_READ: usize = 8 * 1024;
-const MAX_READ: usize = 256 * 1024;
-/// An idle connection's read buffer keeps at most this much room.
-const IDLE_READ_ROOM: usize = 64 * 1024;
 
 /// An HTTP/1.1 connection to an upstream, idle in its endpoint's pool or carrying one
 /// exchange.
@@ -52,7 +46,7 @@ pub struct H1Conn {
     io: Stream,
     /// Bytes read and not consumed yet.
     rbuf: BytesMut,
-    read_size: usize,
+    room: ReadRoom,
     out: Outbox,
     /// The request body still to send, and how it is framed.
     sending: Option<Sending>,
@@ -118,7 +112,7 @@ impl H1Conn {
         H1Conn {
             io,
             rbuf: BytesMut::new(),
-            read_size: FIRST_READ,
+            room: ReadRoom::new(),
             out: Outbox::default(),
             sending: None,
             unflushed: false,
@@ -146,7 +140,7 @@ impl H1Conn {
         // room: anything that arrives now ends the connection anyway.
         let looked = {
             let mut look = std::pin::pin!(tokio::task::coop::unconstrained(poll_fn(
-                |cx| self.poll_fill(cx, 64)
+                |cx| self.poll_fill(cx, Some(64))
             )));
             look.as_mut().poll(&mut Context::from_waker(Waker::noop()))
         };
@@ -165,20 +159,8 @@ impl H1Conn {
     }
 
     /// Reads what the socket has into the read buffer: `Ok(0)` at the end of the stream.
-    fn poll_fill(&mut self, cx: &mut Context<'_>, read_size: usize) -> Poll<io::Result<usize>> {
-        if self.rbuf.capacity() - self.rbuf.len() < read_size / 2 {
-            self.rbuf.reserve(read_size);
-        }
-        let room = self.rbuf.capacity() - self.rbuf.len();
-        let n = ready!(tokio_util::io::poll_read_buf(
-            Pin::new(&mut self.io),
-            cx,
-            &mut self.rbuf
-        ))?;
-        if n == room && n >= self.read_size && self.read_size < MAX_READ {
-            self.read_size *= 2;
-        }
-        Poll::Ready(Ok(n))
+    fn poll_fill(&mut self, cx: &mut Context<'_>, want: Option<usize>) -> Poll<io::Result<usize>> {
+        self.room.poll_fill(&mut self.io, &mut self.rbuf, cx, want)
     }
 
     /// Writes everything queued.
@@ -297,20 +279,7 @@ impl H1Conn {
                     }
                     // Every trailer field goes (hyper's client sent only those the request
                     // declared in `Trailer`, which HTTP/2 clients such as gRPC's do not).
-                    Framing::Chunked => {
-                        let buf = &mut self.out.buf;
-                        buf.extend_from_slice(b"0\r\n");
-                        for (name, value) in &trailers {
-                            if !allowed_in_trailers(name) {
-                                continue;
-                            }
-                            buf.extend_from_slice(name.as_str().as_bytes());
-                            buf.extend_from_slice(b": ");
-                            buf.extend_from_slice(value.as_bytes());
-                            buf.extend_from_slice(b"\r\n");
-                        }
-                        buf.extend_from_slice(b"\r\n");
-                    }
+                    Framing::Chunked => write_last_chunk(&mut self.out.buf, Some(&trailers)),
                 }
                 self.sending = None;
             }
@@ -347,10 +316,7 @@ impl H1Conn {
                 }
                 length = Some(n);
             }
-            buf.extend_from_slice(name.as_str().as_bytes());
-            buf.extend_from_slice(b": ");
-            buf.extend_from_slice(value.as_bytes());
-            buf.extend_from_slice(b"\r\n");
+            write_field(buf, name, value);
         }
         let framing = match length {
             Some(0) => None,
@@ -434,7 +400,7 @@ impl H1Conn {
                     }));
                 }
             }
-            let failed = match ready!(self.poll_fill(cx, self.read_size)) {
+            let failed = match ready!(self.poll_fill(cx, None)) {
                 Ok(0) => {
                     let what = if self.rbuf.is_empty() {
                         "connection closed before the response"
@@ -614,10 +580,7 @@ impl PooledBody {
             return;
         }
         // An idle connection does not keep the room a large response grew its reads to.
-        if conn.rbuf.capacity() > IDLE_READ_ROOM {
-            conn.rbuf = BytesMut::new();
-            conn.read_size = FIRST_READ;
-        }
+        conn.room.rest(&mut conn.rbuf);
         checkin(&self.ep, conn, self.max_idle);
     }
 
@@ -679,7 +642,7 @@ impl http_body::Body for PooledBody {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
             };
-            match ready!(conn.poll_fill(cx, conn.read_size)) {
+            match ready!(conn.poll_fill(cx, None)) {
                 Ok(0) if matches!(this.decoder, Decoder::Eof) => {
                     conn.done = true;
                     this.decoder = Decoder::Done;

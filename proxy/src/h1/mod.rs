@@ -15,7 +15,7 @@ use std::task::{ready, Context, Poll};
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http_body::Frame;
-use tokio::io::AsyncWrite;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// The largest response head (status line and header fields) read from an upstream, as
 /// Envoy's default `max_response_headers_kb` (60 KiB); also the largest trailer section.
@@ -29,6 +29,71 @@ pub(crate) const MAX_CHUNK_EXT: usize = 16 * 1024;
 /// Body data up to this size is copied next to its framing (one write); larger data is
 /// written from its own buffer.
 pub(crate) const COPY_DATA: usize = 16 * 1024;
+
+/// The first read's room; doubled after a read that filled it, up to [`MAX_READ`].
+pub(crate) const FIRST_READ: usize = 8 * 1024;
+pub(crate) const MAX_READ: usize = 256 * 1024;
+/// An idle connection's read buffer keeps at most this much room.
+pub(crate) const IDLE_READ_ROOM: usize = 64 * 1024;
+
+/// How much room a connection's reads ask for: [`FIRST_READ`], doubled after a read that
+/// filled it (a large body arrives in fewer, larger reads), back to it when idle.
+pub(crate) struct ReadRoom(usize);
+
+impl ReadRoom {
+    pub(crate) fn new() -> ReadRoom {
+        ReadRoom(FIRST_READ)
+    }
+
+    /// Reads what `io` has into `rbuf`, with room for `want` bytes (the current room if
+    /// `None`): `Ok(0)` at the end of the stream.
+    pub(crate) fn poll_fill<R: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut R,
+        rbuf: &mut BytesMut,
+        cx: &mut Context<'_>,
+        want: Option<usize>,
+    ) -> Poll<io::Result<usize>> {
+        let want = want.unwrap_or(self.0);
+        if rbuf.capacity() - rbuf.len() < want / 2 {
+            rbuf.reserve(want);
+        }
+        let room = rbuf.capacity() - rbuf.len();
+        let n = ready!(tokio_util::io::poll_read_buf(Pin::new(io), cx, rbuf))?;
+        if n == room && n >= self.0 && self.0 < MAX_READ {
+            self.0 *= 2;
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    /// Between exchanges: an empty buffer does not keep the room a large body grew it to.
+    pub(crate) fn rest(&mut self, rbuf: &mut BytesMut) {
+        if rbuf.is_empty() && rbuf.capacity() > IDLE_READ_ROOM {
+            *rbuf = BytesMut::new();
+            self.0 = FIRST_READ;
+        }
+    }
+}
+
+/// Queues one header field line.
+pub(crate) fn write_field(buf: &mut BytesMut, name: &HeaderName, value: &HeaderValue) {
+    buf.extend_from_slice(name.as_str().as_bytes());
+    buf.extend_from_slice(b": ");
+    buf.extend_from_slice(value.as_bytes());
+    buf.extend_from_slice(b"\r\n");
+}
+
+/// Queues the last chunk of a chunked body with the trailer fields of `trailers` that may be
+/// trailers (none if `None`).
+pub(crate) fn write_last_chunk(buf: &mut BytesMut, trailers: Option<&HeaderMap>) {
+    buf.extend_from_slice(b"0\r\n");
+    for (name, value) in trailers.into_iter().flatten() {
+        if allowed_in_trailers(name) {
+            write_field(buf, name, value);
+        }
+    }
+    buf.extend_from_slice(b"\r\n");
+}
 
 /// What is to be written, in order: `buf` from `pos`, then `data`, then a CRLF if `crlf`.
 #[derive(Default)]
@@ -227,6 +292,9 @@ impl Decoder {
 #[derive(Default)]
 pub(crate) struct Framed {
     pub(crate) length: Option<u64>,
+    /// `Content-Length` came as a list or in more than one field (valid only if the values
+    /// agree; a request with it is refused, as nginx does).
+    pub(crate) repeated_length: bool,
     pub(crate) transfer_encoding: bool,
     /// The transfer coding is `chunked` (no other is accepted).
     pub(crate) chunked: bool,
@@ -253,6 +321,7 @@ impl Framed {
             if self.length.is_some_and(|l| l != n) {
                 return Err("conflicting content-length values".into());
             }
+            self.repeated_length |= self.length.is_some() || value.contains(&b',');
             self.length = Some(n);
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             self.transfer_encoding = true;

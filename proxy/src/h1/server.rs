@@ -33,15 +33,14 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::{allowed_in_trailers, parse_length, Chunk, Decoder, Framed, Outbox, Step, COPY_DATA};
+use super::{
+    parse_length, write_field, write_last_chunk, Chunk, Decoder, Framed, Outbox, ReadRoom, Step, COPY_DATA,
+};
 use crate::body::{Body, BoxError};
 use crate::proxy::ConnInfo;
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// The first read's room; a read that fills it doubles the next, up to [`MAX_READ`].
-const FIRST_READ: usize = 8 * 1024;
-const MAX_READ: usize = 256 * 1024;
 /// Header slots kept on the stack; a listener allowing more uses the heap.
 const STACK_HEADERS: usize = 128;
 
@@ -75,7 +74,7 @@ pub struct Limits {
 pub struct ServerConn<I, S, F> {
     io: Option<I>,
     rbuf: BytesMut,
-    read_size: usize,
+    room: ReadRoom,
     out: Outbox,
     unflushed: bool,
     conn: Arc<ConnInfo>,
@@ -110,8 +109,6 @@ struct Closing {
 /// How long, and how many bytes, a closing connection reads and drops.
 const LINGER: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 1024 * 1024;
-/// Between requests, a read buffer keeps at most this much room.
-const IDLE_READ_ROOM: usize = 64 * 1024;
 
 /// One request and its response.
 struct Exchange {
@@ -160,7 +157,7 @@ where
         ServerConn {
             io: Some(io),
             rbuf: BytesMut::new(),
-            read_size: FIRST_READ,
+            room: ReadRoom::new(),
             out: Outbox::default(),
             unflushed: false,
             conn,
@@ -183,16 +180,8 @@ where
 
     /// Reads what the socket has: `Ok(0)` at its end.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.rbuf.capacity() - self.rbuf.len() < self.read_size / 2 {
-            self.rbuf.reserve(self.read_size);
-        }
-        let room = self.rbuf.capacity() - self.rbuf.len();
         let io = self.io.as_mut().expect("io");
-        let n = ready!(tokio_util::io::poll_read_buf(Pin::new(io), cx, &mut self.rbuf))?;
-        if n == room && n >= self.read_size && self.read_size < MAX_READ {
-            self.read_size *= 2;
-        }
-        Poll::Ready(Ok(n))
+        self.room.poll_fill(io, &mut self.rbuf, cx, None)
     }
 
     /// Writes and flushes what is queued.
@@ -244,11 +233,7 @@ where
             }
             match r {
                 Ok(true) if !self.shutdown => {
-                    // An idle connection does not keep the room a large body grew its reads to.
-                    if self.rbuf.is_empty() && self.rbuf.capacity() > IDLE_READ_ROOM {
-                        self.rbuf = BytesMut::new();
-                        self.read_size = FIRST_READ;
-                    }
+                    self.room.rest(&mut self.rbuf);
                 }
                 Ok(_) => self.close(),
                 Err(e) => {
@@ -420,17 +405,11 @@ where
         let (target_at, target_len) = (target.as_ptr() as usize - base, target.len());
         let mut fields: smallvec::SmallVec<[(usize, usize, usize, usize); 24]> = smallvec::SmallVec::new();
         let mut f = Framed::default();
-        let (mut lengths, mut expect, mut trailers, mut upgrade) = (0, false, false, false);
+        let (mut expect, mut trailers, mut upgrade) = (false, false, false);
         for h in req.headers.iter() {
             let (name, value) = (h.name.as_bytes(), h.value);
             f.note(name, value);
             match name.len() {
-                14 if name.eq_ignore_ascii_case(b"content-length") => {
-                    lengths += 1;
-                    if value.contains(&b',') {
-                        lengths += 1;
-                    }
-                }
                 6 if name.eq_ignore_ascii_case(b"expect") => {
                     expect = value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
                 }
@@ -453,7 +432,7 @@ where
         if f.transfer_encoding && f.length.is_some() {
             return Err((BAD, "content-length-and-transfer-encoding"));
         }
-        if f.error.is_some() || lengths > 1 {
+        if f.error.is_some() || f.repeated_length {
             return Err((BAD, "invalid-framing"));
         }
         if f.transfer_encoding && (!f.chunked || http10) {
@@ -824,10 +803,7 @@ fn start_response(buf: &mut BytesMut, x: &mut Exchange, resp: Response<Body>, sh
             length = n;
         }
         date |= *name == header::DATE;
-        buf.extend_from_slice(name.as_str().as_bytes());
-        buf.extend_from_slice(b": ");
-        buf.extend_from_slice(value.as_bytes());
-        buf.extend_from_slice(b"\r\n");
+        write_field(buf, name, value);
     }
     if !date {
         write_date(buf);
@@ -903,20 +879,8 @@ fn encode(out: &mut Outbox, s: &mut Sending, frame: Frame<Bytes>, trailers_ok: b
                 return Ok(());
             };
             if s.enc == Enc::Chunked {
-                let buf = &mut out.buf;
-                buf.extend_from_slice(b"0\r\n");
                 // Sent to a client that said it takes them (`TE: trailers`), as hyper did.
-                if trailers_ok {
-                    for (name, value) in &trailers {
-                        if allowed_in_trailers(name) {
-                            buf.extend_from_slice(name.as_str().as_bytes());
-                            buf.extend_from_slice(b": ");
-                            buf.extend_from_slice(value.as_bytes());
-                            buf.extend_from_slice(b"\r\n");
-                        }
-                    }
-                }
-                buf.extend_from_slice(b"\r\n");
+                write_last_chunk(&mut out.buf, trailers_ok.then_some(&trailers));
                 s.enc = Enc::Done;
             } else if let Enc::Length(n) = s.enc {
                 return Err(format!(
@@ -932,7 +896,7 @@ fn encode(out: &mut Outbox, s: &mut Sending, frame: Frame<Bytes>, trailers_ok: b
 /// The response body has ended: the last chunk, or a check that the length was all sent.
 fn finish(buf: &mut BytesMut, s: &mut Sending) -> io::Result<()> {
     match s.enc {
-        Enc::Chunked => buf.extend_from_slice(b"0\r\n\r\n"),
+        Enc::Chunked => write_last_chunk(buf, None),
         Enc::Length(n) if n > 0 => {
             return Err(io::Error::other(format!(
                 "response body ended {n} bytes short of its content-length"
