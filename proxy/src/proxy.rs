@@ -704,9 +704,13 @@ async fn forward(
                 Verdict::Continue => {}
                 Verdict::Respond(resp) => return Ok(resp),
                 // A body that never left (no endpoint could be reached) goes as it is;
-                // otherwise the kept copy, if the whole body was kept.
-                Verdict::Retry => match replay.as_ref().and_then(|r| unsent.take().or_else(|| r.body())) {
-                    Some(again) if attempt < limits::MAX_ATTEMPTS => {
+                // otherwise what was recorded of it and the rest as it comes, if it fits the
+                // buffer. Taking it cuts the last attempt off the body: only once retrying.
+                Verdict::Retry => match (attempt < limits::MAX_ATTEMPTS)
+                    .then(|| replay.as_ref().and_then(|r| unsent.take().or_else(|| r.body())))
+                    .flatten()
+                {
+                    Some(again) => {
                         attempt += 1;
                         if let Some(a) = ctx.upstream.take() {
                             tried.push(a);

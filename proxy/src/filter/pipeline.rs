@@ -11,7 +11,7 @@
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::stream;
@@ -278,84 +278,185 @@ pub fn body_of(data: Bytes, trailers: Option<HeaderMap>) -> Body {
     }
 }
 
-/// What a retry needs of the request body: a copy of what was sent, while it fits.
-#[derive(Debug, Default)]
-pub struct Replay {
+/// What a retry needs of the request body: what has arrived of it so far (chunks are
+/// reference-counted, not copied), while it fits the buffer, and the rest still to come.
+///
+/// An upstream may answer before it has read the whole body (a 503 to the head, say); a retry
+/// asked then goes with what was recorded and goes on reading the client's body, as Envoy's
+/// router does, rather than giving up because the first attempt had not sent it all.
+struct Replay {
+    /// The client's body, read by the current attempt's reader only.
+    source: Body,
     chunks: Vec<Bytes>,
     trailers: Option<HeaderMap>,
     size: usize,
+    limit: usize,
+    /// The source ended: its end, its trailers, or `is_end_stream` after a frame.
     complete: bool,
+    /// The source failed (client gone, body limit): nothing more is coming.
+    failed: bool,
+    /// More than `limit` bytes came: the body cannot be sent again.
     overflow: bool,
+    /// The attempt whose reader reads `source`; readers of earlier attempts are cut off.
+    current: u32,
+    /// The task of the current attempt's reader while it waits for the source: woken when
+    /// another attempt takes over, so that the earlier one fails and lets its connection go.
+    waiting: Option<Waker>,
 }
 
-/// A shared handle on the replay copy of one request; `None` for a request without a body
+/// A shared handle on the replay record of one request; `None` for a request without a body
 /// (most of them: nothing to record, no allocation).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ReplayHandle(Option<Arc<Mutex<Replay>>>);
 
-impl ReplayHandle {
-    /// The body again, if it was sent whole and fit the buffer.
-    pub fn body(&self) -> Option<Body> {
-        let Some(r) = &self.0 else {
-            return Some(body::empty());
-        };
-        let r = r.lock().expect("replay lock");
-        if !r.complete || r.overflow {
-            return None;
-        }
-        let mut frames: Vec<Result<Frame<Bytes>, BoxError>> =
-            r.chunks.iter().map(|c| Ok(Frame::data(c.clone()))).collect();
-        if let Some(t) = &r.trailers {
-            frames.push(Ok(Frame::trailers(t.clone())));
-        }
-        Some(StreamBody::new(stream::iter(frames)).boxed())
+impl std::fmt::Debug for ReplayHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReplayHandle")
     }
 }
 
-/// Sends `body` on while keeping a copy (chunks are reference-counted, not copied) of up to
-/// `limit` bytes for a replay.
+impl ReplayHandle {
+    /// The body for another attempt, if it can be sent again (it fit the buffer and did not
+    /// fail): what was recorded, then the rest of the client's body as it arrives. The
+    /// earlier attempt's reader is cut off from then on: polled again, it fails.
+    pub fn body(&self) -> Option<Body> {
+        let Some(shared) = &self.0 else {
+            return Some(body::empty());
+        };
+        let mut r = shared.lock().unwrap_or_else(PoisonError::into_inner);
+        if r.overflow || r.failed {
+            return None;
+        }
+        r.current += 1;
+        if let Some(w) = r.waiting.take() {
+            w.wake();
+        }
+        Some(Body::new(Reader {
+            shared: shared.clone(),
+            attempt: r.current,
+            next: 0,
+            trailers_sent: false,
+            done: false,
+        }))
+    }
+}
+
+/// One attempt's view of a recorded body: the record first, then the source.
+struct Reader {
+    shared: Arc<Mutex<Replay>>,
+    attempt: u32,
+    /// The next recorded chunk to hand out.
+    next: usize,
+    trailers_sent: bool,
+    done: bool,
+}
+
+impl http_body::Body for Reader {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        let mut guard = this.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        let r = &mut *guard;
+        if r.current != this.attempt {
+            this.done = true;
+            return Poll::Ready(Some(Err(
+                "the request went again: the body went to the next attempt".into(),
+            )));
+        }
+        if !r.overflow && this.next < r.chunks.len() {
+            this.next += 1;
+            return Poll::Ready(Some(Ok(Frame::data(r.chunks[this.next - 1].clone()))));
+        }
+        if r.complete || r.failed {
+            this.done = true;
+            return match r.trailers.as_ref().filter(|_| !this.trailers_sent) {
+                Some(t) => {
+                    this.trailers_sent = true;
+                    Poll::Ready(Some(Ok(Frame::trailers(t.clone()))))
+                }
+                None => Poll::Ready(None),
+            };
+        }
+        let Poll::Ready(polled) = Pin::new(&mut r.source).poll_frame(cx) else {
+            r.waiting = Some(cx.waker().clone());
+            return Poll::Pending;
+        };
+        r.waiting = None;
+        match polled {
+            Some(Ok(frame)) => {
+                if let Some(d) = frame.data_ref() {
+                    r.size += d.len();
+                    if r.size > r.limit {
+                        r.overflow = true;
+                        r.chunks = Vec::new();
+                    } else if !r.overflow {
+                        r.chunks.push(d.clone());
+                        this.next += 1;
+                    }
+                } else if let Some(t) = frame.trailers_ref() {
+                    // Trailers end a body, whatever the body reports after them (hyper's
+                    // clients stop reading at the trailers).
+                    r.trailers = Some(t.clone());
+                    r.complete = true;
+                    this.trailers_sent = true;
+                }
+                if r.source.is_end_stream() {
+                    r.complete = true;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => {
+                r.failed = true;
+                this.done = true;
+                Poll::Ready(Some(Err(e)))
+            }
+            None => {
+                r.complete = true;
+                this.done = true;
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        if self.done {
+            return true;
+        }
+        let r = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        r.current == self.attempt
+            && r.complete
+            && (r.overflow || self.next >= r.chunks.len())
+            && (self.trailers_sent || r.trailers.is_none())
+    }
+}
+
+/// Sends `body` on while recording up to `limit` bytes of it for another attempt.
 pub fn recorded(body: Body, limit: usize) -> (Body, ReplayHandle) {
     if http_body::Body::is_end_stream(&body) {
         return (body, ReplayHandle(None));
     }
-    let shared = Arc::new(Mutex::new(Replay::default()));
-    let (handle, h) = (ReplayHandle(Some(shared.clone())), shared);
-    let s = stream::unfold((body, h, false), move |(mut body, h, done)| async move {
-        if done {
-            return None;
-        }
-        match body.frame().await {
-            Some(Ok(frame)) => {
-                {
-                    let mut r = h.lock().expect("replay lock");
-                    if let Some(d) = frame.data_ref() {
-                        r.size += d.len();
-                        if r.size > limit {
-                            r.overflow = true;
-                            r.chunks.clear();
-                        } else if !r.overflow {
-                            r.chunks.push(d.clone());
-                        }
-                    } else if let Some(t) = frame.trailers_ref() {
-                        // Trailers end a body, whatever the body reports after them (hyper's
-                        // clients stop reading at the trailers).
-                        r.trailers = Some(t.clone());
-                        r.complete = true;
-                    }
-                    if body.is_end_stream() {
-                        r.complete = true;
-                    }
-                }
-                Some((Ok(frame), (body, h, false)))
-            }
-            Some(Err(e)) => Some((Err(e), (body, h, true))),
-            None => {
-                h.lock().expect("replay lock").complete = true;
-                None
-            }
-        }
-    });
-    (sync_body(StreamBody::new(s)), handle)
+    let handle = ReplayHandle(Some(Arc::new(Mutex::new(Replay {
+        source: body,
+        chunks: Vec::new(),
+        trailers: None,
+        size: 0,
+        limit,
+        complete: false,
+        failed: false,
+        overflow: false,
+        current: 0,
+        waiting: None,
+    }))));
+    let first = handle.body().expect("a new record can be read");
+    (first, handle)
 }
 
 #[cfg(test)]
@@ -383,5 +484,75 @@ mod tests {
         let again = again.collect().await.expect("the replay reads");
         assert_eq!(again.trailers(), Some(&trailers));
         assert_eq!(again.to_bytes(), Bytes::from_static(b"abcdef"));
+    }
+
+    /// A body fed by the test, one frame at a time, that waits in between.
+    fn fed() -> (tokio::sync::mpsc::Sender<Bytes>, Body) {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+        let s = stream::unfold(rx, |mut rx| async move {
+            let d = rx.recv().await?;
+            Some((Ok::<_, BoxError>(Frame::data(d)), rx))
+        });
+        (tx, sync_body(StreamBody::new(s)))
+    }
+
+    #[tokio::test]
+    async fn a_retry_asked_before_the_body_arrived_whole_gets_all_of_it() {
+        let (tx, source) = fed();
+        let (mut first, handle) = recorded(source, 1024);
+        tx.send(Bytes::from_static(b"abc")).await.unwrap();
+        let f = first.frame().await.unwrap().unwrap();
+        assert_eq!(f.into_data().unwrap(), Bytes::from_static(b"abc"));
+        // The upstream answered (a 503 to the head, say) before the rest came.
+        let second = handle.body().expect("a body not whole yet can still go again");
+        tx.send(Bytes::from_static(b"def")).await.unwrap();
+        drop(tx);
+        assert!(
+            first.frame().await.unwrap().is_err(),
+            "the first attempt no longer reads the client's body"
+        );
+        let again = second.collect().await.unwrap().to_bytes();
+        assert_eq!(again, Bytes::from_static(b"abcdef"));
+        // And once more, now that it is complete.
+        let third = handle.body().unwrap().collect().await.unwrap().to_bytes();
+        assert_eq!(third, Bytes::from_static(b"abcdef"));
+    }
+
+    #[tokio::test]
+    async fn an_attempt_waiting_for_the_body_is_woken_and_cut_off_by_the_next() {
+        let (tx, source) = fed();
+        let (mut first, handle) = recorded(source, 1024);
+        // The first attempt's connection waits for the client's next bytes...
+        let waiting = tokio::spawn(async move { first.frame().await });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        // ...when a retry takes the body over: the wait ends with an error, at once.
+        let second = handle.body().unwrap();
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("the earlier attempt was woken")
+            .unwrap();
+        assert!(matches!(ended, Some(Err(_))), "the earlier attempt failed");
+        tx.send(Bytes::from_static(b"xyz")).await.unwrap();
+        drop(tx);
+        assert_eq!(
+            second.collect().await.unwrap().to_bytes(),
+            Bytes::from_static(b"xyz")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_larger_than_the_buffer_is_sent_once_and_not_again() {
+        let (tx, source) = fed();
+        let (first, handle) = recorded(source, 4);
+        tx.send(Bytes::from_static(b"abc")).await.unwrap();
+        tx.send(Bytes::from_static(b"def")).await.unwrap();
+        drop(tx);
+        let sent = first.collect().await.unwrap().to_bytes();
+        assert_eq!(
+            sent,
+            Bytes::from_static(b"abcdef"),
+            "the first attempt gets it all"
+        );
+        assert!(handle.body().is_none(), "too large to keep for another attempt");
     }
 }
