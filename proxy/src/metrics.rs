@@ -73,9 +73,13 @@ pub struct Metrics {
 
 const CLASSES: [&str; 6] = ["other", "1xx", "2xx", "3xx", "4xx", "5xx"];
 
-/// The series of one (listener, route, cluster), resolved ahead of time.
+/// The series of one (listener, route, cluster), resolved ahead of time. Shared: a request
+/// takes a handle to them with one reference count, not one per series (seven atomic
+/// increments and as many decrements per request, 1 % of Weir's CPU under load).
 #[derive(Clone)]
-pub struct RouteMetrics {
+pub struct RouteMetrics(Arc<RouteSeries>);
+
+struct RouteSeries {
     by_class: [Counter; 6],
     latency: Histogram,
 }
@@ -87,8 +91,8 @@ impl RouteMetrics {
             c @ 1..=5 => c as usize,
             _ => 0,
         };
-        self.by_class[class].inc();
-        self.latency.observe(elapsed.as_secs_f64());
+        self.0.by_class[class].inc();
+        self.0.latency.observe(elapsed.as_secs_f64());
     }
 }
 
@@ -189,7 +193,7 @@ impl Metrics {
                 cluster: cluster.into(),
             })
             .clone();
-        RouteMetrics { by_class, latency }
+        RouteMetrics(Arc::new(RouteSeries { by_class, latency }))
     }
 
     /// Gauge of open connections and counter of accepted ones for a listener.
