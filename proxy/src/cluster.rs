@@ -70,7 +70,7 @@ pub struct Endpoint {
 }
 
 struct IdleConn {
-    conn: H1Conn,
+    conn: Box<H1Conn>,
     since: Instant,
 }
 
@@ -93,7 +93,7 @@ pub fn describe(e: &hyper::Error) -> String {
 }
 
 /// Puts a connection whose exchange is complete in `ep`'s idle pool (at most `max` there).
-pub(crate) fn checkin(ep: &Endpoint, conn: H1Conn, max: usize) {
+pub(crate) fn checkin(ep: &Endpoint, conn: Box<H1Conn>, max: usize) {
     let mut idle = ep.idle.lock().expect("idle lock");
     if idle.len() < max {
         idle.push(IdleConn {
@@ -251,8 +251,10 @@ pub enum Ejection {
 
 /// An established upstream connection, ready for one request.
 pub enum Conn {
-    /// A pooled HTTP/1.1 connection, driven by the request that uses it.
-    Http1(H1Conn),
+    /// A pooled HTTP/1.1 connection, driven by the request that uses it. Boxed once for its
+    /// life: the request path moves it (out of the pool, into the exchange, into the
+    /// response body, back) as a pointer, not as some 200 bytes at every step.
+    Http1(Box<H1Conn>),
     /// An HTTP/1.1 connection with its own task, able to upgrade (WebSocket); never pooled.
     Http1Upgradable(http1::SendRequest<Body>),
     /// A handle on the endpoint's multiplexed HTTP/2 connection.
@@ -608,13 +610,13 @@ impl Cluster {
 
     /// A new HTTP/1.1 connection to `ep` for a request whose pooled connection closed under
     /// it before any response (see [`SendFailed::closed`]); counted in the metrics.
-    pub async fn reconnect(&self, ep: &Endpoint) -> Result<H1Conn, ConnectError> {
+    pub async fn reconnect(&self, ep: &Endpoint) -> Result<Box<H1Conn>, ConnectError> {
         let c = self.connect_h1(ep).await?;
         self.metrics.upstream_resend(&self.name);
         Ok(c)
     }
 
-    async fn connect_h1(&self, ep: &Endpoint) -> Result<H1Conn, ConnectError> {
+    async fn connect_h1(&self, ep: &Endpoint) -> Result<Box<H1Conn>, ConnectError> {
         let io = self.connect(ep, true).await?;
         ep.record_success();
         Ok(H1Conn::new(io))

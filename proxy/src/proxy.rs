@@ -241,13 +241,14 @@ pub async fn handle(
     let request_id = request_id(req.headers());
     let mut ctx = RequestContext::new(conn.listener.clone(), conn.client, conn.tls.clone(), request_id);
     let method = req.method().clone();
-    // The access log and the log phase read the target after the request moved on.
-    let target = Some(req.uri().clone());
     let version = req.version();
     let mut x = Exchange {
         metrics: None,
         upstream: None,
         chain: FilterChain::default(),
+        // The access log reads the target after the request moved on (and the log phase, if
+        // the route's chain has one: kept once routed). Otherwise no copy.
+        target: gw.access_log.then(|| req.uri().clone()),
     };
 
     let result = forward(req, &conn, &gw, &ls, &mut ctx, &mut x).await;
@@ -285,7 +286,7 @@ pub async fn handle(
         ctx,
         metrics: x.metrics.unwrap_or_else(|| ls.unrouted.clone()),
         method,
-        target,
+        target: x.target,
         version,
         status,
         upstream: x.upstream,
@@ -352,6 +353,8 @@ struct Exchange {
     upstream: Option<SocketAddr>,
     /// The chain the request ran, for its log phase.
     chain: FilterChain,
+    /// The request's target as the client sent it, for the access log and the log phase.
+    target: Option<Uri>,
 }
 
 /// A request in flight on its connection (the idle timer waits while any is): counted in when
@@ -506,6 +509,9 @@ async fn forward(
     let route_host = client_host.as_ref().map_or("", |h| strip_port(show(h)));
     let route = ls.routes.find(route_host, &path).ok_or(ProxyError::NoRoute)?;
     x.metrics = Some(route.metrics.clone());
+    if x.target.is_none() && route.chain.wants(Phase::Log) {
+        x.target = Some(req.uri().clone());
+    }
     ctx.route = Some(route.name.clone());
     ctx.cluster = Some(route.cluster.clone());
     ctx.timeout = route.timeout;

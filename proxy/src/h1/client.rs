@@ -108,8 +108,8 @@ struct Head {
 
 impl H1Conn {
     /// A connection over a freshly established stream.
-    pub fn new(io: Stream) -> H1Conn {
-        H1Conn {
+    pub fn new(io: Stream) -> Box<H1Conn> {
+        Box::new(H1Conn {
             io,
             rbuf: BytesMut::new(),
             room: ReadRoom::new(),
@@ -119,7 +119,7 @@ impl H1Conn {
             interim: false,
             done: false,
             rested: false,
-        }
+        })
     }
 
     /// Whether the connection sat idle in the pool long enough before this exchange that the
@@ -349,7 +349,7 @@ impl H1Conn {
     /// response's body reads the rest and puts the connection back in `ep`'s pool (at most
     /// `max_idle` there) when the exchange is complete.
     pub async fn send(
-        mut self,
+        mut self: Box<Self>,
         req: Request<Body>,
         ep: &Arc<Endpoint>,
         max_idle: usize,
@@ -560,7 +560,7 @@ impl H1Conn {
 /// exchange is complete. Dropped early, it closes the connection: a half-read response never
 /// serves another request.
 pub struct PooledBody {
-    conn: Option<H1Conn>,
+    conn: Option<Box<H1Conn>>,
     decoder: Decoder,
     ep: Arc<Endpoint>,
     max_idle: usize,
