@@ -62,6 +62,7 @@ async fn malformed_requests_are_refused_and_others_keep_being_served() {
         ("two hosts", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n".to_vec(), 400),
         // `user@a` is host `a` to some upstreams and not to routing (RFC 9112 §3.2).
         ("userinfo in host", b"GET / HTTP/1.1\r\nHost: admin@x\r\n\r\n".to_vec(), 400),
+        ("a port that is not a number", b"GET / HTTP/1.1\r\nHost: x:80x\r\n\r\n".to_vec(), 400),
         ("userinfo in the target", b"GET http://admin@x/ HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), 400),
         ("nul in path", b"GET /a%00b HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), 400),
         ("body over the limit", b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n".to_vec(), 413),
