@@ -427,21 +427,35 @@ async fn x_forwarded_for_appends_to_every_line_the_client_sent() {
             "x",
             &[
                 ("x-forwarded-for", "203.0.113.7"),
+                ("x-request-id", "trace-7"),
                 ("x-forwarded-for", "198.51.100.2"),
+                ("x-forwarded-proto", "https"),
             ],
         )
         .await;
-    let lines: Vec<&str> = r
-        .body()
-        .lines()
-        .filter(|l| l.starts_with("x-forwarded-for: "))
-        .collect();
+    let lines = |name: &str| -> Vec<String> {
+        r.body()
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}: ")))
+            .map(str::to_string)
+            .collect()
+    };
     assert_eq!(
-        lines,
+        lines("x-forwarded-for"),
         ["x-forwarded-for: 203.0.113.7, 198.51.100.2, 127.0.0.1"],
         "{}",
         r.body()
     );
+    // Each field once: the client's request id and scheme (a trusted hop's) kept, the host
+    // added.
+    assert_eq!(lines("x-request-id"), ["x-request-id: trace-7"], "{}", r.body());
+    assert_eq!(
+        lines("x-forwarded-proto"),
+        ["x-forwarded-proto: https"],
+        "{}",
+        r.body()
+    );
+    assert_eq!(lines("x-forwarded-host"), ["x-forwarded-host: x"], "{}", r.body());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1120,14 +1120,19 @@ async fn outbound_call(
             let again = (c.rested() && crate::cluster::may_resend(&head.method, &head.headers))
                 .then(|| crate::filter::copy_head(&head));
             let max = cluster.config.max_idle_per_endpoint;
-            let resp = match c.send(http::Request::from_parts(head, body), &ep, max).await {
+            let resp = match c.send(http::Request::from_parts(head, body), &[], &ep, max).await {
                 Ok(r) => r,
                 Err(f) => match again.filter(|_| f.closed) {
                     Some(head) => cluster
                         .reconnect(&ep)
                         .await
                         .map_err(|e| format!("connect to {}: {e}", ep.addr))?
-                        .send(http::Request::from_parts(head, crate::body::full(data)), &ep, max)
+                        .send(
+                            http::Request::from_parts(head, crate::body::full(data)),
+                            &[],
+                            &ep,
+                            max,
+                        )
                         .await
                         .map_err(|f| f.reason)?,
                     None => return Err(f.reason),

@@ -74,6 +74,9 @@ enum Framing {
     Chunked,
 }
 
+/// Fields written after a request head's own, not put in its map first (see [`H1Conn::send`]).
+pub type Added<'a> = &'a [(HeaderName, HeaderValue)];
+
 /// Why an exchange on a pooled HTTP/1.1 connection failed before its response head.
 #[derive(Debug)]
 pub struct SendFailed {
@@ -294,7 +297,7 @@ impl H1Conn {
     /// DATA and no length), as Envoy sends it; not a HEAD's (RFC 9110 §9.3.2 warns a body there
     /// reads as a smuggling attempt). A `Transfer-Encoding` in the head (a filter's) is not
     /// sent: the framing is decided here.
-    fn start(&mut self, parts: &http::request::Parts, body: Body) -> Result<(), String> {
+    fn start(&mut self, parts: &http::request::Parts, added: Added<'_>, body: Body) -> Result<(), String> {
         self.interim = false;
         let buf = &mut self.out.buf;
         buf.reserve(512);
@@ -316,6 +319,9 @@ impl H1Conn {
                 }
                 length = Some(n);
             }
+            write_field(buf, name, value);
+        }
+        for (name, value) in added {
             write_field(buf, name, value);
         }
         let framing = match length {
@@ -348,14 +354,18 @@ impl H1Conn {
     /// Sends a request and reads until the response head, sending its body meanwhile. The
     /// response's body reads the rest and puts the connection back in `ep`'s pool (at most
     /// `max_idle` there) when the exchange is complete.
+    ///
+    /// `added`: fields the proxy adds to the head (`X-Forwarded-*`, `X-Request-Id`), written
+    /// after the head's own; never among them (the caller removed any they replace).
     pub async fn send(
         mut self: Box<Self>,
         req: Request<Body>,
+        added: Added<'_>,
         ep: &Arc<Endpoint>,
         max_idle: usize,
     ) -> Result<Response<PooledBody>, SendFailed> {
         let (parts, body) = req.into_parts();
-        self.start(&parts, body).map_err(|reason| SendFailed {
+        self.start(&parts, added, body).map_err(|reason| SendFailed {
             reason,
             closed: false,
         })?;
