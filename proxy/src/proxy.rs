@@ -632,8 +632,12 @@ async fn forward(
     // Response phases read the request head as it went upstream; copy it only if they run.
     let response_body_filters = chain.wants_body(Phase::ResponseBody);
     let response_filters = chain.wants(Phase::ResponseHeaders);
-    let mut sent_head = (response_filters || response_body_filters)
-        .then(|| with_added(crate::filter::copy_head(&parts), &added));
+    let mut sent_head = (response_filters || response_body_filters).then(|| {
+        // The copy is what goes upstream, then: the added fields go into the head itself
+        // (cloning them with the map costs less than adding them to the copy too).
+        parts.headers.extend(added.drain(..));
+        crate::filter::copy_head(&parts)
+    });
     // A response filter may ask for a retry: keep the body for a replay (up to the buffer).
     let replay = (response_filters && upgrade.is_none()).then(|| {
         let (b, h) = pipeline::recorded(std::mem::replace(&mut body, body::empty()), buffer);
@@ -651,8 +655,9 @@ async fn forward(
             &cluster,
             route,
             parts,
-            // A retry's head is the copy response filters read, which has them already.
-            if attempt == 1 { &added } else { &[] },
+            // Empty when response filters run: the head has them (and a retry's head, the
+            // copy they read, too).
+            &added,
             &mut unsent,
             client_host.clone(),
             upgrade.is_some(),
