@@ -635,7 +635,7 @@ async fn forward(
     let mut sent_head = (response_filters || response_body_filters).then(|| {
         // The copy is what goes upstream, then: the added fields go into the head itself
         // (cloning them with the map costs less than adding them to the copy too).
-        parts.headers.extend(added.drain(..));
+        put_in(&mut parts.headers, added.drain(..));
         crate::filter::copy_head(&parts)
     });
     // A response filter may ask for a retry: keep the body for a replay (up to the buffer).
@@ -968,7 +968,7 @@ async fn send(
     }
     // Only Weir's own HTTP/1.1 client writes the added fields beside the head.
     if !matches!(conn, Conn::Http1(_)) {
-        parts.headers.extend(added.iter().cloned());
+        put_in(&mut parts.headers, added.iter().cloned());
     }
     // A head to send again if the pooled connection turns out closed under the request.
     let mut again = match &conn {
@@ -1589,9 +1589,18 @@ fn set_forwarded(
 /// `forward`).
 type Added = smallvec::SmallVec<[(HeaderName, HeaderValue); 4]>;
 
+/// Appends `fields` after one reservation for all of them (`HeaderMap::extend` reserves room
+/// for half of them in a map that is not empty, and then grows again).
+fn put_in(h: &mut HeaderMap, fields: impl ExactSizeIterator<Item = (HeaderName, HeaderValue)>) {
+    h.reserve(fields.len());
+    for (name, value) in fields {
+        h.append(name, value);
+    }
+}
+
 /// A head copy with the added fields put in, for filters that read the head as it went.
 fn with_added(mut head: http::request::Parts, added: &Added) -> http::request::Parts {
-    head.headers.extend(added.iter().cloned());
+    put_in(&mut head.headers, added.iter().cloned());
     head
 }
 
