@@ -130,6 +130,47 @@ request_timeout = "5s"
     assert_eq!(c.get("/", "x").await.status(), 200);
 }
 
+/// The requests of one keep-alive connection share its request timer: each still times out at
+/// its own deadline, whether the one before had a longer or a shorter timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_request_on_a_connection_times_out_at_its_own_deadline() {
+    let up = Upstream::http1("slow").start().await;
+    let toml = format!(
+        r#"{ADMIN}
+[[listeners]]
+name = "web"
+address = "127.0.0.1:0"
+[[routes]]
+path_prefix = "/delay/2000"
+cluster = "c"
+timeout = "200ms"
+[[routes]]
+cluster = "c"
+[clusters.c]
+endpoints = ["{}"]
+request_timeout = "5s"
+"#,
+        up.addr
+    );
+    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+    let mut c = Client::h1(proxy.addr("web")).await;
+    for round in 0..3 {
+        // A short deadline, after a long one (from the second round on).
+        let t = std::time::Instant::now();
+        let r = c.get("/delay/2000", "x").await;
+        assert_eq!(r.status(), 504, "round {round}");
+        assert!(
+            t.elapsed() < Duration::from_millis(1500),
+            "round {round}: the 200 ms timeout applies: {:?}",
+            t.elapsed()
+        );
+        // A long deadline after a short one that has passed: not cut at the old one.
+        let r = c.get("/delay/600", "x").await;
+        assert_eq!(r.status(), 200, "round {round}: the 5 s timeout applies");
+        assert_eq!(c.get("/", "x").await.status(), 200, "round {round}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_connections_are_pooled_and_evicted_when_idle() {
     let up = Upstream::http1("pooled").start().await;
