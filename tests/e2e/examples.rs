@@ -226,11 +226,15 @@ async fn the_sidecar_example_authorizes_peers_and_makes_outbound_calls_resilient
     let b = http::Request::builder()
         .uri("/api/charge")
         .header("host", "payments.mesh.internal");
-    let (parts, _) = c
+    // Each body read to its end: one dropped unread leaves hyper's client unable to reuse the
+    // connection, and the next request fails with `ChannelClosed` (when the body had not all
+    // come with the head).
+    let (parts, body) = c
         .send(b.body(weir_tests::empty()).unwrap())
         .await
         .unwrap()
         .into_parts();
+    weir_tests::collect(body).await.unwrap();
     assert_eq!(parts.status, 200);
     assert_eq!(parts.headers["x-upstream"], "payments");
     for i in 0..20 {
@@ -239,7 +243,8 @@ async fn the_sidecar_example_authorizes_peers_and_makes_outbound_calls_resilient
             .header("host", "inventory.mesh.internal")
             .body(weir_tests::empty())
             .unwrap();
-        let (parts, _) = c.send(req).await.unwrap().into_parts();
+        let (parts, body) = c.send(req).await.unwrap().into_parts();
+        weir_tests::collect(body).await.unwrap();
         assert_eq!(parts.status, 200, "request {i}: retried on the healthy endpoint");
         assert_eq!(parts.headers["x-upstream"], "inventory");
     }
