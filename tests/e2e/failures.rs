@@ -95,27 +95,31 @@ balance = "round-robin"
     assert_eq!(up.hits(), 10);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slow_upstream_times_out_with_504() {
-    let up = Upstream::http1("slow").start().await;
+/// A proxy to `up` whose requests under `prefix` time out after 200 ms, the others after 5 s.
+async fn with_route_timeout(up: std::net::SocketAddr, prefix: &str) -> TestProxy {
     let toml = format!(
         r#"{ADMIN}
 [[listeners]]
 name = "web"
 address = "127.0.0.1:0"
 [[routes]]
-path_prefix = "/delay"
+path_prefix = "{prefix}"
 cluster = "c"
 timeout = "200ms"
 [[routes]]
 cluster = "c"
 [clusters.c]
-endpoints = ["{}"]
+endpoints = ["{up}"]
 request_timeout = "5s"
-"#,
-        up.addr
+"#
     );
-    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+    TestProxy::start(&toml, std::path::Path::new(".")).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_upstream_times_out_with_504() {
+    let up = Upstream::http1("slow").start().await;
+    let proxy = with_route_timeout(up.addr, "/delay").await;
     let mut c = Client::h1(proxy.addr("web")).await;
     let t = std::time::Instant::now();
     let r = c.get("/delay/2000", "x").await;
@@ -135,24 +139,7 @@ request_timeout = "5s"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_request_on_a_connection_times_out_at_its_own_deadline() {
     let up = Upstream::http1("slow").start().await;
-    let toml = format!(
-        r#"{ADMIN}
-[[listeners]]
-name = "web"
-address = "127.0.0.1:0"
-[[routes]]
-path_prefix = "/delay/2000"
-cluster = "c"
-timeout = "200ms"
-[[routes]]
-cluster = "c"
-[clusters.c]
-endpoints = ["{}"]
-request_timeout = "5s"
-"#,
-        up.addr
-    );
-    let proxy = TestProxy::start(&toml, std::path::Path::new(".")).await;
+    let proxy = with_route_timeout(up.addr, "/delay/2000").await;
     let mut c = Client::h1(proxy.addr("web")).await;
     for round in 0..3 {
         // A short deadline, after a long one (from the second round on).
