@@ -32,6 +32,7 @@ use crate::error::ProxyError;
 use crate::filter::pipeline::{self, Pipeline, Stop};
 use crate::filter::wasm::WasmEngine;
 use crate::filter::{ChainEntry, FilterChain, Heads, LogSummary, Phase, RequestContext, Verdict};
+use crate::h1::RawHead;
 use crate::limits;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::route::{Route, RouteTable};
@@ -297,9 +298,18 @@ pub async fn handle(
             e.to_response()
         }
     };
-    resp.headers_mut()
-        .entry(X_REQUEST_ID)
-        .or_insert_with(|| ctx.request_id.clone());
+    match resp.extensions_mut().get_mut::<RawHead>() {
+        Some(raw) => {
+            if !raw.has(X_REQUEST_ID.as_str().as_bytes()) {
+                raw.request_id = Some(ctx.request_id.clone());
+            }
+        }
+        None => {
+            resp.headers_mut()
+                .entry(X_REQUEST_ID)
+                .or_insert_with(|| ctx.request_id.clone());
+        }
+    }
     // Weir's HTTP/1.1 server handed this connection to hyper's at this request (an upgrade or
     // CONNECT, after which bytes may be a tunnel's). Unless it became a tunnel, the
     // connection closes after the answer: no head after it is read by Weir's stricter parser.
@@ -527,6 +537,8 @@ async fn forward(
     x: &mut Exchange,
 ) -> Result<Response<Body>, ProxyError> {
     let limits = &ls.limits;
+    // Answered by Weir's own HTTP/1.1 server (not hyper's): it writes a kept response head.
+    let weir_h1 = matches!(req.body(), ClientBody::H1(_));
     check_framing(&req)?;
     if req.uri().path_and_query().map_or(0, |p| p.as_str().len()) > limits.max_uri_bytes {
         return Err(ProxyError::UriTooLong(limits.max_uri_bytes));
@@ -694,6 +706,9 @@ async fn forward(
             &mut unsent,
             client_host.clone(),
             upgrade.is_some(),
+            // The response head may stay in the bytes it came in (see `RawHead`) on its way to
+            // Weir's HTTP/1.1 server when no filter reads it.
+            weir_h1 && !response_filters && !response_body_filters,
             Timing {
                 timeout,
                 body: watch.as_deref(),
@@ -904,6 +919,7 @@ async fn send(
     body: &mut Option<Body>,
     client_host: Option<HeaderValue>,
     upgrade: bool,
+    keep_head: bool,
     timing: Timing<'_>,
     avoid: &[SocketAddr],
     x: &mut Exchange,
@@ -1040,7 +1056,7 @@ async fn send(
         };
         let result = match conn {
             Conn::Http1(c) => (Timed {
-                fut: c.send(req, added, &ep, cluster.config.max_idle_per_endpoint),
+                fut: c.send(req, added, keep_head, &ep, cluster.config.max_idle_per_endpoint),
                 deadline,
             })
             .await
@@ -1686,6 +1702,19 @@ fn with_added(mut head: http::request::Parts, added: &Added) -> http::request::P
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kept_response_head_has_none_of_the_fields_the_map_path_strips() {
+        // `RawHead` is kept only without these: the two lists must name the same fields.
+        for name in HOP_BY_HOP.iter().chain([&header::UPGRADE]) {
+            let n = name.as_str();
+            assert!(crate::h1::is_hop_by_hop(n.as_bytes()), "{n}");
+            assert!(crate::h1::is_hop_by_hop(n.to_ascii_uppercase().as_bytes()), "{n}");
+        }
+        for n in ["host", "content-length", "x-te", "tea", "connections", "date"] {
+            assert!(!crate::h1::is_hop_by_hop(n.as_bytes()), "{n}");
+        }
+    }
 
     #[test]
     fn hop_by_hop_and_connection_named_headers_go() {

@@ -75,6 +75,17 @@ fn script(path: &str) -> (Vec<u8>, bool) {
             r.extend_from_slice(format!("x-big: {}\r\n\r\nok", "a".repeat(70 * 1024)).as_bytes());
             return (r, false);
         }
+        // Fields as an upstream may write them: mixed case, its own request id and date.
+        "/own-fields" => (
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Request-Id: up-7\r\nDATE: Tue, 01 Jan 2030 00:00:00 GMT\r\nX-Empty:\r\nContent-Length: 2\r\n\r\nok",
+            false,
+        ),
+        // Hop-by-hop fields, one named by `Connection`: none of them is the client's.
+        "/hop-by-hop" => (
+            b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5\r\nConnection: x-hop\r\nX-Hop: 1\r\nProxy-Authenticate: Basic\r\nX-Kept: 1\r\nContent-Length: 2\r\n\r\nok",
+            false,
+        ),
+        "/no-content" => (b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nX-Kept: 1\r\n\r\n", false),
         _ => (b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", false),
     };
     (r.0.to_vec(), r.1)
@@ -277,4 +288,68 @@ async fn a_request_the_upstream_acknowledged_is_not_sent_again() {
         1,
         "the request went out again on a new connection"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_fields_reach_the_client_as_the_upstream_sent_them_less_the_hop_by_hop_ones() {
+    // Weir's HTTP/1.1 server writes a response head it can pass on untouched from the bytes
+    // the upstream sent (no header map in between): the same fields must come out as through
+    // the map, names in lowercase, each once, with the proxy's request id and date only when
+    // the upstream sent none.
+    let (up, _) = scripted().await;
+    let proxy = start_one_route(up, "", "").await;
+    let addr = proxy.addr("web");
+    let exchange = |path: &'static str| async move {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        let (out, _) = raw_exchange(addr, req.as_bytes(), Duration::from_millis(300)).await;
+        let head = out.split("\r\n\r\n").next().unwrap_or_default().to_string();
+        let lines: Vec<String> = head.lines().skip(1).map(str::to_string).collect();
+        (out, lines)
+    };
+    let count = |lines: &[String], name: &str| {
+        lines
+            .iter()
+            .filter(|l| l.starts_with(&format!("{name}:")))
+            .count()
+    };
+
+    let (out, lines) = exchange("/own-fields").await;
+    assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+    assert!(out.ends_with("\r\n\r\nok"), "{out}");
+    for want in [
+        "content-type: text/plain",
+        "x-request-id: up-7",
+        "date: Tue, 01 Jan 2030 00:00:00 GMT",
+        "x-empty: ",
+        "content-length: 2",
+    ] {
+        assert_eq!(lines.iter().filter(|l| *l == want).count(), 1, "{want}: {out}");
+    }
+    assert_eq!(lines.len(), 5, "{out}");
+
+    let (out, lines) = exchange("/length").await;
+    assert!(out.ends_with("\r\n\r\nhello"), "{out}");
+    assert_eq!(count(&lines, "x-request-id"), 1, "{out}");
+    assert_eq!(count(&lines, "date"), 1, "{out}");
+    assert_eq!(count(&lines, "content-length"), 1, "{out}");
+
+    let (out, lines) = exchange("/hop-by-hop").await;
+    assert!(out.ends_with("\r\n\r\nok"), "{out}");
+    for gone in ["keep-alive", "connection", "x-hop", "proxy-authenticate"] {
+        assert_eq!(count(&lines, gone), 0, "{gone}: {out}");
+    }
+    assert_eq!(count(&lines, "x-kept"), 1, "{out}");
+
+    // No length on a 204 (RFC 9110 §8.6), the other fields kept.
+    let (out, lines) = exchange("/no-content").await;
+    assert!(out.starts_with("HTTP/1.1 204 No Content\r\n"), "{out}");
+    assert_eq!(count(&lines, "content-length"), 0, "{out}");
+    assert_eq!(count(&lines, "x-kept"), 1, "{out}");
+
+    // As an HTTP client library reads it.
+    let mut c = Client::h1(addr).await;
+    let (status, headers, got) = get(&mut c, "/own-fields").await;
+    assert_eq!((status, got.as_deref()), (200, Ok(&b"ok"[..])));
+    assert_eq!(headers["x-request-id"], "up-7");
+    assert_eq!(headers.get_all("x-request-id").iter().count(), 1);
 }

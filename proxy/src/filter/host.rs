@@ -1120,7 +1120,10 @@ async fn outbound_call(
             let again = (c.rested() && crate::cluster::may_resend(&head.method, &head.headers))
                 .then(|| crate::filter::copy_head(&head));
             let max = cluster.config.max_idle_per_endpoint;
-            let resp = match c.send(http::Request::from_parts(head, body), &[], &ep, max).await {
+            let resp = match c
+                .send(http::Request::from_parts(head, body), &[], false, &ep, max)
+                .await
+            {
                 Ok(r) => r,
                 Err(f) => match again.filter(|_| f.closed) {
                     Some(head) => cluster
@@ -1130,6 +1133,7 @@ async fn outbound_call(
                         .send(
                             http::Request::from_parts(head, crate::body::full(data)),
                             &[],
+                            false,
                             &ep,
                             max,
                         )

@@ -36,8 +36,8 @@ use crate::body::{Body, BoxError};
 use crate::cluster::{checkin, Endpoint, Stream};
 
 use super::{
-    parse_length, write_field, write_last_chunk, Chunk, Decoder, Framed, Outbox, ReadRoom, Step, COPY_DATA,
-    MAX_RESPONSE_HEAD, MAX_RESPONSE_HEADERS,
+    is_hop_by_hop, parse_length, write_field, write_last_chunk, Chunk, Decoder, Framed, Outbox, RawHead,
+    ReadRoom, Step, COPY_DATA, MAX_RESPONSE_HEAD, MAX_RESPONSE_HEADERS,
 };
 
 /// An HTTP/1.1 connection to an upstream, idle in its endpoint's pool or carrying one
@@ -357,10 +357,14 @@ impl H1Conn {
     ///
     /// `added`: fields the proxy adds to the head (`X-Forwarded-*`, `X-Request-Id`), written
     /// after the head's own; never among them (the caller removed any they replace).
+    /// `keep_head`: a response head with nothing for the proxy to take out comes as a
+    /// [`RawHead`] in the response's extensions, with an empty `HeaderMap` (only for a caller
+    /// that writes it with Weir's HTTP/1.1 server and reads none of it).
     pub async fn send(
         mut self: Box<Self>,
         req: Request<Body>,
         added: Added<'_>,
+        keep_head: bool,
         ep: &Arc<Endpoint>,
         max_idle: usize,
     ) -> Result<Response<PooledBody>, SendFailed> {
@@ -371,7 +375,7 @@ impl H1Conn {
         })?;
         let head_request = parts.method == Method::HEAD;
         drop(parts);
-        let head = poll_fn(|cx| self.poll_head(cx, head_request)).await?;
+        let head = poll_fn(|cx| self.poll_head(cx, head_request, keep_head)).await?;
         let body = PooledBody {
             conn: Some(self),
             decoder: head.decoder,
@@ -382,7 +386,12 @@ impl H1Conn {
         Ok(Response::from_parts(head.parts, body))
     }
 
-    fn poll_head(&mut self, cx: &mut Context<'_>, head_request: bool) -> Poll<Result<Head, SendFailed>> {
+    fn poll_head(
+        &mut self,
+        cx: &mut Context<'_>,
+        head_request: bool,
+        keep_head: bool,
+    ) -> Poll<Result<Head, SendFailed>> {
         let mut write_error = None;
         loop {
             if self.sending() {
@@ -399,7 +408,7 @@ impl H1Conn {
                     _ => {}
                 }
             }
-            match self.parse_head(head_request) {
+            match self.parse_head(head_request, keep_head) {
                 Ok(Some(head)) => return Poll::Ready(Ok(head)),
                 Ok(None) => {}
                 Err(reason) => {
@@ -444,7 +453,7 @@ impl H1Conn {
 
     /// The response head at the start of the read buffer, if all of it arrived; interim
     /// responses (1xx but 101) are skipped.
-    fn parse_head(&mut self, head_request: bool) -> Result<Option<Head>, String> {
+    fn parse_head(&mut self, head_request: bool, keep_head: bool) -> Result<Option<Head>, String> {
         loop {
             if self.rbuf.is_empty() {
                 return Ok(None);
@@ -483,9 +492,12 @@ impl H1Conn {
             let mut fields: smallvec::SmallVec<[(usize, usize, usize, usize); 24]> =
                 smallvec::SmallVec::new();
             let mut f = Framed::default();
+            // Whether the head can go on as it came (see `RawHead`): nothing to take out of it.
+            let mut plain = keep_head && code >= 200 && code != 204 && n <= usize::from(u16::MAX);
             for h in resp.headers.iter() {
                 let (name, value) = (h.name.as_bytes(), h.value);
                 f.note(name, value);
+                plain &= !is_hop_by_hop(name);
                 fields.push((
                     name.as_ptr() as usize - base,
                     name.len(),
@@ -493,17 +505,35 @@ impl H1Conn {
                     value.len(),
                 ));
             }
+            plain &= !f.transfer_encoding && !f.repeated_length && f.error.is_none();
             let reason_at = resp.reason.map(|r| r.as_ptr() as usize - base);
             let head = self.rbuf.split_to(n).freeze();
-            // Room for what the proxy adds (`x-request-id`) without growing the map.
-            let mut headers = HeaderMap::with_capacity(fields.len() + 2);
-            // By reference: moving the inline array into an iterator copied it (~800 bytes).
-            for &(ns, nl, vs, vl) in fields.iter() {
-                let name = HeaderName::from_bytes(&head[ns..ns + nl])
-                    .map_err(|_| "invalid response header name".to_string())?;
-                let value = HeaderValue::from_maybe_shared(head.slice(vs..vs + vl))
-                    .map_err(|_| "invalid response header value".to_string())?;
-                headers.append(name, value);
+            let (mut headers, mut raw, mut phrase) = (HeaderMap::new(), None, None);
+            if plain {
+                // Offsets below `n`, which fits: checked above.
+                let place = |(ns, nl, vs, vl): (usize, usize, usize, usize)| {
+                    (ns as u16, nl as u16, vs as u16, vl as u16)
+                };
+                let reason = reason_at.zip(reason).map(|(at, len)| (at as u16, len as u16));
+                raw = Some(RawHead::new(
+                    head,
+                    fields.iter().copied().map(place).collect(),
+                    reason,
+                ));
+            } else {
+                // Room for what the proxy adds (`x-request-id`) without growing the map.
+                headers.reserve(fields.len() + 2);
+                // By reference: moving the inline array into an iterator copied it (~800 bytes).
+                for &(ns, nl, vs, vl) in fields.iter() {
+                    let name = HeaderName::from_bytes(&head[ns..ns + nl])
+                        .map_err(|_| "invalid response header name".to_string())?;
+                    let value = HeaderValue::from_maybe_shared(head.slice(vs..vs + vl))
+                        .map_err(|_| "invalid response header value".to_string())?;
+                    headers.append(name, value);
+                }
+                if let (Some(at), Some(len)) = (reason_at, reason) {
+                    phrase = hyper::ext::ReasonPhrase::try_from(head.slice(at..at + len)).ok();
+                }
             }
             let mut keep_alive = if http10 {
                 f.keep_alive && !f.close
@@ -552,10 +582,10 @@ impl H1Conn {
                 Version::HTTP_11
             };
             *r.headers_mut() = headers;
-            if let (Some(at), Some(len)) = (reason_at, reason) {
-                if let Ok(p) = hyper::ext::ReasonPhrase::try_from(head.slice(at..at + len)) {
-                    r.extensions_mut().insert(p);
-                }
+            if let Some(raw) = raw {
+                r.extensions_mut().insert(raw);
+            } else if let Some(p) = phrase {
+                r.extensions_mut().insert(p);
             }
             return Ok(Some(Head {
                 parts: r.into_parts().0,

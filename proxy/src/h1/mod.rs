@@ -75,6 +75,99 @@ impl ReadRoom {
     }
 }
 
+/// A response head as the upstream sent it: its bytes and where its fields lie. A response
+/// going from Weir's client to Weir's server with no filter to read its head is written from
+/// these bytes, with no `HeaderMap` built, hashed and dropped on the way; every other caller
+/// of the client gets the map. Only heads with nothing for the proxy to take out or reframe
+/// are kept so: no hop-by-hop field, at most one valid length, a status that may have a body.
+#[derive(Clone)]
+pub struct RawHead {
+    head: Bytes,
+    /// (name start, name length, value start, value length) in `head`.
+    fields: smallvec::SmallVec<[(u16, u16, u16, u16); 12]>,
+    /// The reason phrase, if not the status code's canonical one: (start, length).
+    reason: Option<(u16, u16)>,
+    /// The `x-request-id` the proxy adds, when the upstream sent none.
+    pub request_id: Option<HeaderValue>,
+}
+
+/// Whether a field of this name is the proxy's to remove (hop-by-hop, RFC 9110 §7.6.1): the
+/// names of `proxy::strip_hop_by_hop`, without a map.
+pub(crate) fn is_hop_by_hop(name: &[u8]) -> bool {
+    let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+    match name.len() {
+        2 => is(b"te"),
+        7 => is(b"upgrade"),
+        10 => is(b"connection") || is(b"keep-alive"),
+        16 => is(b"proxy-connection"),
+        17 => is(b"transfer-encoding"),
+        18 => is(b"proxy-authenticate"),
+        19 => is(b"proxy-authorization"),
+        _ => false,
+    }
+}
+
+impl RawHead {
+    /// A head of `head`'s bytes; `fields` and `reason` are places in them.
+    pub(crate) fn new(
+        head: Bytes,
+        fields: smallvec::SmallVec<[(u16, u16, u16, u16); 12]>,
+        reason: Option<(u16, u16)>,
+    ) -> RawHead {
+        RawHead {
+            head,
+            fields,
+            reason,
+            request_id: None,
+        }
+    }
+
+    /// Each field's name and value, as sent.
+    pub fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+        self.fields.iter().map(|&(ns, nl, vs, vl)| {
+            let (ns, nl, vs, vl) = (ns as usize, nl as usize, vs as usize, vl as usize);
+            (&self.head[ns..ns + nl], &self.head[vs..vs + vl])
+        })
+    }
+
+    /// Whether it has a field `name` (lowercase).
+    pub fn has(&self, name: &[u8]) -> bool {
+        self.fields()
+            .any(|(n, _)| n.len() == name.len() && n.eq_ignore_ascii_case(name))
+    }
+
+    /// The reason phrase the upstream sent, if not the canonical one.
+    pub fn reason(&self) -> Option<&[u8]> {
+        self.reason
+            .map(|(at, len)| &self.head[at as usize..at as usize + len as usize])
+    }
+
+    /// Queues its fields (names in lowercase, as `HeaderMap` writes them) and the added
+    /// `x-request-id`. Returns the length field's value, and whether it had a `date`.
+    pub(crate) fn write_fields(&self, buf: &mut BytesMut) -> (Option<u64>, bool) {
+        let (mut length, mut date) = (None, false);
+        for (name, value) in self.fields() {
+            match name.len() {
+                14 if name.eq_ignore_ascii_case(b"content-length") => length = parse_length(value),
+                4 if name.eq_ignore_ascii_case(b"date") => date = true,
+                _ => {}
+            }
+            let at = buf.len();
+            buf.extend_from_slice(name);
+            buf[at..].make_ascii_lowercase();
+            buf.extend_from_slice(b": ");
+            buf.extend_from_slice(value);
+            buf.extend_from_slice(b"\r\n");
+        }
+        if let Some(id) = &self.request_id {
+            buf.extend_from_slice(b"x-request-id: ");
+            buf.extend_from_slice(id.as_bytes());
+            buf.extend_from_slice(b"\r\n");
+        }
+        (length, date)
+    }
+}
+
 /// Queues one header field line.
 pub(crate) fn write_field(buf: &mut BytesMut, name: &HeaderName, value: &HeaderValue) {
     buf.extend_from_slice(name.as_str().as_bytes());

@@ -34,7 +34,8 @@ use http_body::{Body as _, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::{
-    parse_length, write_field, write_last_chunk, Chunk, Decoder, Framed, Outbox, ReadRoom, Step, COPY_DATA,
+    parse_length, write_field, write_last_chunk, Chunk, Decoder, Framed, Outbox, RawHead, ReadRoom, Step,
+    COPY_DATA,
 };
 use crate::body::{Body, BoxError};
 use crate::proxy::ConnInfo;
@@ -772,14 +773,25 @@ fn start_response(buf: &mut BytesMut, x: &mut Exchange, resp: Response<Body>, sh
     let (parts, body) = resp.into_parts();
     let status = parts.status;
     let mut close = !x.keep_alive || shutdown;
+    let raw = parts.extensions.get::<RawHead>();
     buf.reserve(256 + parts.headers.len() * 32);
-    write_status(buf, status, parts.extensions.get::<hyper::ext::ReasonPhrase>());
+    let reason = match raw {
+        Some(r) => r.reason(),
+        None => parts
+            .extensions
+            .get::<hyper::ext::ReasonPhrase>()
+            .map(|p| p.as_bytes()),
+    };
+    write_status(buf, status, reason);
     let bodiless = x.head_request
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
-    let mut length: Option<u64> = None;
-    let mut date = false;
+    // A head kept as it came has nothing to take out (see `RawHead`): its fields go first.
+    let (mut length, mut date) = match raw {
+        Some(r) => r.write_fields(buf),
+        None => (None, false),
+    };
     for (name, value) in &parts.headers {
         if *name == header::CONNECTION {
             close |= value
@@ -909,12 +921,12 @@ fn finish(buf: &mut BytesMut, s: &mut Sending) -> io::Result<()> {
     Ok(())
 }
 
-fn write_status(buf: &mut BytesMut, status: StatusCode, reason: Option<&hyper::ext::ReasonPhrase>) {
+fn write_status(buf: &mut BytesMut, status: StatusCode, reason: Option<&[u8]>) {
     buf.extend_from_slice(b"HTTP/1.1 ");
     buf.extend_from_slice(status.as_str().as_bytes());
     buf.extend_from_slice(b" ");
     match reason {
-        Some(r) => buf.extend_from_slice(r.as_bytes()),
+        Some(r) => buf.extend_from_slice(r),
         None => buf.extend_from_slice(status.canonical_reason().unwrap_or("Unknown").as_bytes()),
     }
     buf.extend_from_slice(b"\r\n");
