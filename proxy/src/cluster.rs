@@ -71,7 +71,8 @@ pub struct Endpoint {
 
 struct IdleConn {
     conn: Box<H1Conn>,
-    since: Instant,
+    /// When it came back, on the coarse clock: idle times are compared with 100 ms and more.
+    since_ms: u64,
 }
 
 /// Whether a request may go a second time, its body aside: its method is idempotent (RFC
@@ -98,7 +99,7 @@ pub(crate) fn checkin(ep: &Endpoint, conn: Box<H1Conn>, max: usize) {
     if idle.len() < max {
         idle.push(IdleConn {
             conn,
-            since: Instant::now(),
+            since_ms: crate::clock::coarse_ms(),
         });
     }
 }
@@ -129,7 +130,17 @@ impl Endpoint {
 
     /// Whether the endpoint may receive traffic now.
     pub fn is_available(&self, now: Instant) -> bool {
+        self.is_available_then(|| now)
+    }
+
+    /// Whether the endpoint may receive traffic, reading the clock (`now`) only if it has an
+    /// ejection to compare with: a healthy endpoint costs no clock read.
+    fn is_available_then(&self, now: impl FnOnce() -> Instant) -> bool {
         let h = self.health.lock().expect("health lock");
+        if h.ejected_until.is_none() && h.outlier_until.is_none() {
+            return true;
+        }
+        let now = now();
         h.ejected_until.is_none_or(|u| now >= u) && h.outlier_until.is_none_or(|u| now >= u)
     }
 
@@ -167,6 +178,11 @@ impl Endpoint {
             h.ejected_until = None;
         }
     }
+}
+
+/// How long since `since_ms` on the coarse clock.
+fn idle_since(since_ms: u64) -> Duration {
+    Duration::from_millis(crate::clock::coarse_ms().saturating_sub(since_ms))
 }
 
 /// `at + d`, or a year on when that overflows (a configured `ejection_backoff_max` of
@@ -531,17 +547,18 @@ impl Cluster {
             ep.idle
                 .lock()
                 .expect("idle lock")
-                .retain_mut(|c| c.since.elapsed() < max_idle && c.conn.reusable());
+                .retain_mut(|c| idle_since(c.since_ms) < max_idle && c.conn.reusable());
         }
     }
 
     /// Picks an available endpoint not in `tried`.
     pub fn pick(&self, tried: &[SocketAddr]) -> Option<Arc<Endpoint>> {
         let eps = self.endpoints.load();
-        let now = Instant::now();
+        // One clock read for the candidates, if one of them has an ejection.
+        let now = std::cell::OnceCell::new();
         let i = self.balancer.pick(
             eps.len(),
-            |i| !tried.contains(&eps[i].addr) && eps[i].is_available(now),
+            |i| !tried.contains(&eps[i].addr) && eps[i].is_available_then(|| *now.get_or_init(Instant::now)),
             |i| &eps[i].load,
         )?;
         Some(eps[i].clone())
@@ -583,7 +600,7 @@ impl Cluster {
         if !force_http1 {
             let mut idle = ep.idle.lock().expect("idle lock");
             while let Some(mut c) = idle.pop() {
-                let rested = c.since.elapsed();
+                let rested = idle_since(c.since_ms);
                 if rested < self.config.idle_timeout && c.conn.reusable() {
                     c.conn.rested = rested >= limits::RESEND_AFTER_IDLE;
                     return Ok(Conn::Http1(c.conn));

@@ -14,7 +14,8 @@
 //!   [`h1`]: HTTP/1.1, toward upstreams and toward clients (hyper serves HTTP/2).
 //! - [`filter`]: the filter chain seam; [`error`]: error causes and their statuses.
 //! - [`admin`]: `/ready`, `/live`, `/metrics`, `/config`, `/filters`; [`metrics`]: series.
-//! - [`body`]: body type and wrappers; [`log`]: tracing setup; [`alloc`]: the allocator.
+//! - [`body`]: body type and wrappers; [`log`]: tracing setup; [`alloc`]: the allocator;
+//!   [`clock`]: the coarse clock.
 
 pub mod admin;
 // The one module with unsafe code: the global allocator is FFI to mimalloc.
@@ -22,6 +23,9 @@ pub mod admin;
 pub mod alloc;
 pub mod balance;
 pub mod body;
+// A clock read by FFI, the one other unsafe call.
+#[allow(unsafe_code)]
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod error;

@@ -36,8 +36,8 @@ use crate::body::{Body, BoxError};
 use crate::cluster::{checkin, Endpoint, Stream};
 
 use super::{
-    is_hop_by_hop, parse_length, write_field, write_last_chunk, Chunk, Decoder, Framed, Outbox, RawHead,
-    ReadRoom, Step, COPY_DATA, MAX_RESPONSE_HEAD, MAX_RESPONSE_HEADERS,
+    is_hop_by_hop, is_name, parse_length, write_field, write_last_chunk, Chunk, Decoder, Framed, Outbox,
+    RawHead, ReadRoom, Step, COPY_DATA, MAX_RESPONSE_HEAD, MAX_RESPONSE_HEADERS,
 };
 
 /// An HTTP/1.1 connection to an upstream, idle in its endpoint's pool or carrying one
@@ -494,10 +494,12 @@ impl H1Conn {
             let mut f = Framed::default();
             // Whether the head can go on as it came (see `RawHead`): nothing to take out of it.
             let mut plain = keep_head && code >= 200 && code != 204 && n <= usize::from(u16::MAX);
+            let mut date = false;
             for h in resp.headers.iter() {
                 let (name, value) = (h.name.as_bytes(), h.value);
                 f.note(name, value);
                 plain &= !is_hop_by_hop(name);
+                date |= name.len() == 4 && is_name(name, b"date");
                 fields.push((
                     name.as_ptr() as usize - base,
                     name.len(),
@@ -519,6 +521,8 @@ impl H1Conn {
                     head,
                     fields.iter().copied().map(place).collect(),
                     reason,
+                    f.length,
+                    date,
                 ));
             } else {
                 // Room for what the proxy adds (`x-request-id`) without growing the map.

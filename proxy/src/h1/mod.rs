@@ -89,12 +89,42 @@ pub struct RawHead {
     reason: Option<(u16, u16)>,
     /// The `x-request-id` the proxy adds, when the upstream sent none.
     pub request_id: Option<HeaderValue>,
+    /// Its `Content-Length` (one valid number, or none: see `RawHead`), as the client read it.
+    length: Option<u64>,
+    /// Whether it has a `Date`.
+    date: bool,
+}
+
+/// Whether the field name `name` (a token, as the parsers let through) is `lower` (in
+/// lowercase, of letters, digits and `-`), in any case: eight bytes at a time, where
+/// `eq_ignore_ascii_case` folds each byte (~5 instructions a byte).
+pub(crate) fn is_name(name: &[u8], lower: &[u8]) -> bool {
+    // Setting bit 5 lowercases a letter and leaves digits and `-` as they are; of the bytes
+    // it turns into one of those, none is a token character (CR, controls).
+    const FOLD: u64 = 0x2020_2020_2020_2020;
+    debug_assert!(lower
+        .iter()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-'));
+    if name.len() != lower.len() {
+        return false;
+    }
+    let (mut a, mut b) = (name.chunks_exact(8), lower.chunks_exact(8));
+    for (x, y) in (&mut a).zip(&mut b) {
+        let word = |c: &[u8]| u64::from_le_bytes(c.try_into().expect("eight bytes"));
+        if word(x) | FOLD != word(y) {
+            return false;
+        }
+    }
+    a.remainder()
+        .iter()
+        .zip(b.remainder())
+        .all(|(x, y)| x | 0x20 == *y)
 }
 
 /// Whether a field of this name is the proxy's to remove (hop-by-hop, RFC 9110 §7.6.1): the
 /// names of `proxy::strip_hop_by_hop`, without a map.
 pub(crate) fn is_hop_by_hop(name: &[u8]) -> bool {
-    let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+    let is = |n: &[u8]| is_name(name, n);
     match name.len() {
         2 => is(b"te"),
         7 => is(b"upgrade"),
@@ -113,12 +143,16 @@ impl RawHead {
         head: Bytes,
         fields: smallvec::SmallVec<[(u16, u16, u16, u16); 12]>,
         reason: Option<(u16, u16)>,
+        length: Option<u64>,
+        date: bool,
     ) -> RawHead {
         RawHead {
             head,
             fields,
             reason,
             request_id: None,
+            length,
+            date,
         }
     }
 
@@ -130,10 +164,9 @@ impl RawHead {
         })
     }
 
-    /// Whether it has a field `name` (lowercase).
+    /// Whether it has a field `name` (in lowercase: letters, digits and `-`).
     pub fn has(&self, name: &[u8]) -> bool {
-        self.fields()
-            .any(|(n, _)| n.len() == name.len() && n.eq_ignore_ascii_case(name))
+        self.fields().any(|(n, _)| is_name(n, name))
     }
 
     /// The reason phrase the upstream sent, if not the canonical one.
@@ -145,13 +178,7 @@ impl RawHead {
     /// Queues its fields (names in lowercase, as `HeaderMap` writes them) and the added
     /// `x-request-id`. Returns the length field's value, and whether it had a `date`.
     pub(crate) fn write_fields(&self, buf: &mut BytesMut) -> (Option<u64>, bool) {
-        let (mut length, mut date) = (None, false);
         for (name, value) in self.fields() {
-            match name.len() {
-                14 if name.eq_ignore_ascii_case(b"content-length") => length = parse_length(value),
-                4 if name.eq_ignore_ascii_case(b"date") => date = true,
-                _ => {}
-            }
             let at = buf.len();
             buf.extend_from_slice(name);
             buf[at..].make_ascii_lowercase();
@@ -164,7 +191,7 @@ impl RawHead {
             buf.extend_from_slice(id.as_bytes());
             buf.extend_from_slice(b"\r\n");
         }
-        (length, date)
+        (self.length, self.date)
     }
 }
 
@@ -409,14 +436,14 @@ impl Framed {
         if !matches!(name.len(), 10 | 14 | 17) {
             return Ok(());
         }
-        if name.eq_ignore_ascii_case(b"content-length") {
+        if is_name(name, b"content-length") {
             let n = parse_length(value).ok_or("invalid content-length")?;
             if self.length.is_some_and(|l| l != n) {
                 return Err("conflicting content-length values".into());
             }
             self.repeated_length |= self.length.is_some() || value.contains(&b',');
             self.length = Some(n);
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+        } else if is_name(name, b"transfer-encoding") {
             self.transfer_encoding = true;
             for coding in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
                 if coding.is_empty() {
@@ -432,7 +459,7 @@ impl Framed {
                 }
                 self.chunked = true;
             }
-        } else if name.eq_ignore_ascii_case(b"connection") {
+        } else if is_name(name, b"connection") {
             for t in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
                 self.close |= t.eq_ignore_ascii_case(b"close");
                 self.keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
@@ -444,6 +471,10 @@ impl Framed {
 
 /// A `Content-Length` value: digits, or a list of equal numbers (RFC 9110 §8.6).
 pub(crate) fn parse_length(v: &[u8]) -> Option<u64> {
+    // The usual value, one number, without the list's splitting and trimming.
+    if !v.is_empty() && v.len() <= 19 && v.iter().all(u8::is_ascii_digit) {
+        return Some(v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')));
+    }
     let mut found: Option<u64> = None;
     for part in v.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
         if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
@@ -533,6 +564,35 @@ mod tests {
         assert_eq!(parse_length(b"+1"), None);
         assert_eq!(parse_length(b""), None);
         assert_eq!(parse_length(b"99999999999999999999"), None);
+    }
+
+    #[test]
+    fn field_names_match_in_any_case_and_only_themselves() {
+        for (name, yes) in [
+            (&b"content-length"[..], true),
+            (b"Content-Length", true),
+            (b"CONTENT-LENGTH", true),
+            (b"content-lengtH", true),
+            (b"content_length", false),
+            (b"content-lengt", false),
+            (b"content-lengths", false),
+            (b"kontent-length", false),
+            (b"content-lengTi", false),
+        ] {
+            assert_eq!(
+                is_name(name, b"content-length"),
+                yes,
+                "{}",
+                String::from_utf8_lossy(name)
+            );
+            assert_eq!(name.eq_ignore_ascii_case(b"content-length"), yes);
+        }
+        // Shorter than a word, and exactly two words.
+        assert!(is_name(b"TE", b"te") && !is_name(b"tf", b"te"));
+        assert!(is_name(b"X-Forwarded-Prot", b"x-forwarded-prot"));
+        // `@` to `_` fold to no letter; CR folds to `-`, but no parser lets one into a name.
+        assert!(!is_name(b"content-lengt@", b"content-length"));
+        assert!(!is_name(b"content-lengt_", b"content-length"));
     }
 
     #[test]
