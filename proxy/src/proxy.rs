@@ -264,10 +264,13 @@ pub async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
     let index = conn.requests.fetch_add(1, Ordering::Relaxed) + 1;
-    let in_flight = InFlight::new(&conn);
+    // The connection's handle the request was given: each reference count taken and dropped
+    // per request is an atomic instruction (~20 cycles).
+    let in_flight = InFlight::new(conn);
+    let conn: &ConnInfo = &in_flight;
     conn.touch(start);
     let gw = shared.gateway.load_full();
-    let Some(ls) = gw.listeners.get(&conn.listener).cloned() else {
+    let Some(ls) = gw.listeners.get(&conn.listener) else {
         // The listener left the config while this connection was open: the connection is
         // being drained; a request that came in meanwhile is told to go elsewhere.
         return Ok(ProxyError::ListenerGone.to_response());
@@ -285,7 +288,7 @@ pub async fn handle(
         target: gw.access_log.then(|| req.uri().clone()),
     };
 
-    let result = forward(req, &conn, &gw, &ls, &mut ctx, &mut x).await;
+    let result = forward(req, conn, &gw, ls, &mut ctx, &mut x).await;
     let mut resp = match result {
         Ok(r) => r,
         Err(e) => {
@@ -337,8 +340,8 @@ pub async fn handle(
     };
     if version == Version::HTTP_2 {
         // Watched by the connection: an HTTP/2 client may stall it by granting no window.
-        let h = body::Handover::new(conn.clock.clone());
-        let mut list = conn.handovers.lock().expect("handovers lock");
+        let h = body::Handover::new(done.conn.clock.clone());
+        let mut list = done.conn.handovers.lock().expect("handovers lock");
         // Ended ones go at each tick, and here too on a busy connection (a `Weak` keeps its
         // allocation).
         if list.len() >= 32 {
@@ -407,9 +410,9 @@ struct Exchange {
 struct InFlight(Arc<ConnInfo>);
 
 impl InFlight {
-    fn new(conn: &Arc<ConnInfo>) -> InFlight {
+    fn new(conn: Arc<ConnInfo>) -> InFlight {
         conn.active.fetch_add(1, Ordering::Relaxed);
-        InFlight(conn.clone())
+        InFlight(conn)
     }
 }
 
@@ -588,22 +591,22 @@ async fn forward(
     if let Some(resp) = route.chain.on_request_headers(&mut parts, ctx).await? {
         return Ok(resp);
     }
-    let cluster_name = ctx.cluster.clone().ok_or(ProxyError::NoRoute)?;
+    // Borrowed from the gateway, which outlives the request: no reference count taken.
+    let cluster_name = ctx.cluster.as_deref().ok_or(ProxyError::NoRoute)?;
     let cluster = gw
         .clusters
-        .get(&cluster_name)
-        .ok_or_else(|| ProxyError::UnknownCluster(cluster_name.to_string()))?
-        .clone();
-    if ctx.cluster.as_deref() != Some(&*route.cluster) {
+        .get(cluster_name)
+        .ok_or_else(|| ProxyError::UnknownCluster(cluster_name.to_string()))?;
+    if cluster_name != &*route.cluster {
         // A filter chose another cluster: count the request under it.
-        x.metrics = Some(ls_metrics_for(gw, ls, route, &cluster_name));
+        x.metrics = Some(ls_metrics_for(gw, ls, route, cluster_name));
     }
 
     if parts.method == Method::CONNECT {
         if !route.allow_connect {
             return Err(ProxyError::ConnectNotAllowed);
         }
-        return connect_tunnel(parts, cluster, conn.slot.clone(), x).await;
+        return connect_tunnel(parts, cluster.clone(), conn.slot.clone(), x).await;
     }
 
     // Only the protocols the route allows; another goes on as a plain request.
@@ -697,7 +700,7 @@ async fn forward(
         let (parts, body) = next.take().expect("set for every attempt");
         let mut unsent = Some(body);
         let sent = send(
-            &cluster,
+            cluster,
             route,
             parts,
             // Empty when response filters run: the head has them (and a retry's head, the
