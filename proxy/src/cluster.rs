@@ -543,11 +543,12 @@ impl Cluster {
 
     fn evict_idle(&self) {
         let max_idle = self.config.idle_timeout;
+        // One clock read for the sweep, not one per connection under the pool's lock.
+        let now_ms = crate::clock::coarse_ms();
         for ep in self.endpoints.load().iter() {
-            ep.idle
-                .lock()
-                .expect("idle lock")
-                .retain_mut(|c| idle_since(c.since_ms) < max_idle && c.conn.reusable());
+            ep.idle.lock().expect("idle lock").retain_mut(|c| {
+                Duration::from_millis(now_ms.saturating_sub(c.since_ms)) < max_idle && c.conn.reusable()
+            });
         }
     }
 

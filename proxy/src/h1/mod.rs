@@ -472,21 +472,24 @@ impl Framed {
 /// A `Content-Length` value: digits, or a list of equal numbers (RFC 9110 §8.6).
 pub(crate) fn parse_length(v: &[u8]) -> Option<u64> {
     // The usual value, one number, without the list's splitting and trimming.
-    if !v.is_empty() && v.len() <= 19 && v.iter().all(u8::is_ascii_digit) {
-        return Some(v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')));
+    if let Some(n) = number(v) {
+        return Some(n);
     }
     let mut found: Option<u64> = None;
     for part in v.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
-        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
-            return None;
-        }
-        let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+        let n = number(part)?;
         if found.is_some_and(|f| f != n) {
             return None;
         }
         found = Some(n);
     }
     found
+}
+
+/// A decimal number of 1 to 19 digits (no sign, no space): what fits a `u64` unchecked.
+fn number(v: &[u8]) -> Option<u64> {
+    (!v.is_empty() && v.len() <= 19 && v.iter().all(u8::is_ascii_digit))
+        .then(|| v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
 }
 
 /// Fields a trailer section must not carry (RFC 9110 §6.5.1): framing, routing, connection.
