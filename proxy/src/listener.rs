@@ -29,7 +29,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::config::{ListenerConfig, ListenerLimits};
 use crate::h1::server::{self, RequestBody, Rewind, ServerConn};
 use crate::iowatch::{IoWatch, Watched};
-use crate::proxy::{handle, ClientBody, ConnInfo, Shared};
+use crate::proxy::{handle, ClientBody, ConnInfo, CurrentGateway, Shared};
 use crate::tls::TlsInfo;
 
 /// A bound listener, ready to serve.
@@ -330,7 +330,11 @@ where
     let fut = async move {
         let info = conn.clone();
         let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-            handle(req.map(ClientBody::Hyper), info.clone(), shared.clone())
+            handle(
+                req.map(ClientBody::Hyper),
+                info.clone(),
+                shared.gateway.load_full(),
+            )
         });
         let c = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
         tokio::pin!(c);
@@ -371,9 +375,9 @@ async fn serve_http<'a, I>(
         limits.stream_idle_timeout,
         limits.header_read_timeout,
     );
-    let (info, sh) = (conn.clone(), shared.clone());
+    let (info, mut gateway) = (conn.clone(), CurrentGateway::new(shared.clone()));
     let svc =
-        move |req: http::Request<RequestBody>| handle(req.map(ClientBody::H1), info.clone(), sh.clone());
+        move |req: http::Request<RequestBody>| handle(req.map(ClientBody::H1), info.clone(), gateway.get());
     let mut c = match start {
         Start::H1 { detect_h2 } => {
             let h1_limits = server::Limits {
@@ -436,8 +440,15 @@ async fn serve_http<'a, I>(
     // three every time (as a `select!` does) cost more than a thousand instructions a request.
     let side = Arc::new(SideWake::default());
     let side_waker = Waker::from(side.clone());
+    // The task's waker as last registered with `side`, while it is there: a side event takes
+    // it (and marks itself due, which is seen below before the task waits again). Registering
+    // on every poll cost two atomic read-modify-writes (~20 cycles each) a poll.
+    let mut registered: Option<Waker> = None;
     std::future::poll_fn(|cx| loop {
-        side.task.register(cx.waker());
+        if !registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            side.task.register(cx.waker());
+            registered = Some(cx.waker().clone());
+        }
         if poll_conn(&mut c, cx).is_ready() {
             return Poll::Ready(());
         }
@@ -447,9 +458,12 @@ async fn serve_http<'a, I>(
             graceful_shutdown(&mut c);
             continue;
         }
-        if !side.due.swap(false, Ordering::AcqRel) {
+        // A plain load first: the swap is a locked instruction, and nothing is due on most polls.
+        if !side.due.load(Ordering::Acquire) || !side.due.swap(false, Ordering::AcqRel) {
             return Poll::Pending;
         }
+        // The event that was due took the registered waker.
+        registered = None;
         let mut scx = Context::from_waker(&side_waker);
         if !closing && drained.as_mut().poll(&mut scx).is_ready() {
             closing = true;

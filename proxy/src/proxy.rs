@@ -132,10 +132,67 @@ pub fn wasm_engine() -> anyhow::Result<Arc<WasmEngine>> {
 
 /// State shared by every connection of the process.
 pub struct Shared {
-    /// The current data-plane generation.
+    /// The current data-plane generation (replaced by [`Shared::publish`]).
     pub gateway: ArcSwap<Gateway>,
+    /// Counts the gateways published: a connection's [`CurrentGateway`] loads `gateway`
+    /// again only when this moved.
+    published: AtomicU64,
     /// Process metrics.
     pub metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    /// The shared state around the first gateway.
+    pub fn new(gateway: Gateway, metrics: Arc<Metrics>) -> Shared {
+        Shared {
+            gateway: ArcSwap::from_pointee(gateway),
+            published: AtomicU64::new(0),
+            metrics,
+        }
+    }
+
+    /// Makes `gateway` the one new requests take.
+    pub fn publish(&self, gateway: Arc<Gateway>) {
+        self.gateway.store(gateway);
+        // After the store: a connection that sees the new count loads the new gateway.
+        self.published.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// A connection's way to the current gateway: the one it last loaded, while that is still
+/// the one published and alive. An `ArcSwap` load per request took four atomic
+/// read-modify-writes (~20 cycles each, the debt list's and the count's); this takes one
+/// when nothing changed. Held weakly: an idle connection does not keep a replaced gateway
+/// (its filters, pools) alive.
+pub struct CurrentGateway {
+    shared: Arc<Shared>,
+    seen: u64,
+    last: std::sync::Weak<Gateway>,
+}
+
+impl CurrentGateway {
+    /// Follows `shared`'s gateway.
+    pub fn new(shared: Arc<Shared>) -> CurrentGateway {
+        CurrentGateway {
+            shared,
+            seen: u64::MAX,
+            last: std::sync::Weak::new(),
+        }
+    }
+
+    /// The gateway a request starting now takes.
+    pub fn get(&mut self) -> Arc<Gateway> {
+        let now = self.shared.published.load(Ordering::Acquire);
+        if now == self.seen {
+            if let Some(gw) = self.last.upgrade() {
+                return gw;
+            }
+        }
+        let gw = self.shared.gateway.load_full();
+        self.seen = now;
+        self.last = Arc::downgrade(&gw);
+        gw
+    }
 }
 
 /// What a downstream connection knows about itself.
@@ -154,7 +211,7 @@ pub struct ConnInfo {
     pub last_activity_ms: AtomicU64,
     /// When the connection was accepted.
     pub opened: Instant,
-    /// Requests seen on this connection, in order (the HTTP/1.1 handoff to hyper).
+    /// HTTP/1 requests seen on this connection, in order (the HTTP/1.1 handoff to hyper).
     pub requests: AtomicU64,
     /// The 1-based index of the HTTP/1 request with which Weir's server handed the
     /// connection to hyper's (an upgrade or CONNECT: what follows may be a tunnel's bytes).
@@ -256,20 +313,30 @@ impl ConnInfo {
     }
 }
 
-/// hyper's entry point: never fails; every error becomes a response.
+/// The entry point of both HTTP servers: never fails; every error becomes a response. `gw`:
+/// the gateway current when the request came in (see [`CurrentGateway`]).
 pub async fn handle(
     req: Request<ClientBody>,
     conn: Arc<ConnInfo>,
-    shared: Arc<Shared>,
+    gw: Arc<Gateway>,
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
-    let index = conn.requests.fetch_add(1, Ordering::Relaxed) + 1;
+    let version = req.version();
+    // The index compares with the HTTP/1 handoff's. An HTTP/1 connection's requests start
+    // one after another (no read-modify-write needed, a locked instruction); HTTP/2's are
+    // not counted.
+    let index = if version <= Version::HTTP_11 {
+        let i = conn.requests.load(Ordering::Relaxed) + 1;
+        conn.requests.store(i, Ordering::Relaxed);
+        i
+    } else {
+        0
+    };
     // The connection's handle the request was given: each reference count taken and dropped
     // per request is an atomic instruction (~20 cycles).
     let in_flight = InFlight::new(conn);
     let conn: &ConnInfo = &in_flight;
     conn.touch(start);
-    let gw = shared.gateway.load_full();
     let Some(ls) = gw.listeners.get(&conn.listener) else {
         // The listener left the config while this connection was open: the connection is
         // being drained; a request that came in meanwhile is told to go elsewhere.
@@ -278,11 +345,9 @@ pub async fn handle(
     let request_id = request_id(req.headers());
     let mut ctx = RequestContext::new(conn.listener.clone(), conn.client, conn.tls.clone(), request_id);
     let method = req.method().clone();
-    let version = req.version();
     let mut x = Exchange {
         metrics: None,
         upstream: None,
-        chain: FilterChain::default(),
         // The access log reads the target after the request moved on (and the log phase, if
         // the route's chain has one: kept once routed). Otherwise no copy.
         target: gw.access_log.then(|| req.uri().clone()),
@@ -294,7 +359,7 @@ pub async fn handle(
         Err(e) => {
             let status = e.status();
             if status.is_server_error() {
-                tracing::warn!(listener = %conn.listener, route = ctx.route.as_deref(), cluster = ctx.cluster.as_deref(), client.addr = %conn.client, request.id = show(&ctx.request_id), error = %e, status = status.as_u16(), "request failed");
+                tracing::warn!(listener = %conn.listener, route = ctx.route_name(), cluster = ctx.cluster_name(), client.addr = %conn.client, request.id = show(&ctx.request_id), error = %e, status = status.as_u16(), "request failed");
             } else {
                 tracing::debug!(listener = %conn.listener, client.addr = %conn.client, error = %e, status = status.as_u16(), "request refused");
             }
@@ -328,9 +393,10 @@ pub async fn handle(
     let done = Completion {
         conn: in_flight,
         access_log: gw.access_log,
-        chain: x.chain,
+        metrics: x
+            .metrics
+            .or_else(|| ctx.route.is_none().then(|| ls.unrouted.clone())),
         ctx,
-        metrics: x.metrics.unwrap_or_else(|| ls.unrouted.clone()),
         method,
         target: x.target,
         version,
@@ -394,11 +460,10 @@ impl http_body::Body for ClientBody {
 
 /// What the request path learned that the completion record needs.
 struct Exchange {
-    /// The route's series once routed; a request that never was counts as unrouted.
+    /// The series the request counts under when not its route's (`ctx.route`): a filter
+    /// chose another cluster.
     metrics: Option<RouteMetrics>,
     upstream: Option<SocketAddr>,
-    /// The chain the request ran, for its log phase.
-    chain: FilterChain,
     /// The request's target as the client sent it, for the access log and the log phase.
     target: Option<Uri>,
 }
@@ -433,9 +498,11 @@ impl std::ops::Deref for InFlight {
 struct Completion {
     conn: InFlight,
     access_log: bool,
-    chain: FilterChain,
+    /// Holds the route: its chain runs the log phase.
     ctx: RequestContext,
-    metrics: RouteMetrics,
+    /// Set when the request does not count under its route's series (none, or a filter
+    /// chose another cluster).
+    metrics: Option<RouteMetrics>,
     method: Method,
     target: Option<Uri>,
     version: Version,
@@ -448,7 +515,13 @@ impl OnComplete for Completion {
     fn on_complete(self, bytes: u64, complete: bool) {
         let end = Instant::now();
         let duration = end.saturating_duration_since(self.start);
-        self.metrics.record(self.status, duration);
+        if let Some(m) = self
+            .metrics
+            .as_ref()
+            .or(self.ctx.route.as_deref().map(|r| &r.metrics))
+        {
+            m.record(self.status, duration);
+        }
         // Counted out when `self` drops, at the end of this call.
         self.conn.touch(end);
         if self.access_log {
@@ -462,14 +535,16 @@ impl OnComplete for Completion {
                 status = self.status,
                 bytes,
                 duration_us = duration.as_micros() as u64,
-                route = self.ctx.route.as_deref().unwrap_or("-"),
-                cluster = self.ctx.cluster.as_deref().unwrap_or("-"),
+                route = self.ctx.route_name().unwrap_or("-"),
+                cluster = self.ctx.cluster_name().unwrap_or("-"),
                 upstream.addr = %self.upstream.map_or_else(|| "-".to_string(), |a| a.to_string()),
                 request.id = show(&self.ctx.request_id),
                 complete,
             );
         }
-        if !self.chain.is_empty() && self.chain.wants(crate::filter::Phase::Log) {
+        let log_chain = self.ctx.route.as_deref().map(|r| &r.chain);
+        if let Some(chain) = log_chain.filter(|c| !c.is_empty() && c.wants(crate::filter::Phase::Log)) {
+            let chain = chain.clone();
             let summary = LogSummary {
                 status: self.status,
                 bytes,
@@ -478,7 +553,7 @@ impl OnComplete for Completion {
                 method: self.method,
                 target: self.target,
             };
-            let (chain, ctx) = (self.chain, self.ctx);
+            let ctx = self.ctx;
             // The response is sent: the log phase runs beside the connection, not in its way.
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(async move { chain.on_log(&ctx, &summary).await });
@@ -556,12 +631,10 @@ async fn forward(
     let path = crate::path::normalize(raw_path).map_err(|_| ProxyError::BadRequest("invalid path"))?;
     let route_host = client_host.as_ref().map_or("", |h| strip_port(show(h)));
     let route = ls.routes.find(route_host, &path).ok_or(ProxyError::NoRoute)?;
-    x.metrics = Some(route.metrics.clone());
     if x.target.is_none() && route.chain.wants(Phase::Log) {
         x.target = Some(req.uri().clone());
     }
-    ctx.route = Some(route.name.clone());
-    ctx.cluster = Some(route.cluster.clone());
+    ctx.route = Some(route.clone());
     ctx.timeout = route.timeout;
 
     if let Some(len) = content_length(req.headers())? {
@@ -587,12 +660,11 @@ async fn forward(
         }
     }
 
-    x.chain = route.chain.clone();
     if let Some(resp) = route.chain.on_request_headers(&mut parts, ctx).await? {
         return Ok(resp);
     }
     // Borrowed from the gateway, which outlives the request: no reference count taken.
-    let cluster_name = ctx.cluster.as_deref().ok_or(ProxyError::NoRoute)?;
+    let cluster_name = ctx.cluster_name().ok_or(ProxyError::NoRoute)?;
     let cluster = gw
         .clusters
         .get(cluster_name)
@@ -707,7 +779,7 @@ async fn forward(
             // copy they read, too).
             &added,
             &mut unsent,
-            client_host.clone(),
+            client_host.as_ref(),
             upgrade.is_some(),
             // The response head may stay in the bytes it came in (see `RawHead`) on its way to
             // Weir's HTTP/1.1 server when no filter reads it.
@@ -783,7 +855,7 @@ async fn forward(
             // 504 with its `x-weir-error` reason): resilience policy may retry it, replace it
             // or count it against a circuit breaker.
             Err(e) if response_filters && e.is_upstream_failure() => {
-                tracing::warn!(listener = %ctx.listener, route = ctx.route.as_deref(), cluster = ctx.cluster.as_deref(), request.id = show(&ctx.request_id), attempt, error = %e, "upstream failed");
+                tracing::warn!(listener = %ctx.listener, route = ctx.route_name(), cluster = ctx.cluster_name(), request.id = show(&ctx.request_id), attempt, error = %e, "upstream failed");
                 ctx.upstream = e.upstream_addr();
                 e.to_response().into_parts()
             }
@@ -920,7 +992,7 @@ async fn send(
     mut parts: http::request::Parts,
     added: &[(HeaderName, HeaderValue)],
     body: &mut Option<Body>,
-    client_host: Option<HeaderValue>,
+    client_host: Option<&HeaderValue>,
     upgrade: bool,
     keep_head: bool,
     timing: Timing<'_>,
@@ -980,7 +1052,9 @@ async fn send(
     } else {
         // HTTP/1.0 and HTTP/2 clients may name no host; an HTTP/1.1 request must carry one
         // (RFC 9112 §3.2): the endpoint's, as for HTTP/2 upstreams below.
-        client_host.or_else(|| HeaderValue::from_str(&ep.authority).ok())
+        client_host
+            .cloned()
+            .or_else(|| HeaderValue::from_str(&ep.authority).ok())
     };
     let pq = parts
         .uri
@@ -1705,6 +1779,52 @@ fn with_added(mut head: http::request::Parts, added: &Added) -> http::request::P
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A gateway of one listener with no routes, clusters or filters.
+    fn empty_gateway(metrics: &Arc<Metrics>) -> Gateway {
+        let toml = "[[listeners]]\nname = \"web\"\naddress = \"127.0.0.1:0\"\n";
+        let config = Config::from_toml(toml, "weir.toml", std::path::Path::new(".")).expect("a config");
+        Gateway::assemble(
+            &config,
+            metrics,
+            Default::default(),
+            &Default::default(),
+            &Default::default(),
+        )
+    }
+
+    #[test]
+    fn a_connection_takes_the_gateway_published_last_and_holds_no_replaced_one() {
+        let metrics = Arc::new(Metrics::new());
+        let shared = Arc::new(Shared::new(empty_gateway(&metrics), metrics.clone()));
+        let mut current = CurrentGateway::new(shared.clone());
+        let first = current.get();
+        assert!(Arc::ptr_eq(&first, &shared.gateway.load_full()));
+        assert!(
+            Arc::ptr_eq(&first, &current.get()),
+            "nothing published: the same one"
+        );
+
+        let second = Arc::new(empty_gateway(&metrics));
+        shared.publish(second.clone());
+        // Only the test's own handle keeps the first alive now: the connection's is weak.
+        let (first, first_held) = (Arc::downgrade(&first), first);
+        drop(first_held);
+        assert!(
+            first.upgrade().is_none(),
+            "a replaced gateway is not kept by an idle connection"
+        );
+        assert!(
+            Arc::ptr_eq(&current.get(), &second),
+            "the next request takes the new one"
+        );
+
+        // A gateway published again after one was dropped: the count moved, it is loaded.
+        let third = Arc::new(empty_gateway(&metrics));
+        shared.publish(third.clone());
+        drop(second);
+        assert!(Arc::ptr_eq(&current.get(), &third));
+    }
 
     #[test]
     fn a_kept_response_head_has_none_of_the_fields_the_map_path_strips() {

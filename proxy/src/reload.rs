@@ -160,10 +160,7 @@ impl Control {
             ..ReloadStatus::default()
         };
         Ok(Arc::new(Control {
-            shared: Arc::new(Shared {
-                gateway: ArcSwap::from_pointee(gateway),
-                metrics,
-            }),
+            shared: Arc::new(Shared::new(gateway, metrics)),
             inputs: ArcSwap::from_pointee(InputNames::of(path.as_deref(), &config)),
             config: ArcSwap::from_pointee(config),
             path,
@@ -310,7 +307,7 @@ impl Control {
         )
         .await?;
         let prepared = listeners.prepare(&config).await?;
-        self.shared.gateway.store(Arc::new(gateway));
+        self.shared.publish(Arc::new(gateway));
         next.repoint_filters();
         listeners.commit(prepared);
         self.inputs

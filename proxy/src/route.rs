@@ -44,6 +44,15 @@ pub struct Route {
     pub chain: FilterChain,
 }
 
+impl std::fmt::Debug for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Route")
+            .field("name", &self.name)
+            .field("cluster", &self.cluster)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Route {
     /// Of the protocols an `Upgrade` header offers (`websocket`, `h2c`, `TLS/1.2`, in the
     /// client's order), those this route tunnels, matched by name (the version aside); `None`
@@ -89,7 +98,7 @@ pub fn prefix_matches(prefix: &str, path: &str) -> bool {
 
 /// The routes of one listener, in order.
 pub struct RouteTable {
-    routes: Vec<Route>,
+    routes: Vec<Arc<Route>>,
 }
 
 impl RouteTable {
@@ -106,13 +115,13 @@ impl RouteTable {
             .iter()
             .enumerate()
             .filter(|(_, r)| r.listeners.is_empty() || r.listeners.iter().any(|l| l == listener))
-            .map(|(i, r)| compile(i, r, listener, metrics, chain(i)))
+            .map(|(i, r)| Arc::new(compile(i, r, listener, metrics, chain(i))))
             .collect();
         RouteTable { routes }
     }
 
     /// The first route matching host (port already stripped) and canonical path.
-    pub fn find(&self, host: &str, path: &str) -> Option<&Route> {
+    pub fn find(&self, host: &str, path: &str) -> Option<&Arc<Route>> {
         self.routes.iter().find(|r| r.matches(host, path))
     }
 }

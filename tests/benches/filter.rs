@@ -57,7 +57,7 @@ fn head() -> (http::request::Parts, RequestContext) {
         .into_parts()
         .0;
     let ctx = RequestContext {
-        route: Some("r".into()),
+        route: None,
         cluster: Some("c".into()),
         ..RequestContext::new(
             "bench".into(),

@@ -504,7 +504,7 @@ impl properties::Host for HostState {
             .unwrap_or_default()
     }
     fn route(&mut self) -> Option<String> {
-        self.call()?.ctx.route.as_deref().map(str::to_string)
+        self.call()?.ctx.route_name().map(str::to_string)
     }
     fn request_id(&mut self) -> String {
         self.call()
@@ -513,7 +513,7 @@ impl properties::Host for HostState {
             .to_string()
     }
     fn cluster(&mut self) -> Option<String> {
-        self.call()?.ctx.cluster.as_deref().map(str::to_string)
+        self.call()?.ctx.cluster_name().map(str::to_string)
     }
     fn set_cluster(&mut self, name: String) -> Result<(), Error> {
         let Some((key, _)) = self
@@ -557,7 +557,7 @@ impl properties::Host for HostState {
             Some(c) if c.phase == Phase::ResponseHeaders => c,
             _ => return Err(Error::WrongPhase),
         };
-        let (Some(addr), Some(cluster)) = (c.ctx.upstream, c.ctx.cluster.as_deref()) else {
+        let (Some(addr), Some(cluster)) = (c.ctx.upstream, c.ctx.cluster_name()) else {
             return Err(Error::Invalid("this response has no upstream endpoint".into()));
         };
         let Some(cluster) = self.shared.clusters.load().get(cluster).cloned() else {

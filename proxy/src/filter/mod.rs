@@ -32,6 +32,7 @@ use http::{request, response, Response};
 
 use crate::body::Body;
 use crate::error::ProxyError;
+use crate::route::Route;
 use crate::tls::TlsInfo;
 
 pub mod bindings;
@@ -90,9 +91,12 @@ impl fmt::Display for Phase {
 pub struct RequestContext {
     /// The listener that accepted the connection.
     pub listener: Arc<str>,
-    /// The route the route table chose.
-    pub route: Option<Arc<str>>,
-    /// The cluster the request goes to: the route's, unless a filter changes it.
+    /// The route the route table chose (its name: [`RequestContext::route_name`]). Shared
+    /// with the route table: one reference count per request, where copies of its name,
+    /// cluster, chain and series took four.
+    pub route: Option<Arc<Route>>,
+    /// The cluster a filter chose instead of the route's; [`RequestContext::cluster_name`]
+    /// gives the one in force.
     pub cluster: Option<Arc<str>>,
     /// Upstream timeout override for this request.
     pub timeout: Option<Duration>,
@@ -133,6 +137,18 @@ impl RequestContext {
             retry_delay: None,
             values: None,
         }
+    }
+
+    /// The name of the route the request took.
+    pub fn route_name(&self) -> Option<&str> {
+        self.route.as_deref().map(|r| &*r.name)
+    }
+
+    /// The cluster the request goes to: the one a filter chose, else the route's.
+    pub fn cluster_name(&self) -> Option<&str> {
+        self.cluster
+            .as_deref()
+            .or_else(|| self.route.as_deref().map(|r| &*r.cluster))
     }
 
     /// An empty context: what a filter instance's store holds between calls, swapped with
