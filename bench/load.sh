@@ -15,7 +15,8 @@
 # With --instructions it measures no time at all: Weir runs under valgrind's callgrind and
 # each Weir target is driven over one keep-alive connection (every request a full wake-up,
 # so no batching that depends on the load); the report gives the user-space instructions
-# Weir executes per request, end to end. Repeatable to about 0.1 % where timings here spread
+# Weir executes per request, end to end, and of them the atomic (lock-prefixed) ones, which
+# cost ~20 cycles each where most cost one, and the system calls made. Repeatable to about 0.1 % where timings here spread
 # ±20 %: the measure for comparing two builds on a noisy machine. nginx (as one process) is
 # counted the same way; no h2load.
 #
@@ -320,11 +321,14 @@ cluster = "up"
 endpoints = ["127.0.0.1:$UP_PORT"]
 EOF
 log "starting Weir on 127.0.0.1:$WEIR_PORT (admin $ADMIN_PORT, $WORKERS worker thread(s))"
+# Besides instructions (Ir): locked instructions (Ge, "global bus events": the atomic
+# read-modify-writes of reference counts and locks) and system calls (sysCount).
+CG_EVENTS=(--collect-bus=yes --collect-systime=yes)
 if ((INSTR)); then
     # Counting starts off (--instr-atstart=no): start-up and filter compilation run at
     # valgrind's uninstrumented speed; it is switched on before the first target. Filters
     # without the pooling allocator, whose address-space reservation valgrind cannot make.
-    WEIR_WASM_ALLOCATOR=on-demand valgrind -q --tool=callgrind --instr-atstart=no \
+    WEIR_WASM_ALLOCATOR=on-demand valgrind -q --tool=callgrind --instr-atstart=no "${CG_EVENTS[@]}" \
         --callgrind-out-file="$TMP/callgrind.out" \
         "$BIN/weir" run -c "$TMP/weir.toml" >"$TMP/weir.log" 2>&1 &
 else
@@ -396,7 +400,7 @@ log "starting nginx on 127.0.0.1:$NGINX_PORT ($WORKERS worker process(es))"
 # -e: the error log used before the config is read (else the compiled-in /var/log path).
 if ((INSTR)); then
     # One process (no master), so callgrind counts the process that serves.
-    valgrind -q --tool=callgrind --instr-atstart=no --callgrind-out-file="$TMP/callgrind-nginx.out" \
+    valgrind -q --tool=callgrind --instr-atstart=no "${CG_EVENTS[@]}" --callgrind-out-file="$TMP/callgrind-nginx.out" \
         nginx -c "$TMP/nginx/nginx.conf" -p "$TMP/nginx" -e "$TMP/nginx/error.log" \
         -g 'daemon off; master_process off;' >"$TMP/nginx/stdout.log" 2>&1 &
 else
@@ -409,7 +413,7 @@ wait_ok "http://127.0.0.1:$NGINX_PORT/" "$!" "$TMP/nginx/error.log"
 
 # --- instructions (--instructions) -----------------------------------------------------------
 if ((INSTR)); then
-    declare -A INS=() NREQ=()
+    declare -A INS=() NREQ=() ATOM=() SYSC=()
     # Counting on from here (warm-ups run counted but their counts are zeroed): switching it off
     # and on again between runs loses counts.
     callgrind_control -i on "$WEIR_PID" >/dev/null
@@ -427,12 +431,17 @@ if ((INSTR)); then
             { cat "$out" >&2; die "$name: wrk failed"; }
         callgrind_control -d "$pid" >/dev/null
         dump="$(ls -t "$TMP"/callgrind*.out.* | head -1)"
-        total="$(awk '/^totals:/ { print $2; exit }' "$dump")"
+        # The totals line lists the events in the order the `events:` line names them.
+        read -r total atomics syscalls <<<"$(awk '
+            /^events:/ { for (i = 2; i <= NF; i++) col[$i] = i }
+            /^totals:/ { print $col["Ir"], $col["Ge"] + 0, $col["sysCount"] + 0; exit }' "$dump")"
         n="$(awk '/ requests in / { print $1 }' "$out")"
         grep -q "Non-2xx" "$out" && { cat "$out" >&2; die "$name: some responses were not 2xx"; }
         [[ -n "$total" && "${n:-0}" -gt 0 ]] || die "$name: no count (dump $dump)"
         NREQ[$name]="$n"
         INS[$name]=$((total / n))
+        ATOM[$name]="$(awk -v a="$atomics" -v n="$n" 'BEGIN { printf "%.1f", a / n }')"
+        SYSC[$name]="$(awk -v a="$syscalls" -v n="$n" 'BEGIN { printf "%.1f", a / n }')"
         if [[ -n "$KEEP_DUMPS" ]]; then
             mkdir -p "$KEEP_DUMPS"
             cp "$dump" "$KEEP_DUMPS/$name.callgrind"
@@ -456,20 +465,22 @@ if ((INSTR)); then
         echo "- $(valgrind --version), Weir under callgrind (filters without the pooling allocator)"
         echo "- each target: wrk -t1 -c1 -d $DURATION after a $WARMUP warm-up"
         echo
-        echo "| target | requests counted | instructions per request | vs Weir without filters | vs nginx's equivalent |"
-        echo "|---|---:|---:|---:|---:|"
+        echo "| target | requests counted | instructions per request | vs Weir without filters | vs nginx's equivalent | atomic instructions per request | system calls per request |"
+        echo "|---|---:|---:|---:|---:|---:|---:|"
         for t in weir weir-1-filter weir-3-filters weir-3-pass weir-gateway nginx nginx-gateway; do
             n="${INS[nginx]}"
             [[ "$t" == weir-gateway ]] && n="${INS[nginx-gateway]}"
-            awk -v t="$t" -v c="${NREQ[$t]}" -v i="${INS[$t]}" -v w="${INS[weir]}" -v n="$n" 'BEGIN {
-                if (t ~ /^nginx/) printf "| %s | %d | %d | – | – |\n", t, c, i
-                else printf "| %s | %d | %d | %+d | %.2f |\n", t, c, i, i - w, i / n
+            awk -v t="$t" -v c="${NREQ[$t]}" -v i="${INS[$t]}" -v w="${INS[weir]}" -v n="$n" \
+                -v a="${ATOM[$t]}" -v y="${SYSC[$t]}" 'BEGIN {
+                if (t ~ /^nginx/) printf "| %s | %d | %d | – | – | %s | %s |\n", t, c, i, a, y
+                else printf "| %s | %d | %d | %+d | %.2f | %s | %s |\n", t, c, i, i - w, i / n, a, y
             }'
         done
         echo
         echo "User-space instructions of the serving process (Weir, all threads; nginx as one"
         echo "process without a master) over the measured run, divided by the requests wrk counted."
-        echo "The kernel's share (the sockets) is not counted."
+        echo "The kernel's share (the sockets) is not counted; the system calls into it are. Atomic"
+        echo "instructions: callgrind's global bus events (lock-prefixed read-modify-writes)."
     } >"$report"
     mkdir -p bench/results
     result="bench/results/instructions-$(date -u +%Y-%m-%dT%H%M%SZ).md"
