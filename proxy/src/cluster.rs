@@ -10,6 +10,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -65,6 +66,10 @@ pub struct Endpoint {
     /// Latency estimate and requests in flight.
     pub load: Arc<Load>,
     health: Mutex<Health>,
+    /// Whether `health` may hold an ejection: the balancer's check of a healthy endpoint is a
+    /// plain load, where taking the lock was two atomic read-modify-writes. Set under the
+    /// lock with an ejection, cleared under it once none is left.
+    may_be_ejected: AtomicBool,
     idle: Mutex<Vec<IdleConn>>,
     h2: tokio::sync::Mutex<Option<http2::SendRequest<Body>>>,
 }
@@ -123,6 +128,7 @@ impl Endpoint {
             host,
             load: Arc::new(Load::new(limits::DEFAULT_EWMA_RTT, limits::DEFAULT_EWMA_DECAY)),
             health: Mutex::new(Health::default()),
+            may_be_ejected: AtomicBool::new(false),
             idle: Mutex::new(Vec::new()),
             h2: tokio::sync::Mutex::new(None),
         }
@@ -134,14 +140,25 @@ impl Endpoint {
     }
 
     /// Whether the endpoint may receive traffic, reading the clock (`now`) only if it has an
-    /// ejection to compare with: a healthy endpoint costs no clock read.
+    /// ejection to compare with: a healthy endpoint costs no clock read. `now` is a clock
+    /// read (not a time to come): ejections that ran out by then are removed.
     fn is_available_then(&self, now: impl FnOnce() -> Instant) -> bool {
-        let h = self.health.lock().expect("health lock");
-        if h.ejected_until.is_none() && h.outlier_until.is_none() {
+        if !self.may_be_ejected.load(Ordering::Acquire) {
             return true;
         }
-        let now = now();
-        h.ejected_until.is_none_or(|u| now >= u) && h.outlier_until.is_none_or(|u| now >= u)
+        let mut h = self.health.lock().expect("health lock");
+        if h.ejected_until.is_some() || h.outlier_until.is_some() {
+            // Ejections that ran out go: an endpoint back in service is checked lock-free
+            // again (an expired `ejected_until` counts as none everywhere it is read).
+            let now = now();
+            h.ejected_until = h.ejected_until.filter(|&u| now < u);
+            h.outlier_until = h.outlier_until.filter(|&u| now < u);
+            if h.ejected_until.is_some() || h.outlier_until.is_some() {
+                return false;
+            }
+        }
+        self.may_be_ejected.store(false, Ordering::Release);
+        true
     }
 
     /// Takes the endpoint out of balancing for `d` (an outlier signal from a filter); a
@@ -150,6 +167,7 @@ impl Endpoint {
         let mut h = self.health.lock().expect("health lock");
         let until = later(Instant::now(), d);
         h.outlier_until = Some(h.outlier_until.map_or(until, |u| u.max(until)));
+        self.may_be_ejected.store(true, Ordering::Release);
     }
 
     fn record_failure(&self, base: Duration, max: Duration) -> Duration {
@@ -168,6 +186,7 @@ impl Endpoint {
         let exp = h.consecutive_failures.saturating_sub(1).min(16);
         let backoff = base.saturating_mul(1u32 << exp).min(max);
         h.ejected_until = Some(later(now, backoff));
+        self.may_be_ejected.store(true, Ordering::Release);
         backoff
     }
 
@@ -806,5 +825,34 @@ mod tests {
         let huge = Duration::from_secs(u64::MAX / 2);
         assert_eq!(ep.record_failure_at(t, huge, huge), huge);
         assert!(!ep.is_available(t + s(86_400 * 300)));
+    }
+
+    #[test]
+    fn an_endpoint_out_again_after_an_ejection_ran_out_is_seen_out() {
+        // Once an ejection runs out the balancer checks the endpoint without its lock: a later
+        // ejection must be seen all the same.
+        let ep = Endpoint::new(
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:1".into(),
+            "127.0.0.1".into(),
+        );
+        let (b, m) = (Duration::from_secs(1), Duration::from_secs(5));
+        let s = Duration::from_secs;
+        let t = Instant::now();
+        assert!(ep.is_available(t));
+        ep.record_failure_at(t, b, m);
+        assert!(!ep.is_available(t));
+        assert!(ep.is_available(t + s(2)), "ran out");
+        assert!(ep.is_available(t + s(2)));
+        assert_eq!(
+            ep.record_failure_at(t + s(3), b, m),
+            s(2),
+            "the back-off still grows"
+        );
+        assert!(!ep.is_available(t + s(3)));
+        assert!(ep.is_available(t + s(6)));
+        ep.eject_for(s(60));
+        assert!(!ep.is_available(Instant::now()), "a filter's ejection too");
+        assert!(ep.is_available(Instant::now() + s(61)));
     }
 }

@@ -9,6 +9,7 @@
 //! kept (reference-counted chunks, up to `filter_host.body_buffer`) only when a response
 //! filter could ask for a retry.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -712,7 +713,7 @@ async fn forward(
     if has(&parts.headers, &X_REQUEST_ID) {
         parts.headers.remove(&X_REQUEST_ID);
     }
-    added.push((X_REQUEST_ID, ctx.request_id.clone()));
+    added.push((X_REQUEST_ID, Cow::Owned(ctx.request_id.clone())));
 
     let chain = &route.chain;
     let buffer = gw.body_buffer as usize;
@@ -990,7 +991,7 @@ async fn send(
     cluster: &Cluster,
     route: &Route,
     mut parts: http::request::Parts,
-    added: &[(HeaderName, HeaderValue)],
+    added: crate::h1::client::Added<'_>,
     body: &mut Option<Body>,
     client_host: Option<&HeaderValue>,
     upgrade: bool,
@@ -1709,12 +1710,12 @@ fn set_client_cert(h: &mut HeaderMap, enabled: bool, conn: &ConnInfo) {
     }
 }
 
-fn set_forwarded(
+fn set_forwarded<'a>(
     h: &mut HeaderMap,
-    added: &mut Added,
+    added: &mut Added<'a>,
     mode: ForwardedMode,
-    conn: &ConnInfo,
-    host: Option<&HeaderValue>,
+    conn: &'a ConnInfo,
+    host: Option<&'a HeaderValue>,
 ) {
     let proto = HeaderValue::from_static(if conn.tls.is_some() { "https" } else { "http" });
     match mode {
@@ -1725,10 +1726,10 @@ fn set_forwarded(
                     h.remove(name);
                 }
             }
-            added.push((X_FORWARDED_FOR, conn.client_ip.clone()));
-            added.push((X_FORWARDED_PROTO, proto));
+            added.push((X_FORWARDED_FOR, Cow::Borrowed(&conn.client_ip)));
+            added.push((X_FORWARDED_PROTO, Cow::Owned(proto)));
             if let Some(v) = host {
-                added.push((X_FORWARDED_HOST, v.clone()));
+                added.push((X_FORWARDED_HOST, Cow::Borrowed(v)));
             }
         }
         ForwardedMode::Append => {
@@ -1742,16 +1743,16 @@ fn set_forwarded(
                 }
                 v.extend_from_slice(conn.client_ip.as_bytes());
                 h.remove(&X_FORWARDED_FOR);
-                HeaderValue::from_bytes(&v).unwrap_or_else(|_| conn.client_ip.clone())
+                HeaderValue::from_bytes(&v).map_or(Cow::Borrowed(&conn.client_ip), Cow::Owned)
             } else {
-                conn.client_ip.clone()
+                Cow::Borrowed(&conn.client_ip)
             };
             added.push((X_FORWARDED_FOR, xff));
             if !has(h, &X_FORWARDED_PROTO) {
-                added.push((X_FORWARDED_PROTO, proto));
+                added.push((X_FORWARDED_PROTO, Cow::Owned(proto)));
             }
             if let Some(v) = host.filter(|_| !has(h, &X_FORWARDED_HOST)) {
-                added.push((X_FORWARDED_HOST, v.clone()));
+                added.push((X_FORWARDED_HOST, Cow::Borrowed(v)));
             }
         }
     }
@@ -1759,19 +1760,19 @@ fn set_forwarded(
 
 /// Fields the proxy adds to a request on its way upstream, kept beside its head (see
 /// `forward`).
-type Added = smallvec::SmallVec<[(HeaderName, HeaderValue); 4]>;
+type Added<'a> = smallvec::SmallVec<[(HeaderName, Cow<'a, HeaderValue>); 4]>;
 
 /// Appends `fields` after one reservation for all of them (`HeaderMap::extend` reserves room
 /// for half of them in a map that is not empty, and then grows again).
-fn put_in(h: &mut HeaderMap, fields: impl ExactSizeIterator<Item = (HeaderName, HeaderValue)>) {
+fn put_in<'a>(h: &mut HeaderMap, fields: impl ExactSizeIterator<Item = (HeaderName, Cow<'a, HeaderValue>)>) {
     h.reserve(fields.len());
     for (name, value) in fields {
-        h.append(name, value);
+        h.append(name, value.into_owned());
     }
 }
 
 /// A head copy with the added fields put in, for filters that read the head as it went.
-fn with_added(mut head: http::request::Parts, added: &Added) -> http::request::Parts {
+fn with_added(mut head: http::request::Parts, added: &Added<'_>) -> http::request::Parts {
     put_in(&mut head.headers, added.iter().cloned());
     head
 }

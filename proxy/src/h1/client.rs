@@ -75,7 +75,9 @@ enum Framing {
 }
 
 /// Fields written after a request head's own, not put in its map first (see [`H1Conn::send`]).
-pub type Added<'a> = &'a [(HeaderName, HeaderValue)];
+/// Borrowed where they can be (the connection's client address, the client's host): a
+/// header value's clone and drop are two atomic read-modify-writes.
+pub type Added<'a> = &'a [(HeaderName, std::borrow::Cow<'a, HeaderValue>)];
 
 /// Why an exchange on a pooled HTTP/1.1 connection failed before its response head.
 #[derive(Debug)]
