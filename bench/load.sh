@@ -323,7 +323,7 @@ EOF
 log "starting Weir on 127.0.0.1:$WEIR_PORT (admin $ADMIN_PORT, $WORKERS worker thread(s))"
 # Besides instructions (Ir): locked instructions (Ge, "global bus events": the atomic
 # read-modify-writes of reference counts and locks) and system calls (sysCount).
-CG_EVENTS=(--collect-bus=yes --collect-systime=yes)
+CG_EVENTS=(--collect-bus=yes --collect-systime=yes --dump-instr=yes)
 if ((INSTR)); then
     # Counting starts off (--instr-atstart=no): start-up and filter compilation run at
     # valgrind's uninstrumented speed; it is switched on before the first target. Filters
