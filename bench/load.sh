@@ -31,6 +31,8 @@
 #                    median over the rounds and every round's ratios (a VM's speed drifts
 #                    between minutes, so ratios are taken within a round)
 #   PIN=1            pin the load generator to the last CPU and the servers to the others
+#                    (the default: unpinned, rounds of one build spread 0.87-1.06 in
+#                    Weir/nginx; pinned, 0.97-1.00); PIN=0 leaves placement to the kernel
 #   SKIP_BUILD=1     use the release binaries already built instead of running cargo
 #   KEEP_DUMPS=DIR   with --instructions: keep each target's callgrind dump in DIR
 #                    (callgrind_annotate DIR/weir.callgrind shows where the instructions go)
@@ -55,7 +57,7 @@ WORKERS="${WORKERS:-1}"
 WARMUP="${WARMUP:-2s}"
 ROUNDS="${ROUNDS:-3}"
 [[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || { echo "load.sh: ROUNDS must be a positive whole number" >&2; exit 2; }
-PIN="${PIN:-0}"
+PIN="${PIN:-1}"
 SKIP_BUILD="${SKIP_BUILD:-0}"
 KEEP_DUMPS="${KEEP_DUMPS:-}"
 PROFILE="${PROFILE:-}"
@@ -64,7 +66,8 @@ INSTR=0
 # How long a server may take to answer its first request (wait_ok).
 WAIT_S=10
 
-usage() { sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; }
+# The header comment above, up to the first line of code.
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
 for arg in "$@"; do
     case "$arg" in
