@@ -8,7 +8,7 @@
 //! cheaper one, which avoids the herd behaviour of always picking the global minimum.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
@@ -90,11 +90,10 @@ impl Load {
             .update(now, nanos(rtt), self.decay_ns);
     }
 
-    /// Marks a request in flight until the returned guard drops. The guard borrows: holding
-    /// a reference count of its own cost two atomic read-modify-writes more per request.
-    pub fn start(&self) -> PendingGuard<'_> {
+    /// Marks a request in flight until the returned guard drops.
+    pub fn start(self: &Arc<Self>) -> PendingGuard {
         self.pending.fetch_add(1, Ordering::Relaxed);
-        PendingGuard(self)
+        PendingGuard(self.clone())
     }
 
     /// The latency estimate at `now` (decayed over the time since the last observation),
@@ -113,9 +112,9 @@ impl Load {
 
 /// Keeps a request counted as pending on its endpoint until dropped.
 #[derive(Debug)]
-pub struct PendingGuard<'a>(&'a Load);
+pub struct PendingGuard(Arc<Load>);
 
-impl Drop for PendingGuard<'_> {
+impl Drop for PendingGuard {
     fn drop(&mut self) {
         self.0.pending.fetch_sub(1, Ordering::Relaxed);
     }
@@ -187,7 +186,6 @@ impl Balancer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     fn loads(rtts_ms: &[u64]) -> Vec<Arc<Load>> {
         rtts_ms

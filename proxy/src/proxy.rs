@@ -1006,7 +1006,7 @@ async fn send(
     let mut tried: smallvec::SmallVec<[SocketAddr; 4]> = avoid.iter().copied().collect();
     let mut connects = 0;
     let mut last_err = None;
-    let (ep, mut conn) = loop {
+    let (ep, mut conn, connecting) = loop {
         if connects >= limits::CONNECT_ATTEMPTS {
             break Err(last_err.expect("set after a failed attempt"));
         }
@@ -1028,14 +1028,10 @@ async fn send(
         tried.push(ep.addr);
         // The endpoint's load from now: a request waiting on a connect (to a slow or
         // blackholed endpoint) weighs on its peak-EWMA cost as one waiting on a response, or
-        // the balancer keeps sending it requests until the connect timeout ejects it. The
-        // exchange's own count takes over below, with no wait in between.
-        let checked = {
-            let _connecting = ep.load.start();
-            cluster.checkout(&ep, upgrade).await
-        };
-        match checked {
-            Ok(c) => break Ok((ep, c)),
+        // the balancer keeps sending it requests until the connect timeout ejects it.
+        let connecting = ep.load.start();
+        match cluster.checkout(&ep, upgrade).await {
+            Ok(c) => break Ok((ep, c, connecting)),
             Err(e) => {
                 last_err = Some(ProxyError::Connect {
                     addr: ep.addr,
@@ -1114,8 +1110,9 @@ async fn send(
     let mut req = Request::from_parts(parts, body.take().expect("a body for every attempt"));
     // When the exchange began: a request sent again has what is left of the timeout.
     let mut began = None;
+    let mut connecting = Some(connecting);
     loop {
-        let pending = ep.load.start();
+        let pending = connecting.take().unwrap_or_else(|| ep.load.start());
         let sent = Instant::now();
         let began = *began.get_or_insert(sent);
         let deadline = match timing.body.filter(|b| b.ended_at().is_none()) {
