@@ -779,13 +779,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn ejection_backs_off_exponentially_up_to_the_max() {
-        let ep = Endpoint::new(
+    /// An endpoint nothing listens on (port 1), for the health bookkeeping alone.
+    fn unreachable_endpoint() -> Endpoint {
+        Endpoint::new(
             "127.0.0.1:1".parse().unwrap(),
             "127.0.0.1:1".into(),
             "127.0.0.1".into(),
-        );
+        )
+    }
+
+    #[test]
+    fn ejection_backs_off_exponentially_up_to_the_max() {
+        let ep = unreachable_endpoint();
         let (b, m) = (Duration::from_secs(1), Duration::from_secs(5));
         let t = Instant::now();
         let s = Duration::from_secs;
@@ -816,11 +821,7 @@ mod tests {
         assert_eq!(ep.record_failure_at(Instant::now(), b, m), s(1));
         assert!(!ep.is_available(Instant::now() + s(2)));
         assert!(ep.is_available(Instant::now() + s(31)));
-        let ep = Endpoint::new(
-            "127.0.0.1:1".parse().unwrap(),
-            "127.0.0.1:1".into(),
-            "127.0.0.1".into(),
-        );
+        let ep = unreachable_endpoint();
         // A back-off of centuries ejects for a year instead of overflowing the clock.
         let huge = Duration::from_secs(u64::MAX / 2);
         assert_eq!(ep.record_failure_at(t, huge, huge), huge);
@@ -831,11 +832,7 @@ mod tests {
     fn an_endpoint_out_again_after_an_ejection_ran_out_is_seen_out() {
         // Once an ejection runs out the balancer checks the endpoint without its lock: a later
         // ejection must be seen all the same.
-        let ep = Endpoint::new(
-            "127.0.0.1:1".parse().unwrap(),
-            "127.0.0.1:1".into(),
-            "127.0.0.1".into(),
-        );
+        let ep = unreachable_endpoint();
         let (b, m) = (Duration::from_secs(1), Duration::from_secs(5));
         let s = Duration::from_secs;
         let t = Instant::now();
