@@ -83,7 +83,7 @@ fn route(req: Request<Incoming>, state: &AdminState) -> Response<Body> {
         "/config" => json(&state.control.config.load().redacted_json()),
         "/filters" => json(&state.control.status()),
         "/clusters" => {
-            let gateway = state.control.shared.gateway.load();
+            let gateway = state.control.shared.gateway();
             let mut clusters: Vec<_> = gateway.clusters.values().map(|c| c.status()).collect();
             clusters.sort_by(|a, b| a.name.cmp(&b.name));
             json(&serde_json::json!({ "clusters": clusters }))

@@ -199,9 +199,9 @@ impl Endpoint {
     }
 }
 
-/// How long since `since_ms` on the coarse clock.
-fn idle_since(since_ms: u64) -> Duration {
-    Duration::from_millis(crate::clock::coarse_ms().saturating_sub(since_ms))
+/// How long from `since_ms` to `now_ms`, both on the coarse clock.
+fn idle_since(since_ms: u64, now_ms: u64) -> Duration {
+    Duration::from_millis(now_ms.saturating_sub(since_ms))
 }
 
 /// `at + d`, or a year on when that overflows (a configured `ejection_backoff_max` of
@@ -565,9 +565,10 @@ impl Cluster {
         // One clock read for the sweep, not one per connection under the pool's lock.
         let now_ms = crate::clock::coarse_ms();
         for ep in self.endpoints.load().iter() {
-            ep.idle.lock().expect("idle lock").retain_mut(|c| {
-                Duration::from_millis(now_ms.saturating_sub(c.since_ms)) < max_idle && c.conn.reusable()
-            });
+            ep.idle
+                .lock()
+                .expect("idle lock")
+                .retain_mut(|c| idle_since(c.since_ms, now_ms) < max_idle && c.conn.reusable());
         }
     }
 
@@ -620,7 +621,7 @@ impl Cluster {
         if !force_http1 {
             let mut idle = ep.idle.lock().expect("idle lock");
             while let Some(mut c) = idle.pop() {
-                let rested = idle_since(c.since_ms);
+                let rested = idle_since(c.since_ms, crate::clock::coarse_ms());
                 if rested < self.config.idle_timeout && c.conn.reusable() {
                     c.conn.rested = rested >= limits::RESEND_AFTER_IDLE;
                     return Ok(Conn::Http1(c.conn));

@@ -330,11 +330,7 @@ where
     let fut = async move {
         let info = conn.clone();
         let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-            handle(
-                req.map(ClientBody::Hyper),
-                info.clone(),
-                shared.gateway.load_full(),
-            )
+            handle(req.map(ClientBody::Hyper), info.clone(), shared.gateway())
         });
         let c = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
         tokio::pin!(c);

@@ -133,8 +133,10 @@ pub fn wasm_engine() -> anyhow::Result<Arc<WasmEngine>> {
 
 /// State shared by every connection of the process.
 pub struct Shared {
-    /// The current data-plane generation (replaced by [`Shared::publish`]).
-    pub gateway: ArcSwap<Gateway>,
+    /// The current data-plane generation: read by [`Shared::gateway`] or a connection's
+    /// [`CurrentGateway`], replaced only by [`Shared::publish`] (a store that did not count
+    /// would leave connections on the gateway they hold).
+    gateway: ArcSwap<Gateway>,
     /// Counts the gateways published: a connection's [`CurrentGateway`] loads `gateway`
     /// again only when this moved.
     published: AtomicU64,
@@ -150,6 +152,11 @@ impl Shared {
             published: AtomicU64::new(0),
             metrics,
         }
+    }
+
+    /// The current gateway.
+    pub fn gateway(&self) -> Arc<Gateway> {
+        self.gateway.load_full()
     }
 
     /// Makes `gateway` the one new requests take.
@@ -189,7 +196,7 @@ impl CurrentGateway {
                 return gw;
             }
         }
-        let gw = self.shared.gateway.load_full();
+        let gw = self.shared.gateway();
         self.seen = now;
         self.last = Arc::downgrade(&gw);
         gw
@@ -1800,7 +1807,7 @@ mod tests {
         let shared = Arc::new(Shared::new(empty_gateway(&metrics), metrics.clone()));
         let mut current = CurrentGateway::new(shared.clone());
         let first = current.get();
-        assert!(Arc::ptr_eq(&first, &shared.gateway.load_full()));
+        assert!(Arc::ptr_eq(&first, &shared.gateway()));
         assert!(
             Arc::ptr_eq(&first, &current.get()),
             "nothing published: the same one"
