@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use futures_util::task::AtomicWaker;
+use futures_util::FutureExt;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -330,7 +331,9 @@ where
     let fut = async move {
         let info = conn.clone();
         let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            // Hyper's server writes the response's own head: no `RawHead` on this path.
             handle(req.map(ClientBody::Hyper), info.clone(), shared.gateway())
+                .map(|reply| Ok::<_, std::convert::Infallible>(reply.response))
         });
         let c = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
         tokio::pin!(c);

@@ -10,7 +10,6 @@
 //! filter could ask for a retry.
 
 use std::borrow::Cow;
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -33,7 +32,7 @@ use crate::error::ProxyError;
 use crate::filter::pipeline::{self, Pipeline, Stop};
 use crate::filter::wasm::WasmEngine;
 use crate::filter::{ChainEntry, FilterChain, Heads, LogSummary, Phase, RequestContext, Verdict};
-use crate::h1::RawHead;
+use crate::h1::{RawHead, Reply};
 use crate::limits;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::route::{Route, RouteTable};
@@ -323,11 +322,7 @@ impl ConnInfo {
 
 /// The entry point of both HTTP servers: never fails; every error becomes a response. `gw`:
 /// the gateway current when the request came in (see [`CurrentGateway`]).
-pub async fn handle(
-    req: Request<ClientBody>,
-    conn: Arc<ConnInfo>,
-    gw: Arc<Gateway>,
-) -> Result<Response<Body>, Infallible> {
+pub async fn handle(req: Request<ClientBody>, conn: Arc<ConnInfo>, gw: Arc<Gateway>) -> Reply {
     let start = Instant::now();
     let version = req.version();
     // The index compares with the HTTP/1 handoff's. An HTTP/1 connection's requests start
@@ -348,7 +343,7 @@ pub async fn handle(
     let Some(ls) = gw.listeners.get(&conn.listener) else {
         // The listener left the config while this connection was open: the connection is
         // being drained; a request that came in meanwhile is told to go elsewhere.
-        return Ok(ProxyError::ListenerGone.to_response());
+        return ProxyError::ListenerGone.to_response().into();
     };
     let request_id = request_id(req.headers());
     let mut ctx = RequestContext::new(conn.listener.clone(), conn.client, conn.tls.clone(), request_id);
@@ -359,6 +354,7 @@ pub async fn handle(
         // The access log reads the target after the request moved on (and the log phase, if
         // the route's chain has one: kept once routed). Otherwise no copy.
         target: gw.access_log.then(|| req.uri().clone()),
+        raw: None,
     };
 
     let result = forward(req, conn, &gw, ls, &mut ctx, &mut x).await;
@@ -374,7 +370,9 @@ pub async fn handle(
             e.to_response()
         }
     };
-    match resp.extensions_mut().get_mut::<RawHead>() {
+    // Set only with the response `forward` returned it with.
+    let mut raw = x.raw.take();
+    match &mut raw {
         Some(raw) => {
             if !raw.has(X_REQUEST_ID.as_str().as_bytes()) {
                 raw.request_id = Some(ctx.request_id.clone());
@@ -423,9 +421,15 @@ pub async fn handle(
         }
         list.push(Arc::downgrade(&h));
         drop(list);
-        return Ok(resp.map(|b| Observed::new(b, done).handing_over(h).boxed()));
+        return Reply {
+            response: resp.map(|b| Observed::new(b, done).handing_over(h).boxed()),
+            raw,
+        };
     }
-    Ok(resp.map(|b| Observed::new(b, done).boxed()))
+    Reply {
+        response: resp.map(|b| Observed::new(b, done).boxed()),
+        raw,
+    }
 }
 
 /// A request body from a client: read by Weir's own HTTP/1.1 server, or by hyper's (HTTP/2,
@@ -474,6 +478,9 @@ struct Exchange {
     upstream: Option<SocketAddr>,
     /// The request's target as the client sent it, for the access log and the log phase.
     target: Option<Uri>,
+    /// The upstream's response head as it came (see `RawHead`): set only with the response
+    /// `forward` returns it with, never for an answer of the proxy's or a filter's own.
+    raw: Option<RawHead>,
 }
 
 /// A request in flight on its connection (the idle timer waits while any is): counted in when
@@ -775,9 +782,9 @@ async fn forward(
     let timeout = ctx.timeout.unwrap_or(cluster.config.request_timeout);
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut attempt = 1u32;
-    let mut next = Some((parts, body));
+    // Each attempt moves the head and body on; a retry sets them again. (Held in an `Option`
+    // to take per attempt, the 224-byte head was copied three more times per request.)
     loop {
-        let (parts, body) = next.take().expect("set for every attempt");
         let mut unsent = Some(body);
         let sent = send(
             cluster,
@@ -817,8 +824,10 @@ async fn forward(
         {
             return stopped(stop, Phase::RequestBody, x.upstream);
         }
+        let mut raw = None;
         let (mut rparts, rbody) = match sent {
-            Ok((resp, ep)) => {
+            Ok((resp, ep, kept)) => {
+                raw = kept;
                 ctx.upstream = Some(ep.addr);
                 let (mut rparts, rbody) = resp.into_parts();
                 if rparts.status == StatusCode::SWITCHING_PROTOCOLS {
@@ -899,7 +908,7 @@ async fn forward(
                         // filters of the next attempt see which attempt it is.
                         req.headers
                             .insert(X_WEIR_ATTEMPT_COUNT, HeaderValue::from(attempt));
-                        next = Some((crate::filter::copy_head(req), again));
+                        (parts, body) = (crate::filter::copy_head(req), again);
                         continue;
                     }
                     _ => {
@@ -933,6 +942,7 @@ async fn forward(
                 }
             }
         }
+        x.raw = raw;
         return Ok(Response::from_parts(rparts, rbody));
     }
 }
@@ -1006,7 +1016,7 @@ async fn send(
     timing: Timing<'_>,
     avoid: &[SocketAddr],
     x: &mut Exchange,
-) -> Result<(Response<UpstreamBody>, Arc<Endpoint>), ProxyError> {
+) -> Result<(Response<UpstreamBody>, Arc<Endpoint>, Option<RawHead>), ProxyError> {
     let timeout = timing.timeout;
     // A retry goes to an endpoint not tried yet when the cluster has one.
     // Inline: one endpoint is tried per request almost always, and this runs on every one.
@@ -1114,7 +1124,7 @@ async fn send(
     };
     // Taken only now: when no endpoint could be reached the body stays with the caller,
     // unread, for a retry to send.
-    let mut req = Request::from_parts(parts, body.take().expect("a body for every attempt"));
+    let mut req_body = body.take().expect("a body for every attempt");
     // When the exchange began: a request sent again has what is left of the timeout.
     let mut began = None;
     let mut connecting = Some(connecting);
@@ -1141,22 +1151,29 @@ async fn send(
         };
         let result = match conn {
             Conn::Http1(c) => (Timed {
-                fut: c.send(req, added, keep_head, &ep, cluster.config.max_idle_per_endpoint),
+                fut: c.send(
+                    &parts,
+                    req_body,
+                    added,
+                    keep_head,
+                    &ep,
+                    cluster.config.max_idle_per_endpoint,
+                ),
                 deadline,
             })
             .await
-            .map(|r| r.map(|resp| resp.map(UpstreamBody::Pooled))),
+            .map(|r| r.map(|(resp, raw)| (resp.map(UpstreamBody::Pooled), raw))),
             // Two hyper types, one outcome: a response whose body has its own connection task.
             Conn::Http1Upgradable(mut s) => incoming(
                 Timed {
-                    fut: s.send_request(req),
+                    fut: s.send_request(Request::from_parts(parts, req_body)),
                     deadline,
                 }
                 .await,
             ),
             Conn::Http2(mut s) => incoming(
                 Timed {
-                    fut: s.send_request(req),
+                    fut: s.send_request(Request::from_parts(parts, req_body)),
                     deadline,
                 }
                 .await,
@@ -1190,7 +1207,7 @@ async fn send(
                         })
                     }
                 };
-                req = Request::from_parts(head, body::empty());
+                (parts, req_body) = (head, body::empty());
                 continue;
             }
         }
@@ -1203,7 +1220,7 @@ async fn send(
             .map_or(sent, |e| e.max(sent));
         ep.load.observe_at(done, done.saturating_duration_since(from));
         return match result {
-            Ok(Ok(resp)) => Ok((resp, ep)),
+            Ok(Ok((resp, raw))) => Ok((resp, ep, raw)),
             Ok(Err(f)) => Err(ProxyError::Upstream {
                 addr: ep.addr,
                 reason: f.reason,
@@ -1244,12 +1261,15 @@ fn replayable(parts: &http::request::Parts, body: Option<&Body>) -> bool {
         && body.is_some_and(http_body::Body::is_end_stream)
 }
 
+/// An upstream's response, and its head as it came when Weir's HTTP/1.1 client kept it so.
+type Upstream = (Response<UpstreamBody>, Option<RawHead>);
+
 /// A timed exchange's outcome on a connection with its own task (HTTP/2, upgrades).
 fn incoming(
     r: Result<hyper::Result<Response<Incoming>>, ()>,
-) -> Result<Result<Response<UpstreamBody>, SendFailed>, ()> {
+) -> Result<Result<Upstream, SendFailed>, ()> {
     r.map(|r| {
-        r.map(|resp| resp.map(UpstreamBody::Incoming))
+        r.map(|resp| (resp.map(UpstreamBody::Incoming), None))
             .map_err(|e| SendFailed {
                 reason: describe(&e),
                 closed: false,

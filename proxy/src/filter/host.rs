@@ -1120,29 +1120,21 @@ async fn outbound_call(
             let again = (c.rested() && crate::cluster::may_resend(&head.method, &head.headers))
                 .then(|| crate::filter::copy_head(&head));
             let max = cluster.config.max_idle_per_endpoint;
-            let resp = match c
-                .send(http::Request::from_parts(head, body), &[], false, &ep, max)
-                .await
-            {
+            let resp = match c.send(&head, body, &[], false, &ep, max).await {
                 Ok(r) => r,
                 Err(f) => match again.filter(|_| f.closed) {
                     Some(head) => cluster
                         .reconnect(&ep)
                         .await
                         .map_err(|e| format!("connect to {}: {e}", ep.addr))?
-                        .send(
-                            http::Request::from_parts(head, crate::body::full(data)),
-                            &[],
-                            false,
-                            &ep,
-                            max,
-                        )
+                        .send(&head, crate::body::full(data), &[], false, &ep, max)
                         .await
                         .map_err(|f| f.reason)?,
                     None => return Err(f.reason),
                 },
             };
-            let (parts, body) = resp.into_parts();
+            // `keep_head` false: no `RawHead`, the map has the fields.
+            let (parts, body) = resp.0.into_parts();
             (
                 parts,
                 http_body_util::Limited::new(body, MAX_OUTBOUND_BODY)

@@ -28,7 +28,7 @@ use std::task::{ready, Context, Poll, Waker};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{Method, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use tokio::io::AsyncWrite;
 
@@ -108,6 +108,8 @@ fn gone(e: &io::Error) -> bool {
 /// A response head read, with how its body is framed.
 struct Head {
     parts: http::response::Parts,
+    /// The head as it came, when kept so (see [`RawHead`]).
+    raw: Option<RawHead>,
     decoder: Decoder,
 }
 
@@ -360,23 +362,25 @@ impl H1Conn {
     /// `added`: fields the proxy adds to the head (`X-Forwarded-*`, `X-Request-Id`), written
     /// after the head's own; never among them (the caller removed any they replace).
     /// `keep_head`: a response head with nothing for the proxy to take out comes as a
-    /// [`RawHead`] in the response's extensions, with an empty `HeaderMap` (only for a caller
+    /// [`RawHead`] beside the response, whose `HeaderMap` is then empty (only for a caller
     /// that writes it with Weir's HTTP/1.1 server and reads none of it).
+    ///
+    /// The head by reference: it is written out before the first wait and not kept, so it is
+    /// not moved into this future (a 224-byte copy or two per request).
     pub async fn send(
         mut self: Box<Self>,
-        req: Request<Body>,
+        parts: &http::request::Parts,
+        body: Body,
         added: Added<'_>,
         keep_head: bool,
         ep: &Arc<Endpoint>,
         max_idle: usize,
-    ) -> Result<Response<PooledBody>, SendFailed> {
-        let (parts, body) = req.into_parts();
-        self.start(&parts, added, body).map_err(|reason| SendFailed {
+    ) -> Result<(Response<PooledBody>, Option<RawHead>), SendFailed> {
+        self.start(parts, added, body).map_err(|reason| SendFailed {
             reason,
             closed: false,
         })?;
         let head_request = parts.method == Method::HEAD;
-        drop(parts);
         let head = poll_fn(|cx| self.poll_head(cx, head_request, keep_head)).await?;
         let body = PooledBody {
             conn: Some(self),
@@ -385,7 +389,7 @@ impl H1Conn {
             max_idle,
             chunk_ext: 0,
         };
-        Ok(Response::from_parts(head.parts, body))
+        Ok((Response::from_parts(head.parts, body), head.raw))
     }
 
     fn poll_head(
@@ -588,13 +592,12 @@ impl H1Conn {
                 Version::HTTP_11
             };
             *r.headers_mut() = headers;
-            if let Some(raw) = raw {
-                r.extensions_mut().insert(raw);
-            } else if let Some(p) = phrase {
+            if let Some(p) = phrase {
                 r.extensions_mut().insert(p);
             }
             return Ok(Some(Head {
                 parts: r.into_parts().0,
+                raw,
                 decoder,
             }));
         }

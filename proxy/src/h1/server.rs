@@ -17,7 +17,6 @@
 //! plain listener are handed, with the bytes already read, to hyper's server, which serves
 //! the rest of that connection ([`Ended::Handoff`]).
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
@@ -29,12 +28,12 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, StatusCode, Uri, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::{
-    parse_length, write_field, write_last_chunk, Chunk, Decoder, Framed, Outbox, RawHead, ReadRoom, Step,
+    parse_length, write_field, write_last_chunk, Chunk, Decoder, Framed, Outbox, ReadRoom, Reply, Step,
     COPY_DATA,
 };
 use crate::body::{Body, BoxError};
@@ -151,7 +150,7 @@ impl<I, S, F> ServerConn<I, S, F>
 where
     I: AsyncRead + AsyncWrite + Unpin,
     S: FnMut(Request<RequestBody>) -> F,
-    F: Future<Output = Result<Response<Body>, Infallible>>,
+    F: Future<Output = Reply>,
 {
     /// Serves `io`; `detect_h2` on a plain listener (prior-knowledge HTTP/2 is handed off).
     pub fn new(io: I, conn: Arc<ConnInfo>, service: S, limits: Limits, detect_h2: bool) -> Self {
@@ -522,7 +521,7 @@ where
             let x = self.x.as_mut().expect("an exchange is in flight");
             if x.resp.is_none() {
                 if let Some(fut) = self.in_flight.as_mut().as_pin_mut() {
-                    if let Poll::Ready(Ok(resp)) = fut.poll(cx) {
+                    if let Poll::Ready(reply) = fut.poll(cx) {
                         self.in_flight.set(None);
                         let x = self.x.as_mut().expect("exchange");
                         // A body nobody will read, not all here yet: the client learns from
@@ -535,7 +534,7 @@ where
                             x.body = None;
                         }
                         let unread = abandoned && !matches!(x.decoder, Decoder::Done);
-                        start_response(&mut self.out.buf, x, resp, self.shutdown || unread);
+                        start_response(&mut self.out.buf, x, reply, self.shutdown || unread);
                         progress = true;
                     }
                 }
@@ -769,11 +768,11 @@ enum Next {
 }
 
 /// Queues the response head and decides how its body is framed.
-fn start_response(buf: &mut BytesMut, x: &mut Exchange, resp: Response<Body>, shutdown: bool) {
-    let (parts, body) = resp.into_parts();
+fn start_response(buf: &mut BytesMut, x: &mut Exchange, reply: Reply, shutdown: bool) {
+    let (parts, body) = reply.response.into_parts();
     let status = parts.status;
     let mut close = !x.keep_alive || shutdown;
-    let raw = parts.extensions.get::<RawHead>();
+    let raw = reply.raw.as_ref();
     buf.reserve(256 + parts.headers.len() * 32);
     let reason = match raw {
         Some(r) => r.reason(),
