@@ -1265,9 +1265,7 @@ fn replayable(parts: &http::request::Parts, body: Option<&Body>) -> bool {
 type Upstream = (Response<UpstreamBody>, Option<RawHead>);
 
 /// A timed exchange's outcome on a connection with its own task (HTTP/2, upgrades).
-fn incoming(
-    r: Result<hyper::Result<Response<Incoming>>, ()>,
-) -> Result<Result<Upstream, SendFailed>, ()> {
+fn incoming(r: Result<hyper::Result<Response<Incoming>>, ()>) -> Result<Result<Upstream, SendFailed>, ()> {
     r.map(|r| {
         r.map(|resp| (resp.map(UpstreamBody::Incoming), None))
             .map_err(|e| SendFailed {
