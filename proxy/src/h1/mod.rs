@@ -79,7 +79,7 @@ impl ReadRoom {
 /// response came from Weir's HTTP/1.1 client with nothing for the proxy to take out of its head,
 /// that head as it came (the response then carries only the status and version). Beside, not in
 /// the response's extensions: an extension costs a map allocated, hashed into and dropped per
-/// request (~400 instructions and two allocations).
+/// request (~350 instructions and two allocations).
 pub struct Reply {
     pub response: http::Response<crate::body::Body>,
     pub raw: Option<RawHead>,
